@@ -1,0 +1,128 @@
+"""FlexiAct joint attention for one CogVideoX `attn1`: RefAdapter LoRA, motion tokens, biased video->motion logits.
+
+The sequence is `[text | motion | video]`; RoPE touches the video part of q and k only; the motion rows of the
+output are dropped. The reweighting bias is exact yet never builds an L x L mask: the bias rides in extra head
+dimensions (query column = bias / scale on video rows, key column = 1 on motion keys), so attention stays one
+`scaled_dot_product_attention` call without `attn_mask` and fused kernels remain usable.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention
+from diffusers.models.embeddings import apply_rotary_emb
+from torch import nn
+
+from .lora import LoRAPair
+
+#: Published names of the four LoRA branches, in the order of the projections they adapt.
+LORA_NAMES = ("lora_q", "lora_k", "lora_v", "lora_proj")
+
+
+def biased_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    bias: float | None,
+    rows: slice,
+    columns: slice,
+) -> torch.Tensor:
+    """Softmax attention with `bias` added to the logits of (`rows` queries x `columns` keys), exactly.
+
+    The bias is split into a high and a low part in the compute dtype, so bf16 carries it to about 1e-5.
+    Head dimensions are padded to a multiple of 8 so flash kernels accept them.
+    """
+    head_dim = query.shape[-1]
+    scale = head_dim**-0.5
+    if not bias:
+        return F.scaled_dot_product_attention(query, key, value, scale=scale)
+    pad = -(head_dim + 2) % 8 + 2
+    coefficient = torch.tensor(bias / scale, dtype=torch.float64)
+    high = coefficient.to(query.dtype)
+    low = (coefficient - high.double()).to(query.dtype)
+    query = F.pad(query, (0, pad))
+    key = F.pad(key, (0, pad))
+    value = F.pad(value, (0, pad))
+    query[:, :, rows, head_dim] = high
+    query[:, :, rows, head_dim + 1] = low
+    key[:, :, columns, head_dim : head_dim + 2] = 1
+    out = F.scaled_dot_product_attention(query, key, value, scale=scale)
+    return out[..., :head_dim]
+
+
+class FlexiActAttnProcessor(nn.Module):
+    """Processor holding one layer's RefAdapter LoRA and motion tokens; settings come from its adapter.
+
+    Parameter names match the published checkpoints once installed as `transformer_blocks.{i}.attn1.processor`.
+    """
+
+    def __init__(self, dim: int, rank: int, alpha: float, num_motion_tokens: int) -> None:
+        super().__init__()
+        self.lora_q = LoRAPair(dim, rank)
+        self.lora_k = LoRAPair(dim, rank)
+        self.lora_v = LoRAPair(dim, rank)
+        self.lora_proj = LoRAPair(dim, rank)
+        # float32 master copy: extraction trains these with AdamW; forward casts to the compute dtype.
+        self.motion_inversion_tokens = nn.Parameter(torch.zeros(1, num_motion_tokens, dim, dtype=torch.float32))
+        self.lora_scale = alpha / rank
+        self.lora_weight = 0.0
+        self.lora_fused = False
+        self.reweight: float | None = None
+
+    def _project(self, linear: nn.Linear, lora: LoRAPair, x: torch.Tensor) -> torch.Tensor:
+        out = linear(x)
+        if self.lora_weight and not self.lora_fused:
+            out = out + lora(x) * (self.lora_scale * self.lora_weight)
+        return out
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+
+    def forward(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if attention_mask is not None:
+            raise ValueError("FlexiAct attention takes no attention_mask (CogVideoX never passes one)")
+        batch = hidden_states.shape[0]
+        text_len = encoder_hidden_states.shape[1]
+        motion = self.motion_inversion_tokens.to(hidden_states.dtype).expand(batch, -1, -1)
+        video_start = text_len + motion.shape[1]
+        tokens = torch.cat([encoder_hidden_states, motion, hidden_states], dim=1)
+
+        query = self._project(attn.to_q, self.lora_q, tokens)
+        key = self._project(attn.to_k, self.lora_k, tokens)
+        value = self._project(attn.to_v, self.lora_v, tokens)
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = (t.unflatten(-1, (attn.heads, head_dim)).transpose(1, 2) for t in (query, key, value))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if image_rotary_emb is not None:
+            query = torch.cat([query[:, :, :video_start], apply_rotary_emb(query[:, :, video_start:], image_rotary_emb)], dim=2)
+            if not attn.is_cross_attention:
+                key = torch.cat([key[:, :, :video_start], apply_rotary_emb(key[:, :, video_start:], image_rotary_emb)], dim=2)
+
+        out = biased_attention(
+            query, key, value, bias=self.reweight, rows=slice(video_start, None), columns=slice(text_len, video_start)
+        )
+        out = out.transpose(1, 2).flatten(2)
+        # Output projection is row-wise: drop the motion rows first instead of projecting and discarding them.
+        out = torch.cat([out[:, :text_len], out[:, video_start:]], dim=1)
+        out = self._project(attn.to_out[0], self.lora_proj, out)
+        out = attn.to_out[1](out)
+        return out[:, text_len:], out[:, :text_len]
