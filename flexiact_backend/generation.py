@@ -1,0 +1,177 @@
+"""RefAdapter-conditioned CogVideoX generation with a FlexiAct action and frequency-aware reweighting.
+
+`FlexiActGenerator.from_pretrained(dir)` loads a pipeline folder once (the real CogVideoX-5B-I2V or the tiny
+model) and keeps it warm; `generate(...)` runs one video, reporting each step and stopping between steps when
+asked. The reweighting bias in force at each scheduled timestep is set on the adapter before that step.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import CogVideoXImageToVideoPipeline
+from PIL import Image
+
+from .errors import Cancelled
+from .media import FitMapping, fit_target_image, retime_frames, write_mp4
+from .model import FlexiActAdapter, attach_flexiact, reweight_schedule
+from .model_info import ModelInfo, read_model_info
+
+#: Where a pipeline folder may carry its RefAdapter (the published file name, or the project's safetensors).
+REFADAPTER_FILES = ("refadapter.safetensors", "refnetlora_step40000_model.pt")
+
+ProgressFn = Callable[[int, int, float], None]
+CancelFn = Callable[[], bool]
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Every knob of one generation, with FlexiAct's published defaults."""
+
+    prompt: str
+    seed: int = 42
+    steps: int = 50
+    guidance_scale: float = 6.0
+    lora_weight: float = 0.7
+    reweight_scale: float | None = 1.0
+    transition: float = 0.8
+    fit: str = "crop"
+
+
+@dataclass
+class GenerationResult:
+    """Frames as uint8 [T, H, W, 3] at the model's fps, and how the target image was fitted."""
+
+    frames: np.ndarray
+    fps: float
+    fit: FitMapping
+    settings: GenerationSettings
+    reweights: list[float | None] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def write_mp4(self, path: str | Path, fps: float | None = None) -> Path:
+        """Write an H.264 mp4 at `fps` (default the model's), keeping the clip's duration at any frame rate."""
+        fps = self.fps if fps is None else float(fps)
+        write_mp4(path, retime_frames(self.frames, self.fps, fps), fps)
+        return Path(path)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class FlexiActGenerator:
+    """A loaded pipeline with FlexiAct attached; one generation at a time."""
+
+    def __init__(self, pipe: CogVideoXImageToVideoPipeline, adapter: FlexiActAdapter, info: ModelInfo, device: torch.device) -> None:
+        self.pipe = pipe
+        self.adapter = adapter
+        self.info = info
+        self.device = device
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_dir: str | Path,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        refadapter: str | Path | None = None,
+        memory_saving: bool = False,
+    ) -> FlexiActGenerator:
+        """Load `model_dir` (diffusers format) onto `device` in `dtype` (bf16 on GPU, float32 on CPU by default).
+
+        `memory_saving` offloads idle sub-models to the CPU and tiles the VAE (needs an accelerator).
+        """
+        model_dir = Path(model_dir)
+        info = read_model_info(model_dir)
+        device = torch.device(device) if device is not None else default_device()
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        pipe = CogVideoXImageToVideoPipeline.from_pretrained(model_dir, dtype=dtype)
+        pipe.set_progress_bar_config(disable=True)
+        adapter = attach_flexiact(pipe.transformer, rank=info.rank, alpha=info.alpha, num_motion_tokens=info.num_motion_tokens)
+        if memory_saving:
+            pipe.enable_model_cpu_offload(device=device)
+            pipe.vae.enable_tiling()
+        else:
+            pipe.to(device)
+        refadapter = refadapter or next((model_dir / n for n in REFADAPTER_FILES if (model_dir / n).is_file()), None)
+        if refadapter is not None:
+            adapter.load_refadapter(refadapter)
+        return cls(pipe, adapter, info, device)
+
+    def scheduled_timesteps(self, steps: int) -> list[int]:
+        """The timesteps the pipeline's scheduler will visit for `steps` steps, computed without touching it."""
+        scheduler = copy.deepcopy(self.pipe.scheduler)
+        scheduler.set_timesteps(steps)
+        return [int(t) for t in scheduler.timesteps]
+
+    def generate(
+        self,
+        image: Image.Image,
+        prompt: str,
+        *,
+        action: str | Path | Mapping[str, torch.Tensor] | None = None,
+        seed: int = 42,
+        steps: int = 50,
+        guidance_scale: float = 6.0,
+        lora_weight: float = 0.7,
+        reweight_scale: float | None = 1.0,
+        transition: float = 0.8,
+        fit: str = "crop",
+        progress: ProgressFn | None = None,
+        cancel: CancelFn | None = None,
+    ) -> GenerationResult:
+        """Generate the target `image` performing the `action` (motion tokens; None means zero tokens)."""
+        settings = GenerationSettings(prompt, seed, steps, guidance_scale, lora_weight, reweight_scale, transition, fit)
+        target, mapping = fit_target_image(image, (self.info.width, self.info.height), fit)
+        timesteps = self.scheduled_timesteps(steps)
+        reweights = reweight_schedule(timesteps, reweight_scale, transition)
+        with self._lock:
+            if action is None:
+                self.adapter.reset_action()
+            else:
+                self.adapter.load_action(action)
+            self.adapter.set_lora_weight(lora_weight)
+            self.adapter.set_reweight(reweights[0])
+            started = time.monotonic()
+
+            def on_step_end(pipe: CogVideoXImageToVideoPipeline, i: int, t: torch.Tensor, tensors: dict) -> dict:
+                if int(t) != timesteps[i]:
+                    raise RuntimeError(f"scheduler visited timestep {int(t)} at step {i}, expected {timesteps[i]}")
+                if i + 1 < len(reweights):
+                    self.adapter.set_reweight(reweights[i + 1])
+                if progress is not None:
+                    progress(i + 1, steps, time.monotonic() - started)
+                if cancel is not None and cancel() and i + 1 < steps:
+                    raise Cancelled(f"generation cancelled after step {i + 1} of {steps}")
+                return {}
+
+            try:
+                with torch.inference_mode(), self.adapter.lora_fused_for_inference():
+                    video = self.pipe(
+                        image=target,
+                        prompt=prompt,
+                        negative_prompt="",
+                        height=self.info.height,
+                        width=self.info.width,
+                        num_frames=self.info.frames,
+                        num_inference_steps=steps,
+                        guidance_scale=guidance_scale,
+                        generator=torch.Generator("cpu").manual_seed(seed),
+                        output_type="np",
+                        callback_on_step_end=on_step_end,
+                        max_sequence_length=self.info.text_length,
+                    ).frames[0]
+            finally:
+                self.adapter.set_reweight(None)
+        frames = (np.clip(video, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+        return GenerationResult(frames, self.info.fps, mapping, settings, reweights, time.monotonic() - started)

@@ -1,0 +1,110 @@
+"""Generation on the tiny model: schedule, determinism, actions, progress, cancel, mp4 output."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from flexiact_backend.errors import Cancelled
+from flexiact_backend.generation import FlexiActGenerator
+from flexiact_backend.media import probe_video
+from flexiact_backend.model import reweight_schedule
+
+
+def rule(t: float, timesteps: list[int], scale: float, h: float) -> float | None:
+    """FLEXIACT.md's rule, written out independently of the code under test."""
+    t_star = next(x for x in timesteps if x < 1000 * h)
+    if t > t_star:
+        return scale
+    if 700 < t <= t_star:
+        return 0.5 * math.cos(math.pi * (t - 1000 * h) / (700 - 1000 * h)) + 0.5
+    return None
+
+
+@pytest.mark.parametrize("steps", [50, 30, 10])
+@pytest.mark.parametrize("scale, transition", [(1.0, 0.8), (2.5, 0.8), (1.0, 0.9)])
+def test_schedule_in_force_at_each_step(tiny_generator: FlexiActGenerator, steps: int, scale: float, transition: float) -> None:
+    timesteps = tiny_generator.scheduled_timesteps(steps)
+    assert len(timesteps) == steps and timesteps == sorted(timesteps, reverse=True)
+    expected = [rule(t, timesteps, scale, transition) for t in timesteps]
+    assert reweight_schedule(timesteps, scale, transition) == pytest.approx(expected)
+    assert expected[0] == scale and expected[-1] is None
+
+
+def test_bias_is_set_before_each_step(tiny_generator: FlexiActGenerator, target_image) -> None:
+    """The value the adapter holds while the transformer runs is the schedule's value for that step."""
+    seen: list[float | None] = []
+    hook = tiny_generator.pipe.transformer.register_forward_pre_hook(lambda m, a: seen.append(tiny_generator.adapter.reweight))
+    try:
+        result = tiny_generator.generate(target_image, "a dog runs", steps=10)
+    finally:
+        hook.remove()
+    timesteps = tiny_generator.scheduled_timesteps(10)
+    assert seen == pytest.approx([rule(t, timesteps, 1.0, 0.8) for t in timesteps])
+    assert result.reweights == seen
+    assert tiny_generator.adapter.reweight is None
+
+
+def test_same_seed_same_frames_and_shape(tiny_generator: FlexiActGenerator, target_image) -> None:
+    a = tiny_generator.generate(target_image, "a dog runs", steps=6, seed=7)
+    b = tiny_generator.generate(target_image, "a dog runs", steps=6, seed=7)
+    c = tiny_generator.generate(target_image, "a dog runs", steps=6, seed=8)
+    info = tiny_generator.info
+    assert a.frames.shape == (info.frames, info.height, info.width, 3) and a.frames.dtype == np.uint8
+    assert np.array_equal(a.frames, b.frames)
+    assert not np.array_equal(a.frames, c.frames)
+
+
+def test_action_tokens_change_the_video(tiny_generator: FlexiActGenerator, target_image) -> None:
+    g = torch.Generator().manual_seed(3)
+    action = {k: torch.randn(v.shape, generator=g) * 3 for k, v in tiny_generator.adapter.action_state_dict().items()}
+    zero = tiny_generator.generate(target_image, "a dog runs", steps=6)
+    moved = tiny_generator.generate(target_image, "a dog runs", steps=6, action=action)
+    again = tiny_generator.generate(target_image, "a dog runs", steps=6)
+    assert not np.array_equal(zero.frames, moved.frames)
+    assert np.array_equal(zero.frames, again.frames), "a generation without an action must not inherit the last one"
+
+
+def test_weights_restored_after_generation(tiny_generator: FlexiActGenerator, target_image) -> None:
+    with torch.no_grad():
+        for p in tiny_generator.adapter.processors:
+            p.lora_q.up.weight.normal_()
+    before = {k: v.clone() for k, v in tiny_generator.pipe.transformer.state_dict().items()}
+    tiny_generator.generate(target_image, "a dog runs", steps=3, lora_weight=0.7)
+    after = tiny_generator.pipe.transformer.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert not tiny_generator.adapter.lora_fused
+    with torch.no_grad():
+        for p in tiny_generator.adapter.processors:
+            p.lora_q.up.weight.zero_()
+
+
+def test_progress_once_per_step(tiny_generator: FlexiActGenerator, target_image) -> None:
+    calls = []
+    tiny_generator.generate(target_image, "a cat", steps=7, progress=lambda step, total, elapsed: calls.append((step, total, elapsed)))
+    assert [c[:2] for c in calls] == [(i, 7) for i in range(1, 8)]
+    assert all(b[2] >= a[2] for a, b in zip(calls, calls[1:]))
+
+
+def test_cancel_stops_within_one_step(tiny_generator: FlexiActGenerator, target_image) -> None:
+    steps_run = []
+    with pytest.raises(Cancelled):
+        tiny_generator.generate(target_image, "a cat", steps=20, progress=lambda s, t, e: steps_run.append(s), cancel=lambda: len(steps_run) >= 3)
+    assert steps_run == [1, 2, 3]
+    assert tiny_generator.adapter.reweight is None and not tiny_generator.adapter.lora_fused
+
+
+@pytest.mark.parametrize("fit", ["crop", "pad"])
+def test_fit_mapping_and_mp4(tiny_generator: FlexiActGenerator, target_image, tmp_path, fit: str) -> None:
+    result = tiny_generator.generate(target_image, "a cat", steps=2, fit=fit)
+    assert result.fit.to_dict()
+    for fps in (24.0, 30000 / 1001):
+        path = result.write_mp4(tmp_path / f"out-{fit}-{fps:.3f}.mp4", fps=fps)
+        info = probe_video(path)
+        duration = tiny_generator.info.frames / tiny_generator.info.fps
+        assert info.frames == round(duration * fps)
+        assert info.fps == pytest.approx(fps, rel=1e-3)
+        assert (info.width, info.height) == (tiny_generator.info.width, tiny_generator.info.height)
