@@ -42,9 +42,10 @@ END_TOLERANCE_S = 0.05
 
 _STANDARD_FPS = (Fraction(24000, 1001), Fraction(24), Fraction(25), Fraction(30000, 1001), Fraction(30),
                  Fraction(48), Fraction(50), Fraction(60000, 1001), Fraction(60))
-"""Rates a measured average snaps to when within 0.3% (millisecond container time bases blur them)."""
+"""A measured average snaps to the nearest of these within 0.3% (millisecond time bases blur them)."""
 
 _IMAGE_DEMUXERS = ("image2", "_pipe", "apng")  # ffmpeg demuxers that read still images
+_TEXT_DEMUXERS = ("tty",)  # ffmpeg renders any text file as "ANSI art" video; that is not a clip
 
 PathLike = str | os.PathLike[str]
 
@@ -148,10 +149,8 @@ _TB_RE = re.compile(r"^#tb 0: (\d+)/(\d+)")
 
 
 def _snap_fps(measured: Fraction) -> float:
-    for std in _STANDARD_FPS:
-        if abs(measured - std) <= std * Fraction(3, 1000):
-            return float(std)
-    return float(measured)
+    nearest = min(_STANDARD_FPS, key=lambda std: abs(measured - std))
+    return float(nearest if abs(measured - nearest) <= nearest * Fraction(3, 1000) else measured)
 
 
 def probe_video(path: PathLike) -> VideoInfo:
@@ -160,6 +159,11 @@ def probe_video(path: PathLike) -> VideoInfo:
     Raises MediaError for a missing, empty, unreadable or non-video file and for a video stream
     without frames.
     """
+    return _probe(path)[0]
+
+
+def _probe(path: PathLike) -> tuple[VideoInfo, Fraction]:
+    """`probe_video` plus the exact end time, which trims must be compared against."""
     p = _existing_file(path)
     cmd = [_ffmpeg(), "-hide_banner", "-nostdin", "-nostats", "-i", str(p),
            "-map", "0:v:0?", "-c", "copy", "-f", "framemd5", "-"]
@@ -176,6 +180,8 @@ def probe_video(path: PathLike) -> VideoInfo:
             f"{p.name}: not a video file ffmpeg can read ({_last_lines(err, 1)}); "
             "use an mp4, mov, webm, mkv or avi file."
         )
+    if demuxer in _TEXT_DEMUXERS:
+        raise MediaError(f"{p.name}: this is a text file, not a video; choose a video clip.")
     if any(d in demuxer for d in _IMAGE_DEMUXERS):
         raise MediaError(f"{p.name}: this is a still image, not a video; choose a video clip.")
 
@@ -235,7 +241,7 @@ def probe_video(path: PathLike) -> VideoInfo:
         frames=len(spts),
         rotation=rotation,
         has_audio=has_audio,
-    )
+    ), end
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,14 +253,17 @@ def check_trim(info: VideoInfo, start_s: float, end_s: float | None) -> tuple[Fr
 
     `end_s=None` means the end of the clip. Raises MediaError saying what is wrong and what to do.
     """
-    duration = _exact(info.duration_s)
+    return _check_trim(_exact(info.duration_s), start_s, end_s)
+
+
+def _check_trim(duration: Fraction, start_s: float, end_s: float | None) -> tuple[Fraction, Fraction]:
     start = _exact(start_s)
     if start < 0:
         raise MediaError(f"Trim start {float(start_s):g} s is negative; use 0 or a later time.")
     if start >= duration:
         raise MediaError(
             f"Trim start {float(start_s):g} s is at or past the end of the clip "
-            f"({info.duration_s:.3f} s long); choose a start before the end."
+            f"({float(duration):.3f} s long); choose a start before the end."
         )
     end = duration if end_s is None else _exact(end_s)
     if end <= start:
@@ -265,7 +274,7 @@ def check_trim(info: VideoInfo, start_s: float, end_s: float | None) -> tuple[Fr
     if end > duration:
         if end - duration > _exact(END_TOLERANCE_S):
             raise MediaError(
-                f"Trim end {float(end):g} s is past the end of the clip ({info.duration_s:.3f} s "
+                f"Trim end {float(end):g} s is past the end of the clip ({float(duration):.3f} s "
                 "long); choose an earlier end or leave it empty for the clip end."
             )
         end = duration
@@ -353,8 +362,8 @@ def read_clip(
     downscales (even sizes, aspect kept) so that long 4K clips do not fill memory.
     `end_s=None` means the end of the clip. Raises MediaError for bad files and bad trims.
     """
-    info = probe_video(path)
-    start, end = check_trim(info, start_s, end_s)
+    info, duration = _probe(path)
+    start, end = _check_trim(duration, start_s, end_s)
     targets = _target_times(start, end, num_frames)
     w, h = _decode_size(info, max_side)
     vf = "showinfo" if (w, h) == (info.width, info.height) else f"scale={w}:{h}:flags=area,showinfo"

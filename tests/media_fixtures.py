@@ -1,0 +1,79 @@
+"""Synthetic clips for the media tests, made with the bundled ffmpeg.
+
+Every frame carries its own index as an 8-bit block code, so a test can read back exactly which
+source frame a decoder returned; a red stripe marks the top and a green stripe the left edge, so
+a test can tell which way a rotated clip points.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from fractions import Fraction
+from pathlib import Path
+
+import imageio_ffmpeg
+import numpy as np
+
+W, H = 64, 48
+_BLOCK_W, _BLOCK_H = 14, 20  # 4 x 2 code blocks in the area x 8..64, y 8..48
+
+
+def _block(bit: int) -> tuple[slice, slice]:
+    row, col = divmod(bit, 4)
+    y0, x0 = 8 + row * _BLOCK_H, 8 + col * _BLOCK_W
+    return slice(y0, y0 + _BLOCK_H), slice(x0, x0 + _BLOCK_W)
+
+
+def coded_frame(index: int) -> np.ndarray:
+    """A 64x48 RGB frame showing `index` (0..255) as white/black blocks, red top, green left."""
+    f = np.zeros((H, W, 3), np.uint8)
+    f[:6, :, 0] = 255
+    f[6:, :6, 1] = 255
+    for bit in range(8):
+        if index >> bit & 1:
+            f[_block(bit)] = 255
+    return f
+
+
+def read_code(frame: np.ndarray) -> int:
+    """The index a (decoded, upright, unscaled) coded frame shows; robust to lossy codecs."""
+    value = 0
+    for bit in range(8):
+        ys, xs = _block(bit)
+        centre = frame[ys.start + 5:ys.stop - 5, xs.start + 4:xs.stop - 4]
+        if centre.mean() > 128:
+            value |= 1 << bit
+    return value
+
+
+def make_clip(
+    path: Path,
+    n: int,
+    rate: Fraction,
+    codec_args: list[str],
+    audio: list[str] | None = None,
+    vf: str | None = None,
+) -> Path:
+    """Encode `n` coded frames at `rate` into `path` (container from the suffix).
+
+    `audio` adds a lavfi sine input encoded with those args; `vf` is a filter (e.g. setpts for
+    variable frame rate, written with passthrough timing).
+    """
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y",
+           "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{W}x{H}", "-r", str(rate), "-i", "-"]
+    if audio is not None:
+        cmd += ["-f", "lavfi", "-i", f"sine=frequency=440:duration={float(n / rate):.3f}"]
+        cmd += ["-map", "0:v", "-map", "1:a"] + audio
+    if vf is not None:
+        cmd += ["-vf", vf, "-fps_mode", "passthrough"]
+    cmd += codec_args + [str(path)]
+    data = b"".join(coded_frame(i).tobytes() for i in range(n))
+    subprocess.run(cmd, input=data, check=True)
+    return path
+
+
+def remux(src: Path, dst: Path, pre_input: list[str]) -> Path:
+    """Stream-copy `src` to `dst` with input options such as `-display_rotation 90`."""
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y",
+                    *pre_input, "-i", str(src), "-c", "copy", str(dst)], check=True)
+    return dst
