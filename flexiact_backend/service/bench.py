@@ -1,0 +1,175 @@
+"""Concurrency benchmark of the service: many clients poll a running job and upload images at once.
+
+Why: an animator's add-on polls every second while others upload; the HTTP side must stay quick while
+the worker computes. The p95 poll latency is reported here, never asserted in a test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+import io
+import json
+import math
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .process import ServerProcess
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+class Client:
+    """A tiny JSON-over-HTTP client on the standard library (the package ships no HTTP client dependency)."""
+
+    def __init__(self, url: str, token: str | None = None) -> None:
+        self.url, self.token = url.rstrip("/"), token
+
+    def request(self, method: str, path: str, *, json_body: dict | None = None, data: bytes | None = None,
+                headers: dict[str, str] | None = None, timeout: float = 60.0) -> tuple[int, object]:
+        headers = dict(headers or {})
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        if json_body is not None:
+            data, headers["Content-Type"] = json.dumps(json_body).encode(), "application/json"
+        req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                status, raw, ctype = r.status, r.read(), r.headers.get("content-type", "")
+        except urllib.error.HTTPError as e:
+            status, raw, ctype = e.code, e.read(), e.headers.get("content-type", "")
+        return status, (json.loads(raw) if ctype.startswith("application/json") and raw else raw)
+
+    def upload(self, data: bytes, content_type: str, filename: str) -> tuple[int, object]:
+        return self.request("POST", "/v1/files", data=data,
+                            headers={"Content-Type": content_type, "X-Filename": filename})
+
+
+def png_bytes(seed: int, size: tuple[int, int] = (48, 32)) -> bytes:
+    """A small random PNG, different for every seed (so every upload is new content)."""
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _percentiles(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"n": 0, "p50": None, "p95": None, "max": None}
+    s = sorted(values)
+    pick = lambda q: round(s[max(0, math.ceil(q * len(s)) - 1)] * 1000, 2)  # noqa: E731
+    return {"n": len(s), "p50": pick(0.5), "p95": pick(0.95), "max": round(s[-1] * 1000, 2)}
+
+
+def run_load(client: Client, current_job: Callable[[], str], *, clients: int = 20, rounds: int = 50,
+             upload_every: int = 5) -> dict:
+    """`clients` threads each poll `current_job()` `rounds` times and upload a fresh image every few polls."""
+    lock = threading.Lock()
+    polls: list[float] = []
+    uploads: list[float] = []
+    errors: list[str] = []
+    statuses: dict[str, int] = {}
+
+    def one_client(c: int) -> None:
+        for r in range(rounds):
+            job_id = current_job()
+            t0 = time.perf_counter()
+            try:
+                status, body = client.request("GET", f"/v1/jobs/{job_id}")
+                ok = status == 200 and isinstance(body, dict) and body.get("id") == job_id
+                err = None if ok else f"poll: {status} {str(body)[:200]}"
+            except Exception as exc:  # a refused or reset connection is exactly what this counts
+                body, err = None, f"poll: {type(exc).__name__}: {exc}"
+            dt = time.perf_counter() - t0
+            with lock:
+                polls.append(dt)
+                if err:
+                    errors.append(err)
+                elif isinstance(body, dict):
+                    statuses[body["status"]] = statuses.get(body["status"], 0) + 1
+            if upload_every and r % upload_every == 0:
+                data = png_bytes(c * 100_003 + r + int(time.time_ns() % 1_000_000_007))
+                t0 = time.perf_counter()
+                try:
+                    status, body = client.upload(data, "image/png", f"bench-{c}-{r}.png")
+                    ok = status == 201 and isinstance(body, dict) and body.get("id") == hashlib.sha256(data).hexdigest()
+                    err = None if ok else f"upload: {status} {str(body)[:200]}"
+                except Exception as exc:
+                    err = f"upload: {type(exc).__name__}: {exc}"
+                with lock:
+                    uploads.append(time.perf_counter() - t0)
+                    if err:
+                        errors.append(err)
+
+    threads = [threading.Thread(target=one_client, args=(c,)) for c in range(clients)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"clients": clients, "rounds": rounds, "seconds": round(time.perf_counter() - started, 3),
+            "poll_ms": _percentiles(polls), "upload_ms": _percentiles(uploads), "errors": len(errors),
+            "error_samples": errors[:5], "job_status_seen": statuses}
+
+
+def bench_serve(*, url: str | None = None, token: str | None = None, clients: int = 20, rounds: int = 50,
+                upload_every: int = 5) -> dict:
+    """Run the load against `url`, or against a tiny server started for the purpose."""
+    if url is not None:
+        return _bench(Client(url, token), clients, rounds, upload_every)
+    with tempfile.TemporaryDirectory(prefix="flexiact-bench-") as d, ServerProcess(Path(d)) as server:
+        return _bench(Client(server.url), clients, rounds, upload_every)
+
+
+def _bench(client: Client, clients: int, rounds: int, upload_every: int) -> dict:
+    """Keep a generation running (a new one whenever the last ends) while the clients hammer the server."""
+    status, health = client.request("GET", "/v1/health")
+    if status != 200:
+        raise RuntimeError(f"health check failed: {status} {health}")
+    status, image = client.upload(png_bytes(0), "image/png", "bench-target.png")
+    if status != 201:
+        raise RuntimeError(f"upload failed: {status} {image}")
+    body = {"image": image["id"], "prompt": "a figure waves", "steps": 50}
+    job = {"id": None}
+    done = threading.Event()
+
+    def submit() -> None:
+        s, r = client.request("POST", "/v1/generations", json_body=body)
+        if s != 202:
+            raise RuntimeError(f"generation refused: {s} {r}")
+        job["id"] = r["job"]["id"]
+
+    def feeder() -> None:
+        while not done.wait(0.5):
+            s, r = client.request("GET", f"/v1/jobs/{job['id']}")
+            if s == 200 and r["status"] in TERMINAL:
+                submit()
+
+    submit()
+    feed = threading.Thread(target=feeder, daemon=True)
+    feed.start()
+    try:
+        report = run_load(client, lambda: job["id"], clients=clients, rounds=rounds, upload_every=upload_every)
+    finally:
+        done.set()
+        feed.join()
+        client.request("POST", f"/v1/jobs/{job['id']}/cancel")
+    report["device"] = health["device"]
+    report["model"] = health["model"]["id"]
+    return report
+
+
+def format_table(report: dict) -> str:
+    rows = [("polls", report["poll_ms"]), ("uploads", report["upload_ms"])]
+    lines = [f"{'request':<10}{'n':>7}{'p50 ms':>10}{'p95 ms':>10}{'max ms':>10}"]
+    for name, p in rows:
+        lines.append(f"{name:<10}{p['n']:>7}{p['p50'] or 0:>10.1f}{p['p95'] or 0:>10.1f}{p['max'] or 0:>10.1f}")
+    lines.append(f"errors: {report['errors']}   clients: {report['clients']}   wall: {report['seconds']} s")
+    return "\n".join(lines)

@@ -1,0 +1,95 @@
+"""`flexiact-backend serve` and `flexiact-backend bench serve`; the main CLI wires these in."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from pathlib import Path
+
+DEFAULT_DATA_DIR = Path(os.environ.get("FLEXIACT_DATA_DIR", Path.home() / ".local" / "share" / "flexiact-backend"))
+
+
+def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `serve` (sets `func=run_serve`)."""
+    p = subparsers.add_parser("serve", help="run the HTTP service the Blender add-on talks to",
+                              description="Run the FlexiAct HTTP service (OpenAPI schema at /openapi.json).")
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--model", type=Path, help="diffusers folder of CogVideoX-5B-I2V (with the RefAdapter)")
+    model.add_argument("--tiny", action="store_true", help="the built-in tiny random model (built on first use)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind; off loopback a token is required")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="database, uploads, actions, results")
+    p.add_argument("--token", default=os.environ.get("FLEXIACT_TOKEN") or None,
+                   help="require 'Authorization: Bearer TOKEN' (default: $FLEXIACT_TOKEN)")
+    p.add_argument("--device", action="append", default=[], help="compute device (repeat for several); "
+                   "default: every CUDA device, else the CPU")
+    p.add_argument("--memory-saving", action="store_true", help="offload idle sub-models to the CPU, tile the VAE")
+    p.add_argument("--refadapter", type=Path, help="RefAdapter checkpoint if not inside the model folder")
+    p.add_argument("--checkpoint-every", type=int, default=500, help="extraction checkpoint interval (steps)")
+    p.add_argument("--max-video-bytes", type=int, help="upload limit for videos (default 2 GiB)")
+    p.add_argument("--max-image-bytes", type=int, help="upload limit for images (default 64 MiB)")
+    p.add_argument("--max-checkpoint-bytes", type=int, help="upload limit for checkpoints (default 1 GiB)")
+    p.add_argument("--max-image-pixels", type=int, help="largest image in pixels (default 50 megapixels)")
+    p.add_argument("--access-log", action="store_true", help="log every request")
+    p.set_defaults(func=run_serve)
+    return p
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .app import create_app
+    from .auth import check_bind
+    from .config import Limits, ServiceConfig
+
+    check_bind(args.host, args.token)
+    limits = Limits()
+    overrides = {"video_bytes": args.max_video_bytes, "image_bytes": args.max_image_bytes,
+                 "checkpoint_bytes": args.max_checkpoint_bytes, "image_pixels": args.max_image_pixels}
+    limits = Limits(**{**limits.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
+    config = ServiceConfig(data_dir=args.data_dir, model_dir=args.model, tiny=args.tiny, token=args.token,
+                           limits=limits, devices=tuple(args.device), checkpoint_every=args.checkpoint_every)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(config, memory_saving=args.memory_saving, refadapter=args.refadapter)
+    uvicorn.run(app, host=args.host, port=args.port, access_log=args.access_log, timeout_graceful_shutdown=5)
+    return 0
+
+
+def add_bench_serve(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `serve` under `bench` (sets `func=run_bench_serve`)."""
+    p = subparsers.add_parser("serve", help="poll latency with concurrent clients while a job runs",
+                              description="Clients poll a running job and upload images; prints p50/p95 latencies.")
+    p.add_argument("--url", help="a running server (default: start a tiny one in a temp dir)")
+    p.add_argument("--token", default=os.environ.get("FLEXIACT_TOKEN") or None)
+    p.add_argument("--clients", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=50, help="polls per client")
+    p.add_argument("--upload-every", type=int, default=5, help="each client uploads an image every N polls")
+    p.add_argument("--json", type=Path, help="also write the JSON report here")
+    p.set_defaults(func=run_bench_serve)
+    return p
+
+
+def run_bench_serve(args: argparse.Namespace) -> int:
+    from .bench import bench_serve, format_table
+
+    report = bench_serve(url=args.url, token=args.token, clients=args.clients, rounds=args.rounds,
+                         upload_every=args.upload_every)
+    text = json.dumps(report, indent=2)
+    print(text)
+    print(format_table(report))
+    if args.json:
+        args.json.write_text(text)
+    return 0 if report["errors"] == 0 else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m flexiact_backend.service {serve,bench}` until the main CLI has these commands."""
+    parser = argparse.ArgumentParser(prog="python -m flexiact_backend.service")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_serve_command(sub)
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    add_bench_serve(bench)
+    args = parser.parse_args(argv)
+    return args.func(args)

@@ -1,0 +1,40 @@
+"""Service settings: where state lives, which model, the token and the upload limits."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return int(value) if value else default
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Upload limits; defaults from the brief, each overridable by a CLI flag or a FLEXIACT_* variable."""
+
+    video_bytes: int = field(default_factory=lambda: _env_int("FLEXIACT_MAX_VIDEO_BYTES", 2 * 1024**3))
+    image_bytes: int = field(default_factory=lambda: _env_int("FLEXIACT_MAX_IMAGE_BYTES", 64 * 1024**2))
+    checkpoint_bytes: int = field(default_factory=lambda: _env_int("FLEXIACT_MAX_CHECKPOINT_BYTES", 1024**3))
+    image_pixels: int = field(default_factory=lambda: _env_int("FLEXIACT_MAX_IMAGE_PIXELS", 50_000_000))
+
+    def bytes_for(self, kind: str) -> int:
+        return {"video": self.video_bytes, "image": self.image_bytes, "checkpoint": self.checkpoint_bytes}[kind]
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    data_dir: Path
+    model_dir: Path | None = None
+    tiny: bool = False
+    token: str | None = None
+    limits: Limits = field(default_factory=Limits)
+    devices: tuple[str, ...] = ()
+    checkpoint_every: int = 500
+
+    def __post_init__(self) -> None:
+        if self.tiny == (self.model_dir is not None):
+            raise ValueError("give exactly one of a model directory or the tiny model")

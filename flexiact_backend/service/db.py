@@ -1,0 +1,300 @@
+"""Durable service state in SQLite (WAL): uploaded files, actions and jobs.
+
+Why: jobs run for hours and the server may be killed at any moment; every state change is one
+committed transaction, so a restart finds exactly what was promised and re-queues what was running.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS files(
+    id TEXT PRIMARY KEY, kind TEXT NOT NULL, size INTEGER NOT NULL, path TEXT NOT NULL,
+    filename TEXT, meta TEXT NOT NULL, created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS actions(
+    id TEXT PRIMARY KEY, name TEXT NOT NULL, caption TEXT NOT NULL, status TEXT NOT NULL,
+    source TEXT NOT NULL, request_key TEXT UNIQUE, video TEXT, start_s REAL, end_s REAL,
+    steps INTEGER, seed INTEGER, base_model TEXT NOT NULL, file TEXT, meta TEXT NOT NULL,
+    job TEXT, error TEXT, created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs(
+    id TEXT PRIMARY KEY, kind TEXT NOT NULL, status TEXT NOT NULL, phase TEXT NOT NULL,
+    progress REAL NOT NULL DEFAULT 0, step INTEGER NOT NULL DEFAULT 0, total_steps INTEGER NOT NULL,
+    eta_s REAL, created_at REAL NOT NULL, started_at REAL, finished_at REAL, error TEXT, result TEXT,
+    params TEXT NOT NULL, action TEXT, cancel_requested INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0, version INTEGER NOT NULL DEFAULT 0);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, kind, created_at);
+"""
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Database:
+    """One connection guarded by a lock: SQLite serialises writers anyway and every call is short."""
+
+    def __init__(self, path: Path) -> None:
+        self._lock = threading.RLock()
+        self._conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._conn.row_factory = sqlite3.Row
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=NORMAL")
+        self._conn.execute("PRAGMA busy_timeout=5000")
+        with self._lock:
+            self._conn.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def _one(self, sql: str, args: tuple = ()) -> sqlite3.Row | None:
+        with self._lock:
+            return self._conn.execute(sql, args).fetchone()
+
+    def _all(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._conn.execute(sql, args).fetchall()
+
+    def _tx(self, statements: list[tuple[str, tuple]]) -> None:
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                for sql, args in statements:
+                    self._conn.execute(sql, args)
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    # ---- start-up recovery -------------------------------------------------------------------
+    def recover(self) -> int:
+        """After a crash: jobs left running go back to the queue (or end, if a cancel was asked)."""
+        now = time.time()
+        with self._lock:
+            n = self._conn.execute("SELECT COUNT(*) FROM jobs WHERE status='running'").fetchone()[0]
+            self._tx([
+                ("UPDATE jobs SET status='cancelled', finished_at=?, phase='cancelled', version=version+1 "
+                 "WHERE status IN ('running','queued') AND cancel_requested=1", (now,)),
+                ("UPDATE actions SET status='cancelled' WHERE status='pending' AND job IN "
+                 "(SELECT id FROM jobs WHERE status='cancelled')", ()),
+                ("UPDATE jobs SET status='queued', phase='requeued', version=version+1 WHERE status='running'", ()),
+            ])
+        return n
+
+    # ---- files -------------------------------------------------------------------------------
+    def get_file(self, file_id: str) -> dict | None:
+        row = self._one("SELECT * FROM files WHERE id=?", (file_id,))
+        return _file(row) if row else None
+
+    def add_file(self, file_id: str, kind: str, size: int, path: str, filename: str | None, meta: dict) -> dict:
+        """Insert a file record unless the same content is already known; returns the stored record."""
+        with self._lock:
+            self._conn.execute(
+                "INSERT OR IGNORE INTO files(id,kind,size,path,filename,meta,created_at) VALUES(?,?,?,?,?,?,?)",
+                (file_id, kind, size, path, filename, json.dumps(meta), time.time()))
+            return self.get_file(file_id)  # type: ignore[return-value]
+
+    def file_in_use(self, file_id: str) -> bool:
+        return self._one("SELECT 1 FROM actions WHERE file=?", (file_id,)) is not None
+
+    def delete_file(self, file_id: str) -> None:
+        self._tx([("DELETE FROM files WHERE id=?", (file_id,))])
+
+    # ---- actions -----------------------------------------------------------------------------
+    def get_action(self, action_id: str) -> dict | None:
+        row = self._one("SELECT * FROM actions WHERE id=?", (action_id,))
+        return _action(row) if row else None
+
+    def action_by_key(self, key: str) -> dict | None:
+        row = self._one("SELECT * FROM actions WHERE request_key=?", (key,))
+        return _action(row) if row else None
+
+    def list_actions(self) -> list[dict]:
+        return [_action(r) for r in self._all("SELECT * FROM actions ORDER BY created_at, rowid")]
+
+    def create_extraction(self, *, key: str, name: str, caption: str, video: str, start_s: float, end_s: float,
+                          steps: int, seed: int, base_model: str, params: dict) -> tuple[dict, dict, bool]:
+        """Create (or reuse) the action for this exact request and queue its job; returns (action, job, created).
+
+        A finished or in-progress action for the same request is returned as is; a failed or cancelled
+        one gets a new job, which resumes from the checkpoints its earlier attempt left behind.
+        """
+        with self._lock:
+            existing = self.action_by_key(key)
+            if existing and existing["status"] in ("ready", "pending"):
+                return existing, self.get_job(existing["job"]), False  # type: ignore[return-value]
+            now = time.time()
+            job_id = new_id()
+            action_id = existing["id"] if existing else new_id()
+            stmts: list[tuple[str, tuple]] = [(
+                "INSERT INTO jobs(id,kind,status,phase,total_steps,created_at,params,action) "
+                "VALUES(?,?,?,?,?,?,?,?)",
+                (job_id, "extract", "queued", "queued", steps, now, json.dumps(params), action_id))]
+            if existing:
+                stmts.append(("UPDATE actions SET status='pending', job=?, error=NULL, name=? WHERE id=?",
+                              (job_id, name, action_id)))
+            else:
+                stmts.append((
+                    "INSERT INTO actions(id,name,caption,status,source,request_key,video,start_s,end_s,steps,seed,"
+                    "base_model,meta,job,created_at) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (action_id, name, caption, "pending", "extract", key, video, start_s, end_s, steps, seed,
+                     base_model, "{}", job_id, now)))
+            self._tx(stmts)
+            return self.get_action(action_id), self.get_job(job_id), True  # type: ignore[return-value]
+
+    def add_imported_action(self, *, name: str, caption: str, base_model: str, file_id: str, meta: dict) -> dict:
+        action_id = new_id()
+        self._tx([(
+            "INSERT INTO actions(id,name,caption,status,source,base_model,file,meta,created_at) "
+            "VALUES(?,?,?,?,?,?,?,?,?)",
+            (action_id, name, caption, "ready", "import", base_model, file_id, json.dumps(meta), time.time()))])
+        return self.get_action(action_id)  # type: ignore[return-value]
+
+    def delete_action(self, action_id: str) -> dict | None:
+        """Remove the action; a queued extraction of it is cancelled at once (the caller stops a running one)."""
+        with self._lock:
+            action = self.get_action(action_id)
+            if action is None:
+                return None
+            stmts = [("DELETE FROM actions WHERE id=?", (action_id,))]
+            if action["job"]:
+                stmts += self._cancel_statements(action["job"])
+            self._tx(stmts)
+            return action
+
+    # ---- jobs --------------------------------------------------------------------------------
+    def create_generation(self, params: dict, total_steps: int, action_id: str | None) -> dict:
+        job_id = new_id()
+        self._tx([(
+            "INSERT INTO jobs(id,kind,status,phase,total_steps,created_at,params,action) VALUES(?,?,?,?,?,?,?,?)",
+            (job_id, "generate", "queued", "queued", total_steps, time.time(), json.dumps(params), action_id))])
+        return self.get_job(job_id)  # type: ignore[return-value]
+
+    def get_job(self, job_id: str) -> dict | None:
+        row = self._one("SELECT * FROM jobs WHERE id=?", (job_id,))
+        return _job(row) if row else None
+
+    def job_version(self, job_id: str) -> int | None:
+        row = self._one("SELECT version FROM jobs WHERE id=?", (job_id,))
+        return row[0] if row else None
+
+    def list_jobs(self, status: str | None, kind: str | None, limit: int) -> list[dict]:
+        sql, args = "SELECT * FROM jobs WHERE 1=1", []
+        if status:
+            sql, args = sql + " AND status=?", args + [status]
+        if kind:
+            sql, args = sql + " AND kind=?", args + [kind]
+        rows = self._all(sql + " ORDER BY created_at DESC, rowid DESC LIMIT ?", (*args, limit))
+        return [_job(r) for r in rows]
+
+    def queue_counts(self) -> dict[str, int]:
+        rows = self._all("SELECT status, COUNT(*) FROM jobs WHERE status IN ('queued','running') GROUP BY status")
+        counts = {"queued": 0, "running": 0}
+        counts.update({r[0]: r[1] for r in rows})
+        return counts
+
+    def generation_queued(self) -> bool:
+        return self._one("SELECT 1 FROM jobs WHERE status='queued' AND kind='generate' LIMIT 1") is not None
+
+    def claim_next(self) -> dict | None:
+        """Atomically take the next queued job: generations first, then the oldest extraction."""
+        with self._lock:
+            row = self._one("SELECT id FROM jobs WHERE status='queued' "
+                            "ORDER BY CASE kind WHEN 'generate' THEN 0 ELSE 1 END, created_at, rowid LIMIT 1")
+            if row is None:
+                return None
+            self._tx([("UPDATE jobs SET status='running', phase='starting', attempts=attempts+1, "
+                       "started_at=COALESCE(started_at, ?), version=version+1 WHERE id=?", (time.time(), row[0]))])
+            return self.get_job(row[0])
+
+    def update_progress(self, job_id: str, *, phase: str, progress: float | None, step: int | None,
+                        eta_s: float | None) -> None:
+        """Record progress; progress and step only ever grow, so a resumed job never appears to go back."""
+        eta = eta_s if eta_s is not None and math.isfinite(eta_s) and eta_s >= 0 else None
+        p = min(max(progress, 0.0), 1.0) if progress is not None and math.isfinite(progress) else None
+        self._tx([(
+            "UPDATE jobs SET phase=?, progress=MAX(progress, COALESCE(?, progress)), "
+            "step=MAX(step, COALESCE(?, step)), eta_s=?, version=version+1 WHERE id=? AND status='running'",
+            (phase, p, step, eta, job_id))])
+
+    def requeue(self, job_id: str, phase: str) -> None:
+        """Put a running job back in the queue (an extraction that yielded to a generation)."""
+        self._tx([("UPDATE jobs SET status='queued', phase=?, eta_s=NULL, version=version+1 "
+                   "WHERE id=? AND status='running'", (phase, job_id))])
+
+    def finish_job(self, job_id: str, result: dict, action_update: dict | None = None) -> None:
+        stmts = [("UPDATE jobs SET status='succeeded', phase='done', progress=1.0, step=total_steps, eta_s=0, "
+                  "finished_at=?, result=?, version=version+1 WHERE id=?", (time.time(), json.dumps(result), job_id))]
+        if action_update:
+            stmts.append(("UPDATE actions SET status='ready', file=?, meta=?, error=NULL WHERE job=?",
+                          (action_update["file"], json.dumps(action_update["meta"]), job_id)))
+        self._tx(stmts)
+
+    def fail_job(self, job_id: str, status: str, code: str, message: str) -> None:
+        err = json.dumps({"code": code, "message": message})
+        self._tx([
+            ("UPDATE jobs SET status=?, phase=?, eta_s=NULL, finished_at=?, error=?, version=version+1 "
+             "WHERE id=? AND status NOT IN ('succeeded','failed','cancelled')",
+             (status, status, time.time(), err, job_id)),
+            ("UPDATE actions SET status=?, error=? WHERE job=? AND status='pending'",
+             ("cancelled" if status == "cancelled" else "failed", err, job_id)),
+        ])
+
+    def cancel_requested(self, job_id: str) -> bool:
+        row = self._one("SELECT cancel_requested FROM jobs WHERE id=?", (job_id,))
+        return bool(row is None or row[0])
+
+    def _cancel_statements(self, job_id: str) -> list[tuple[str, tuple]]:
+        now = time.time()
+        err = json.dumps({"code": "cancelled", "message": "cancelled by request"})
+        return [
+            ("UPDATE jobs SET cancel_requested=1, version=version+1 WHERE id=? AND status IN ('queued','running')",
+             (job_id,)),
+            ("UPDATE jobs SET status='cancelled', phase='cancelled', finished_at=?, error=? "
+             "WHERE id=? AND status='queued'", (now, err, job_id)),
+            ("UPDATE actions SET status='cancelled', error=? WHERE job=? AND status='pending' AND "
+             "(SELECT status FROM jobs WHERE id=?)='cancelled'", (err, job_id, job_id)),
+        ]
+
+    def cancel_job(self, job_id: str) -> dict | None:
+        """Cancel: a queued job ends now; a running one is flagged and stops at its next step."""
+        with self._lock:
+            if self.get_job(job_id) is None:
+                return None
+            self._tx(self._cancel_statements(job_id))
+            return self.get_job(job_id)
+
+
+def _loads(value: str | None) -> Any:
+    return json.loads(value) if value else None
+
+
+def _file(row: sqlite3.Row) -> dict:
+    return {"id": row["id"], "kind": row["kind"], "size": row["size"], "filename": row["filename"],
+            "meta": json.loads(row["meta"]), "path": row["path"], "created_at": row["created_at"]}
+
+
+def _action(row: sqlite3.Row) -> dict:
+    d = dict(row)
+    d["meta"] = json.loads(d["meta"])
+    d["error"] = _loads(d["error"])
+    del d["request_key"]
+    return d
+
+
+def _job(row: sqlite3.Row) -> dict:
+    d = dict(row)
+    for key in ("error", "result", "params"):
+        d[key] = _loads(d[key])
+    d["cancel_requested"] = bool(d["cancel_requested"])
+    return d

@@ -1,0 +1,155 @@
+"""Request and response models of the HTTP API; they are what /openapi.json publishes to the add-on."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+UUID_PATTERN = r"^[0-9a-f]{32}$"
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class _Request(BaseModel):
+    """Requests refuse NaN and infinities: they would reach the model as nonsense."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class ModelHealth(BaseModel):
+    id: str | None
+    tiny: bool
+    loaded: bool
+    width: int | None
+    height: int | None
+    frames: int | None
+    fps: float | None
+    error: str | None = None
+
+
+class DeviceHealth(BaseModel):
+    type: str
+    name: str
+
+
+class QueueHealth(BaseModel):
+    queued: int
+    running: int
+
+
+class Health(BaseModel):
+    status: Literal["ok", "loading", "error"]
+    version: str
+    model: ModelHealth
+    device: DeviceHealth
+    queue: QueueHealth
+
+
+class FileInfo(BaseModel):
+    id: str = Field(pattern=SHA256_PATTERN)
+    kind: Literal["video", "image", "checkpoint"]
+    size: int
+    filename: str | None = None
+    meta: dict[str, Any]
+
+
+class ActionCreate(_Request):
+    name: str = Field(min_length=1, max_length=200)
+    caption: str = Field(min_length=1, max_length=2000)
+    video: str = Field(pattern=SHA256_PATTERN, description="id of an uploaded video")
+    start_s: float = Field(ge=0)
+    end_s: float = Field(gt=0)
+    steps: int = Field(3000, ge=1, le=100_000)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+
+
+class ActionImport(_Request):
+    name: str = Field(min_length=1, max_length=200)
+    caption: str = Field(min_length=1, max_length=2000)
+    file: str = Field(pattern=SHA256_PATTERN, description="id of an uploaded published .pt or project safetensors")
+
+
+class Action(BaseModel):
+    id: str
+    name: str
+    caption: str
+    status: Literal["pending", "ready", "failed", "cancelled"]
+    source: Literal["extract", "import"]
+    video: str | None
+    start_s: float | None
+    end_s: float | None
+    steps: int | None
+    seed: int | None
+    base_model: str
+    file: str | None = Field(description="sha256 of the action safetensors once ready")
+    meta: dict[str, Any]
+    job: str | None
+    error: ErrorBody | None
+    created_at: float = Field(description="seconds since the Unix epoch")
+
+
+class ActionList(BaseModel):
+    actions: list[Action]
+
+
+class GenerationCreate(_Request):
+    action: str | None = Field(None, pattern=UUID_PATTERN, description="a ready action's id; null: no action")
+    image: str = Field(pattern=SHA256_PATTERN, description="id of an uploaded target image")
+    prompt: str = Field(min_length=1, max_length=2000)
+    seed: int = Field(42, ge=0, le=2**31 - 1)
+    steps: int = Field(50, ge=1, le=1000)
+    guidance_scale: float = Field(6.0, ge=0, le=50)
+    lora_weight: float = Field(0.7, ge=0, le=4)
+    reweight_scale: float | None = Field(1.0, ge=0, le=20, description="null switches the reweighting off")
+    high_timesteps: float = Field(
+        0.8, gt=0, le=1000,
+        description="where the high-noise (motion) timesteps end: a fraction of 1000 (0.8) or a timestep (800)")
+    fit: Literal["crop", "pad"] = "crop"
+    fps: float | None = Field(None, gt=0, le=240, description="frame rate of the returned video; the duration "
+                              "stays the model's; null: the model's own fps")
+
+
+class Job(BaseModel):
+    id: str
+    kind: Literal["extract", "generate"]
+    status: JobStatus
+    phase: str
+    progress: float = Field(ge=0, le=1)
+    step: int
+    total_steps: int
+    eta_s: float | None
+    created_at: float = Field(description="seconds since the Unix epoch")
+    started_at: float | None
+    finished_at: float | None
+    error: ErrorBody | None
+    result: dict[str, Any] | None
+    action: str | None = None
+    params: dict[str, Any]
+
+
+class JobAccepted(BaseModel):
+    job: Job
+
+
+class ActionAccepted(BaseModel):
+    action: Action
+    job: Job
+
+
+class JobList(BaseModel):
+    jobs: list[Job]
+
+
+def job_out(job: dict) -> dict:
+    """The public view of a job row (internal bookkeeping columns dropped)."""
+    return {k: v for k, v in job.items() if k not in ("cancel_requested", "attempts", "version")}
