@@ -319,23 +319,28 @@ def trim_frame_indices(
 
 
 _SHOWINFO_TB_RE = re.compile(r"config in time_base: (\d+)/(\d+)")
-_SHOWINFO_PTS_RE = re.compile(r"\] n: *\d+ pts: *(-?\d+) ")
+_SHOWINFO_PTS_RE = re.compile(r"\] n: *\d+ pts: *(\S+) ")
 
 
 def _stderr_reader(stream: Iterable[str], out: queue.Queue, log: list[str]) -> None:
-    """Turn showinfo's per-frame lines into exact timestamps, in frame order; keep the rest."""
+    """Turn showinfo's per-frame lines into exact timestamps, in frame order; keep the rest.
+
+    A frame without a timestamp (NOPTS) is queued as None so the reader stays in step with the
+    frames and the decoder can refuse the clip; the end of the stream is queued as EOFError.
+    """
     tb: Fraction | None = None
     for line in stream:
         m = _SHOWINFO_PTS_RE.search(line)
         if m and tb is not None:
-            out.put(int(m.group(1)) * tb)
+            raw = m.group(1)
+            out.put(int(raw) * tb if raw.lstrip("-").isdigit() else None)
             continue
         m = _SHOWINFO_TB_RE.search(line)
         if m:
             tb = Fraction(int(m.group(1)), int(m.group(2)))
             continue
         log.append(line)
-    out.put(None)
+    out.put(EOFError)
 
 
 def _decode_size(info: VideoInfo, max_side: int | None) -> tuple[int, int]:
@@ -392,8 +397,13 @@ def read_clip(
             if len(buf) < frame_bytes:
                 break
             pts = stamps.get(timeout=60)
-            if pts is None:
+            if pts is EOFError:
                 raise MediaError(f"{Path(path).name}: lost track of frame timestamps while decoding.")
+            if pts is None:
+                raise MediaError(
+                    f"{Path(path).name}: the video has frames without timestamps; "
+                    "remux or re-export it (e.g. to mp4) and try again."
+                )
             frame = np.frombuffer(buf, dtype=np.uint8).reshape(h, w, 3)
             decoded += 1
             while nxt < num_frames and targets[nxt] < pts and prev is not None:
@@ -560,8 +570,9 @@ def _fps_fraction(fps: float) -> Fraction:
 def write_mp4(path: PathLike, frames: np.ndarray, fps: float) -> None:
     """Write uint8 ``[T, H, W, 3]`` frames as H.264 yuv420p mp4, atomically.
 
-    Encodes to a temporary file in the destination directory and `os.replace`s it, so readers
-    never see a half-written video and a failure leaves nothing behind. Odd widths/heights are
+    Encodes to a temporary file in the destination directory, checks its frame count and
+    `os.replace`s it, so readers never see a half-written video and a failure (OSError) leaves
+    nothing behind. Odd widths/heights are
     padded by one replicated edge pixel (yuv420p needs even sizes).
     """
     frames = np.asarray(frames)
@@ -584,6 +595,15 @@ def write_mp4(path: PathLike, frames: np.ndarray, fps: float) -> None:
         for f in frames:
             writer.send(np.ascontiguousarray(f))
         writer.close()
+        # imageio-ffmpeg does not always report a failed encoder (e.g. an unwritable folder),
+        # so check what landed on disk before it replaces anything
+        try:
+            written = probe_video(tmp).frames
+        except MediaError:
+            written = 0
+        if written != len(frames):
+            raise OSError(f"ffmpeg could not write {dest} ({written} of {len(frames)} frames written); "
+                          "check that the folder exists, is writable and has free space.")
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)

@@ -296,7 +296,7 @@ def test_write_mp4_replaces_atomically_and_fails_cleanly(tmp_path: Path) -> None
     with pytest.raises(ValueError):
         write_mp4(out, np.zeros((3, 48, 64, 3), np.float32), 8)
     assert out.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["out.mp4"]
-    with pytest.raises(Exception):
+    with pytest.raises(OSError, match="could not write"):
         write_mp4(tmp_path / "missing" / "x.mp4", np.stack([coded_frame(0)] * 2), 8)
     assert [p.name for p in tmp_path.iterdir()] == ["out.mp4"]
 
