@@ -406,19 +406,15 @@ def read_clip(
                 )
             frame = np.frombuffer(buf, dtype=np.uint8).reshape(h, w, 3)
             decoded += 1
-            while nxt < num_frames and targets[nxt] < pts and prev is not None:
-                chosen[nxt] = prev
+            on_screen = frame if prev is None else prev  # times before the first frame take it
+            while nxt < num_frames and targets[nxt] < pts:
+                chosen[nxt] = on_screen
                 nxt += 1
-            if prev is None:
-                while nxt < num_frames and targets[nxt] < pts:
-                    chosen[nxt] = frame
-                    nxt += 1
             prev = frame
         else:
             stopped_early = True
         if nxt < num_frames and prev is not None:
             chosen[nxt:] = [prev] * (num_frames - nxt)  # targets after the last frame's timestamp
-            nxt = num_frames
     finally:
         if proc.poll() is None:
             proc.kill()
