@@ -19,6 +19,7 @@ from PIL import Image
 from starlette.requests import ClientDisconnect
 
 from .. import __version__, media
+from ..actions import import_published_action
 from ..errors import CheckpointError, MediaError
 from ..model_info import read_model_info
 from ..tiny import ensure_tiny_model
@@ -229,8 +230,6 @@ def create_app(config: ServiceConfig, *, memory_saving: bool = False, refadapter
     @api.post("/actions/import", status_code=201, response_model=Action, tags=["actions"])
     def import_action(body: ActionImport) -> dict:
         """Turn an uploaded published `.pt` (or a project safetensors) into a ready action, no training."""
-        from ..actions import import_published_action
-
         src = svc.file_of_kind(body.file, "checkpoint")
         out = svc.store.tmp_path(".safetensors")
         try:

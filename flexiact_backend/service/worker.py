@@ -20,6 +20,7 @@ from PIL import Image
 
 from .. import media
 from ..errors import Cancelled, FlexiActError, Paused
+from ..extraction import extract_action
 from ..generation import FlexiActGenerator
 from ..model_info import ModelInfo
 from .config import ServiceConfig
@@ -199,8 +200,6 @@ class WorkerPool:
             "seconds": result.seconds})
 
     def _extract(self, generator: FlexiActGenerator, job: dict) -> None:
-        from ..extraction import extract_action
-
         job_id, p = job["id"], job["params"]
         video_file = self.db.get_file(p["video"])
         if video_file is None:
@@ -224,6 +223,7 @@ class WorkerPool:
             caption=p["caption"], name=p["name"], out=out, work_dir=wd / "train", steps=total, seed=p["seed"],
             checkpoint_every=self.config.checkpoint_every, progress=progress,
             cancel=lambda: self.db.cancel_requested(job_id), pause=self.should_pause_extraction)
+        meta.pop("losses", None)  # every step's loss: too long for the action's JSON
         sha, _rel, _size = self.store.adopt(out)
         self.db.finish_job(job_id, {"action": job["action"], "file": sha, "final_loss": meta.get("final_loss")},
                            action_update={"file": sha, "meta": meta})
