@@ -27,3 +27,49 @@ demo: setup
 
 clean:
 	rm -rf $(VENV) out dist build *.egg-info
+
+# ---- Blender extension (issue 5): bpy venvs, extension zip ------------------------------------------
+# `make test` runs tests/test_blender.py, which needs $(BLENDER_TEST_DEPS) built first.
+BPY_PYTHON ?= python3.11
+BPY_VERSIONS := 42 45 50
+BPY_42 := 4.2.23
+BPY_45 := 4.5.15
+BPY_50 := 5.0.1
+BPY_STAMPS := $(foreach v,$(BPY_VERSIONS),.venv-bpy$(v)/.installed)
+# X/GL libraries the bpy module links against; installed only when `import bpy` fails for want of them.
+BLENDER_APT := libx11-6 libxext6 libxrender1 libxxf86vm1 libxfixes3 libxi6 libxkbcommon0 libsm6 libice6 \
+	libxcb1 libgl1 libglx0 libegl1 libgomp1 libbsd0
+EXT_VERSION := $(shell sed -n 's/^version *= *"\(.*\)"/\1/p' blender_manifest.toml)
+EXT_ZIP := dist/flexiact-$(EXT_VERSION).zip
+BLENDER_EXT = .venv-bpy$(1)/lib/python3.11/site-packages/bpy/$(2)/scripts/addons_core/bl_pkg/cli/blender_ext.py
+BLENDER_TEST_DEPS := blender-setup extension
+
+.PHONY: blender-setup blender-libs extension
+
+blender-setup: $(BPY_STAMPS)
+
+.venv-bpy%/.installed:
+	test -x .venv-bpy$*/bin/python || $(BPY_PYTHON) -m venv .venv-bpy$*
+	.venv-bpy$*/bin/python -c "import bpy" 2>/dev/null || .venv-bpy$*/bin/pip install -q bpy==$(BPY_$*) pytest
+	.venv-bpy$*/bin/python -c "import pytest" 2>/dev/null || .venv-bpy$*/bin/pip install -q pytest
+	.venv-bpy$*/bin/python -c "import bpy" 2>/dev/null || $(MAKE) --no-print-directory blender-libs
+	.venv-bpy$*/bin/python -c "import bpy; print('bpy', bpy.app.version_string)"
+	touch $@
+
+blender-libs:
+	missing=$$(for p in $(BLENDER_APT); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing; \
+	fi
+
+# Built by Blender's own extension builder (4.2, the oldest supported) from a staging folder holding the
+# root manifest and the add-on package, then validated by 4.2's and 5.0's validators.
+extension: $(EXT_ZIP)
+
+$(EXT_ZIP): blender_manifest.toml $(wildcard flexiact_blender/*.py) | .venv-bpy42/.installed .venv-bpy50/.installed
+	rm -rf build/extension && mkdir -p build/extension dist
+	cp blender_manifest.toml flexiact_blender/*.py build/extension/
+	.venv-bpy42/bin/python $(call BLENDER_EXT,42,4.2) build --source-dir build/extension --output-filepath $@.tmp.zip
+	.venv-bpy42/bin/python $(call BLENDER_EXT,42,4.2) validate $@.tmp.zip
+	.venv-bpy50/bin/python $(call BLENDER_EXT,50,5.0) validate $@.tmp.zip
+	mv $@.tmp.zip $@

@@ -1,0 +1,114 @@
+"""Render the target frame and the scene's own animation, restoring every render setting touched."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from typing import Any, Iterator
+
+import bpy
+
+WORKBENCH = "BLENDER_WORKBENCH"
+
+
+class CaptureError(Exception):
+    """Why a render could not be made, in words a user can act on."""
+
+
+def _get(path: str, root: Any) -> Any:
+    obj = root
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _set(path: str, root: Any, value: Any) -> None:
+    head, _, last = path.rpartition(".")
+    setattr(_get(head, root) if head else root, last, value)
+
+
+@contextlib.contextmanager
+def render_settings(scene: bpy.types.Scene, changes: dict[str, Any]) -> Iterator[None]:
+    """Apply `changes` (dotted paths under scene.render) and put every old value back afterwards.
+
+    Restored in the same order as applied: 5.0's media type must be back before its file format.
+    """
+    render = scene.render
+    saved: list[tuple[str, Any]] = []
+    try:
+        for path, value in changes.items():
+            saved.append((path, _get(path, render)))
+            _set(path, render, value)
+        yield
+    finally:
+        for path, value in saved:
+            _set(path, render, value)
+
+
+def _has_media_type() -> bool:
+    return "media_type" in bpy.types.ImageFormatSettings.bl_rna.properties
+
+
+def _video_format() -> dict[str, Any]:
+    """Render settings for an H.264 mp4; 5.0 also needs the media type switched to video first."""
+    changes: dict[str, Any] = {}
+    if _has_media_type():
+        changes["image_settings.media_type"] = "VIDEO"
+    changes.update({"image_settings.file_format": "FFMPEG", "ffmpeg.format": "MPEG4", "ffmpeg.codec": "H264",
+                    "ffmpeg.constant_rate_factor": "HIGH", "ffmpeg.audio_codec": "NONE"})
+    return changes
+
+
+def _still_format() -> dict[str, Any]:
+    changes: dict[str, Any] = {}
+    if _has_media_type():
+        changes["image_settings.media_type"] = "IMAGE"
+    changes.update({"image_settings.file_format": "PNG", "image_settings.color_mode": "RGB",
+                    "image_settings.color_depth": "8"})
+    return changes
+
+
+def _size(width: int, height: int) -> dict[str, Any]:
+    return {"resolution_x": int(width), "resolution_y": int(height), "resolution_percentage": 100,
+            "pixel_aspect_x": 1.0, "pixel_aspect_y": 1.0, "use_border": False}
+
+
+def capture_target(scene: bpy.types.Scene, width: int, height: int, engine: str, folder: str) -> str:
+    """Render the current frame from the active camera at the model's size; return the PNG path."""
+    if scene.camera is None:
+        raise CaptureError("The scene has no active camera: add one (or pick an image as the target).")
+    changes = _size(width, height)
+    changes["film_transparent"] = False
+    if engine == "WORKBENCH":
+        changes["engine"] = WORKBENCH
+    changes.update(_still_format())
+    path = os.path.join(folder, f"target_{scene.name}_{scene.frame_current}_{time.strftime('%Y%m%d-%H%M%S')}.png")
+    with render_settings(scene, changes):
+        bpy.ops.render.render(write_still=False, scene=scene.name)
+        result = bpy.data.images.get("Render Result")
+        if result is None:
+            raise CaptureError("Blender produced no render result.")
+        result.save_render(filepath=path, scene=scene)
+    if not os.path.isfile(path):
+        raise CaptureError(f"The render could not be written to {path}.")
+    return path
+
+
+def render_scene_clip(scene: bpy.types.Scene, width: int, height: int, folder: str) -> str:
+    """Render frames start..end with Workbench into an mp4 at the scene's fps; return its path."""
+    if scene.camera is None:
+        raise CaptureError("The scene has no active camera to render its animation from.")
+    if scene.frame_end <= scene.frame_start:
+        raise CaptureError("The scene's frame range is empty: set Start and End in the Output properties.")
+    base = os.path.join(folder, f"reference_{scene.name}_{time.strftime('%Y%m%d-%H%M%S')}_")
+    changes = _size(width, height)
+    changes.update({"engine": WORKBENCH, "filepath": base, "use_file_extension": True,
+                    "film_transparent": False})
+    changes.update(_video_format())
+    with render_settings(scene, changes):
+        bpy.ops.render.render(animation=True, scene=scene.name)
+        path = scene.render.frame_path(frame=scene.frame_start)
+    if not os.path.isfile(path):
+        raise CaptureError(f"The scene's animation could not be written to {path}.")
+    return path

@@ -1,0 +1,195 @@
+"""HTTP client for the FlexiAct backend (standard library only, no bpy: it runs in worker threads)."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import ipaddress
+import json
+import mimetypes
+import os
+import shutil
+import socket
+import urllib.parse
+from typing import Any, BinaryIO
+
+CHUNK = 1024 * 1024
+
+
+class BackendError(Exception):
+    """A failure stated in words a user can act on; `status` is the HTTP status (0: no answer)."""
+
+    def __init__(self, message: str, code: str = "error", status: int = 0) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.status = status
+
+
+def is_loopback(url: str) -> bool:
+    """True when the URL names this machine, so no online access is needed to reach it."""
+    host = urllib.parse.urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def file_sha256(path: str) -> str:
+    """The id the backend gives a file (its sha256), so an upload can be skipped when it has it."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class BackendClient:
+    """One backend at `url`; every call opens its own connection so threads never share one."""
+
+    def __init__(self, url: str, token: str = "", timeout: float = 30.0) -> None:
+        parts = urllib.parse.urlsplit(url.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise BackendError(f"Backend URL {url!r} is not an http:// or https:// address: fix it in the "
+                               "FlexiAct preferences", "bad_url")
+        self.url = url.strip().rstrip("/")
+        self._parts = parts
+        self.token = token
+        self.timeout = timeout
+
+    # -- plumbing -----------------------------------------------------------------------------------
+    def _connection(self) -> http.client.HTTPConnection:
+        cls = http.client.HTTPSConnection if self._parts.scheme == "https" else http.client.HTTPConnection
+        return cls(self._parts.hostname, self._parts.port, timeout=self.timeout)
+
+    def _open(self, method: str, path: str, body: bytes | BinaryIO | None = None,
+              headers: dict[str, str] | None = None) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+        """Send a request; raise BackendError for no answer or an error status, else return the response."""
+        all_headers = {"Accept": "application/json"}
+        if self.token:
+            all_headers["Authorization"] = f"Bearer {self.token}"
+        all_headers.update(headers or {})
+        conn = self._connection()
+        try:
+            conn.request(method, self._parts.path.rstrip("/") + path, body=body, headers=all_headers)
+            response = conn.getresponse()
+        except (ConnectionError, socket.timeout, socket.gaierror, OSError) as exc:
+            conn.close()
+            raise BackendError(
+                f"Cannot reach the FlexiAct backend at {self.url} ({exc.__class__.__name__}: {exc}). "
+                "Is it running? Start it with `flexiact-backend serve` or from the add-on preferences.",
+                "unreachable") from exc
+        if response.status >= 400:
+            raw = response.read()
+            conn.close()
+            raise self._error(response.status, raw)
+        return conn, response
+
+    def _error(self, status: int, raw: bytes) -> BackendError:
+        """Turn an error response into a message; 401 gets advice about the token."""
+        code, message = "http_error", raw.decode("utf-8", "replace")[:500] or f"HTTP {status}"
+        try:
+            body = json.loads(raw)
+            err = body.get("error") if isinstance(body, dict) else None
+            if isinstance(err, dict):
+                code = str(err.get("code", code))
+                message = str(err.get("message", message))
+        except ValueError:
+            pass
+        if status == 401:
+            return BackendError(
+                "The backend refused the token (401 Unauthorized): set the token it was started with "
+                "in Preferences › Add-ons › FlexiAct.", "unauthorized", status)
+        return BackendError(f"Backend error {status} ({code}): {message}", code, status)
+
+    def _json(self, method: str, path: str, payload: Any = None) -> Any:
+        body = None if payload is None else json.dumps(payload).encode("utf-8")
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        conn, response = self._open(method, path, body, headers)
+        try:
+            raw = response.read()
+        finally:
+            conn.close()
+        try:
+            return json.loads(raw) if raw else None
+        except ValueError as exc:
+            raise BackendError(f"The server at {self.url} did not answer with JSON: is it a FlexiAct backend?",
+                               "bad_response", response.status) from exc
+
+    # -- API ----------------------------------------------------------------------------------------
+    def health(self) -> dict[str, Any]:
+        """GET /v1/health: model size, frames, fps, device and queue."""
+        return self._json("GET", "/v1/health")
+
+    def has_file(self, file_id: str) -> bool:
+        """HEAD /v1/files/{id}: True when the server already holds this content."""
+        try:
+            conn, response = self._open("HEAD", f"/v1/files/{file_id}")
+        except BackendError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        response.read()
+        conn.close()
+        return True
+
+    def upload(self, path: str) -> dict[str, Any]:
+        """Upload a file (skipped when the server has it already, then only `id` is known); return its record."""
+        if not os.path.isfile(path):
+            raise BackendError(f"File not found: {path}", "missing_file")
+        file_id = file_sha256(path)
+        if self.has_file(file_id):
+            return {"id": file_id, "meta": {}}
+        ctype = mimetypes.guess_type(path)[0] or "application/octet-stream"
+        with open(path, "rb") as fh:
+            headers = {"Content-Type": ctype, "X-Filename": urllib.parse.quote(os.path.basename(path)),
+                       "Content-Length": str(os.path.getsize(path))}
+            conn, response = self._open("POST", "/v1/files", fh, headers)
+            try:
+                body = json.loads(response.read())
+            finally:
+                conn.close()
+        return body
+
+    def create_action(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """POST /v1/actions → {"action", "job"}."""
+        return self._json("POST", "/v1/actions", payload)
+
+    def import_action(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """POST /v1/actions/import → the action."""
+        return self._json("POST", "/v1/actions/import", payload)
+
+    def list_actions(self) -> list[dict[str, Any]]:
+        """GET /v1/actions."""
+        body = self._json("GET", "/v1/actions")
+        return list(body.get("actions", [])) if isinstance(body, dict) else list(body or [])
+
+    def create_generation(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """POST /v1/generations → {"job"}."""
+        return self._json("POST", "/v1/generations", payload)
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        """GET /v1/jobs/{id}."""
+        return self._json("GET", f"/v1/jobs/{urllib.parse.quote(job_id)}")
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        """POST /v1/jobs/{id}/cancel."""
+        return self._json("POST", f"/v1/jobs/{urllib.parse.quote(job_id)}/cancel")
+
+    def download_video(self, job_id: str, dest: str) -> str:
+        """Stream the job's mp4 to `dest` through a temporary file, so a partial file never looks done."""
+        conn, response = self._open("GET", f"/v1/jobs/{urllib.parse.quote(job_id)}/video",
+                                    headers={"Accept": "video/mp4"})
+        tmp = dest + ".part"
+        try:
+            os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+            with open(tmp, "wb") as out:
+                shutil.copyfileobj(response, out, CHUNK)
+            os.replace(tmp, dest)
+        finally:
+            conn.close()
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return dest

@@ -1,0 +1,200 @@
+"""Sidebar panels (3D View and Sequencer › Sidebar › FlexiAct); drawing never does I/O."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import bpy
+
+from . import jobs
+from .client import is_loopback
+from .preferences import get_prefs
+from .properties import ACTIVE_STATUSES
+from .reference import scene_fps, strips_of
+
+MAX_JOBS_SHOWN = 6
+
+
+def draw_backend(layout: Any, context: bpy.types.Context) -> None:
+    prefs = get_prefs(context)
+    settings = context.scene.flexiact
+    row = layout.row()
+    if jobs.MANAGER.health is not None:
+        row.label(text=prefs.connection_status, icon="LINKED")
+    elif jobs.MANAGER.health_error:
+        row.label(text="Not connected", icon="UNLINKED")
+        layout.label(text=jobs.MANAGER.health_error)
+    else:
+        row.label(text=prefs.backend_url, icon="URL")
+    row.operator("flexiact.test_connection", text="", icon="FILE_REFRESH")
+    if not is_loopback(prefs.backend_url) and not bpy.app.online_access:
+        layout.label(text="Remote backend needs Online Access", icon="ERROR")
+    if settings.last_error:
+        box = layout.box()
+        box.label(text=settings.last_error, icon="ERROR")
+
+
+def draw_target(layout: Any, context: bpy.types.Context) -> None:
+    settings = context.scene.flexiact
+    layout.prop(settings, "target_source", expand=True)
+    if settings.target_source == "CAPTURE":
+        row = layout.row(align=True)
+        row.prop(settings, "capture_engine", text="")
+        row.operator("flexiact.capture_target", icon="RENDER_STILL")
+    if settings.target_source == "FILE":
+        layout.prop(settings, "target_path")
+        return
+    layout.template_ID(settings, "target_image", open="image.open")
+    image = settings.target_image
+    if image is not None:
+        image.preview_ensure()
+        layout.template_icon(icon_value=image.preview.icon_id, scale=6.0)
+        layout.label(text=f"{image.size[0]} × {image.size[1]} px")
+
+
+def draw_reference(layout: Any, context: bpy.types.Context) -> None:
+    scene = context.scene
+    settings = scene.flexiact
+    fps = scene_fps(scene)
+    layout.prop(settings, "reference_source", expand=True)
+    if settings.reference_source == "SCENE":
+        frames = scene.frame_end - scene.frame_start + 1
+        layout.label(text=f"Frames {scene.frame_start}–{scene.frame_end}: {frames / fps:.2f} s, "
+                          "rendered with Workbench", icon="SCENE_DATA")
+        return
+    if settings.reference_source == "STRIP":
+        strips = strips_of(scene)
+        if strips is None:
+            layout.label(text="The Sequencer is empty: add a movie strip", icon="INFO")
+            return
+        editor = scene.sequence_editor
+        layout.prop_search(settings, "reference_strip", editor,
+                           "strips" if hasattr(editor, "strips") else "sequences", icon="SEQUENCE")
+        strip = strips.get(settings.reference_strip)
+        if strip is not None:
+            layout.label(text=f"Trimmed: {strip.frame_final_duration} frames, "
+                              f"{strip.frame_final_duration / fps:.2f} s")
+        return
+    layout.prop(settings, "reference_path")
+    layout.prop(settings, "trim_unit", expand=True)
+    row = layout.row(align=True)
+    row.prop(settings, "clip_start")
+    row.prop(settings, "clip_end")
+    if settings.clip_end > settings.clip_start:
+        length = settings.clip_end - settings.clip_start
+        seconds = length / fps if settings.trim_unit == "FRAMES" else length
+        layout.label(text=f"Duration: {seconds:.2f} s ({seconds * fps:.0f} frames)")
+    else:
+        layout.label(text="Duration: to the end of the clip")
+
+
+def draw_action(layout: Any, context: bpy.types.Context) -> None:
+    settings = context.scene.flexiact
+    layout.prop(settings, "caption")
+    row = layout.row(align=True)
+    row.prop(settings, "extract_preset", expand=True)
+    if settings.extract_preset == "CUSTOM":
+        layout.prop(settings, "extract_steps")
+    layout.operator("flexiact.extract_action", icon="ARMATURE_DATA")
+    row = layout.row()
+    row.label(text="Action library")
+    row.operator("flexiact.refresh_actions", text="", icon="FILE_REFRESH")
+    layout.template_list("FLEXIACT_UL_actions", "", settings, "actions", settings, "action_index", rows=3)
+    layout.prop(settings, "action_id")
+    row = layout.row(align=True)
+    row.prop(settings, "action_file", text="")
+    row.operator("flexiact.import_action_file", text="", icon="IMPORT")
+
+
+def draw_generate(layout: Any, context: bpy.types.Context) -> None:
+    settings = context.scene.flexiact
+    layout.prop(settings, "prompt")
+    row = layout.row(align=True)
+    row.prop(settings, "seed")
+    row.operator("flexiact.randomize_seed", text="", icon="FILE_REFRESH")
+    col = layout.column(align=True)
+    for name in ("steps", "guidance", "lora_weight", "reweight_scale", "transition"):
+        col.prop(settings, name)
+    layout.prop(settings, "import_mode", expand=True)
+    if settings.import_mode in {"PLANE", "BOTH"}:
+        layout.prop(settings, "plane_fill_camera")
+    layout.operator("flexiact.generate", icon="RENDER_ANIMATION")
+
+
+def _eta(seconds: float) -> str:
+    if seconds < 0:
+        return ""
+    minutes, secs = divmod(int(seconds), 60)
+    return f" · ETA {minutes}:{secs:02d}"
+
+
+def draw_jobs(layout: Any, context: bpy.types.Context) -> None:
+    records = list(context.scene.flexiact.jobs)[-MAX_JOBS_SHOWN:]
+    if not records:
+        layout.label(text="No jobs yet")
+        return
+    for record in reversed(records):
+        box = layout.box()
+        row = box.row()
+        row.label(text=record.label or record.kind.title(),
+                  icon="ARMATURE_DATA" if record.kind == "EXTRACT" else "RENDER_ANIMATION")
+        if record.status in ACTIVE_STATUSES and record.job_id:
+            row.operator("flexiact.cancel_job", text="", icon="X").key = record.key
+        if record.status in ACTIVE_STATUSES:
+            box.progress(factor=record.progress, type="BAR",
+                         text=f"{record.status.title()} · {record.phase}{_eta(record.eta_s)}")
+        elif record.status == "FAILED":
+            box.label(text=record.error or "Failed", icon="ERROR")
+            box.operator("flexiact.copy_report", icon="COPYDOWN").key = record.key
+        else:
+            done = record.status.title()
+            if record.imported:
+                done += f" · imported {record.strip_name or record.plane_name}"
+            box.label(text=done, icon="CHECKMARK" if record.status == "SUCCEEDED" else "CANCEL")
+            if record.error:
+                box.label(text=record.error, icon="ERROR")
+            if record.kind == "GENERATE" and record.video_path:
+                box.operator("flexiact.import_result", icon="IMPORT").key = record.key
+
+
+class FLEXIACT_UL_actions(bpy.types.UIList):
+    """The backend's action library: name, status, progress."""
+
+    def draw_item(self, context: bpy.types.Context, layout: Any, data: Any, item: Any, icon: int,
+                  active_data: Any, active_propname: str, index: int = 0) -> None:
+        row = layout.row()
+        row.label(text=item.name or item.action_id[:8], icon="ARMATURE_DATA")
+        row.label(text=item.status)
+
+
+SECTIONS = (("backend", "FlexiAct", draw_backend), ("target", "Target Frame", draw_target),
+            ("reference", "Reference Clip", draw_reference), ("action", "Action", draw_action),
+            ("generate", "Generate", draw_generate), ("jobs", "Jobs", draw_jobs))
+SPACES = (("VIEW_3D", "view3d"), ("SEQUENCE_EDITOR", "sequencer"))
+
+
+def _panel(space: str, prefix: str, section: str, label: str, draw_fn: Any, parent: str) -> type:
+    """One sidebar panel class; the same panels are made for each editor."""
+
+    def draw(self: bpy.types.Panel, context: bpy.types.Context) -> None:
+        draw_fn(self.layout, context)
+
+    attrs: dict[str, Any] = {"bl_idname": f"FLEXIACT_PT_{prefix}_{section}", "bl_label": label,
+                             "bl_space_type": space, "bl_region_type": "UI", "bl_category": "FlexiAct",
+                             "draw": draw, "poll": classmethod(lambda cls, context: context.scene is not None)}
+    if parent:
+        attrs["bl_parent_id"] = parent
+    return type(f"FLEXIACT_PT_{prefix}_{section}", (bpy.types.Panel,), attrs)
+
+
+def _panels() -> list[type]:
+    panels = []
+    for space, prefix in SPACES:
+        parent = ""
+        for section, label, draw_fn in SECTIONS:
+            panels.append(_panel(space, prefix, section, label, draw_fn, parent))
+            parent = parent or panels[-1].bl_idname
+    return panels
+
+
+CLASSES = (FLEXIACT_UL_actions, *_panels())

@@ -1,0 +1,128 @@
+"""Scene settings (`scene.flexiact`), job records and the action list: all saved in the .blend."""
+
+from __future__ import annotations
+
+import bpy
+from bpy.props import (BoolProperty, CollectionProperty, EnumProperty, FloatProperty, IntProperty,
+                       PointerProperty, StringProperty)
+
+EXTRACT_PRESETS = {"QUICK": 300, "STANDARD": 3000}
+ACTIVE_STATUSES = {"SUBMITTING", "QUEUED", "RUNNING"}
+
+
+class FlexiActJob(bpy.types.PropertyGroup):
+    """One backend job as this scene knows it; kept in the .blend so polling resumes after reopening."""
+
+    key: StringProperty(description="Local id, known before the backend answers")
+    job_id: StringProperty(name="Job")
+    kind: EnumProperty(items=[("EXTRACT", "Extract", ""), ("GENERATE", "Generate", "")])
+    status: EnumProperty(items=[(s, s.title(), "") for s in
+                                ("SUBMITTING", "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")])
+    phase: StringProperty()
+    progress: FloatProperty(min=0.0, max=1.0, subtype="FACTOR")
+    eta_s: FloatProperty(default=-1.0)
+    error: StringProperty()
+    action_id: StringProperty()
+    label: StringProperty()
+    params_json: StringProperty(description="The request, stored on the imported result")
+    video_path: StringProperty(description="The downloaded clip (blend-relative when the file is saved)")
+    import_mode: StringProperty(default="STRIP")
+    frame_start: IntProperty()
+    imported: BoolProperty(description="The result has been imported (each result is imported once)")
+    strip_name: StringProperty()
+    plane_name: StringProperty()
+
+
+class FlexiActActionItem(bpy.types.PropertyGroup):
+    """One entry of the backend's action library, as last listed."""
+
+    action_id: StringProperty()
+    status: StringProperty()
+    progress: FloatProperty(min=0.0, max=1.0, subtype="FACTOR")
+
+
+def _pick_action(self: "FlexiActSettings", _context: bpy.types.Context) -> None:
+    """Selecting a row of the library makes it the action to generate with."""
+    if 0 <= self.action_index < len(self.actions):
+        self.action_id = self.actions[self.action_index].action_id
+
+
+def _apply_preset(self: "FlexiActSettings", _context: bpy.types.Context) -> None:
+    if self.extract_preset in EXTRACT_PRESETS:
+        self.extract_steps = EXTRACT_PRESETS[self.extract_preset]
+
+
+class FlexiActSettings(bpy.types.PropertyGroup):
+    """Everything the sidebar edits; names are relied on by batch scripts."""
+
+    # Target frame
+    target_source: EnumProperty(name="Target", items=[
+        ("CAPTURE", "Capture", "Render the current frame from the active camera"),
+        ("IMAGE", "Image", "An image datablock"),
+        ("FILE", "File", "An image file")])
+    target_image: PointerProperty(name="Image", type=bpy.types.Image)
+    target_path: StringProperty(name="Image File", subtype="FILE_PATH")
+    capture_engine: EnumProperty(name="Engine", items=[
+        ("SCENE", "Scene Engine", "Render with the scene's own engine and settings"),
+        ("WORKBENCH", "Workbench (fast)", "A quick solid-shaded render")], default="WORKBENCH")
+
+    # Reference clip
+    reference_source: EnumProperty(name="Reference", items=[
+        ("FILE", "File", "A video file"),
+        ("STRIP", "Strip", "A movie strip of the Sequencer, with its trim"),
+        ("SCENE", "Scene", "The scene's own animation, rendered with Workbench")])
+    reference_path: StringProperty(name="Video", subtype="FILE_PATH")
+    reference_strip: StringProperty(name="Strip")
+    trim_unit: EnumProperty(name="Trim In", items=[("SECONDS", "Seconds", ""), ("FRAMES", "Frames", "")])
+    clip_start: FloatProperty(name="Start", min=0.0, description="Trim start (0: beginning)")
+    clip_end: FloatProperty(name="End", min=0.0, description="Trim end (0: end of the clip)")
+
+    # Action
+    caption: StringProperty(name="Caption", description="What the reference clip shows")
+    extract_preset: EnumProperty(name="Preset", items=[
+        ("QUICK", "Quick", f"{EXTRACT_PRESETS['QUICK']} steps"),
+        ("STANDARD", "Standard", f"{EXTRACT_PRESETS['STANDARD']} steps"),
+        ("CUSTOM", "Custom", "")], default="STANDARD", update=_apply_preset)
+    extract_steps: IntProperty(name="Steps", min=1, max=100000, default=EXTRACT_PRESETS["STANDARD"])
+    action_id: StringProperty(name="Action", description="The backend action to generate with")
+    actions: CollectionProperty(type=FlexiActActionItem)
+    action_index: IntProperty(update=_pick_action)
+    action_file: StringProperty(name="Action File", subtype="FILE_PATH",
+                                description="A published .pt or safetensors action to import")
+
+    # Generate
+    prompt: StringProperty(name="Prompt")
+    seed: IntProperty(name="Seed", min=0, max=2**31 - 1, default=42)
+    steps: IntProperty(name="Steps", min=1, max=1000, default=50)
+    guidance: FloatProperty(name="Guidance", min=0.0, max=50.0, default=6.0)
+    lora_weight: FloatProperty(name="RefAdapter Weight", min=0.0, max=4.0, default=0.7)
+    reweight_scale: FloatProperty(name="Motion Strength", min=0.0, max=20.0, default=1.0)
+    transition: FloatProperty(name="Transition", min=0.01, max=1.0, default=0.8,
+                              description="Where the high-noise (motion) timesteps end")
+
+    # Import
+    import_mode: EnumProperty(name="Import As", items=[
+        ("STRIP", "Strip", "A Sequencer movie strip"),
+        ("PLANE", "Plane", "An image plane in the 3D scene"),
+        ("BOTH", "Both", "")])
+    plane_fill_camera: BoolProperty(name="Fill Camera View", default=True,
+                                    description="Place the plane in front of the active camera, filling its view")
+
+    jobs: CollectionProperty(type=FlexiActJob)
+    job_index: IntProperty()
+    last_error: StringProperty(description="The last problem, shown in the panel")
+
+
+CLASSES = (FlexiActJob, FlexiActActionItem, FlexiActSettings)
+
+
+def register() -> None:
+    for cls in CLASSES:
+        bpy.utils.register_class(cls)
+    bpy.types.Scene.flexiact = PointerProperty(type=FlexiActSettings)
+
+
+def unregister() -> None:
+    del bpy.types.Scene.flexiact
+    for cls in reversed(CLASSES):
+        bpy.utils.unregister_class(cls)

@@ -1,0 +1,93 @@
+"""Resolve the reference clip (file, Sequencer strip or the scene's own animation) into a file and a trim."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import bpy
+
+from .capture import render_scene_clip
+
+
+class ReferenceError(Exception):
+    """Why the reference clip cannot be used, in words a user can act on."""
+
+
+@dataclass
+class Reference:
+    """A video file on disk and the part of it to learn the action from, in seconds."""
+
+    path: str
+    start_s: float
+    end_s: float
+
+
+def scene_fps(scene: bpy.types.Scene) -> float:
+    """The scene's real frame rate (23.976 is 24 / 1.001)."""
+    return scene.render.fps / scene.render.fps_base
+
+
+def strips_of(scene: bpy.types.Scene) -> bpy.types.bpy_prop_collection | None:
+    """The top-level strips: `strips` in 5.0, `sequences` before."""
+    editor = scene.sequence_editor
+    if editor is None:
+        return None
+    return editor.strips if hasattr(editor, "strips") else editor.sequences
+
+
+def movie_info(path: str) -> tuple[float, float]:
+    """(duration in seconds, fps) of a video, read by Blender itself; ReferenceError if it is not one."""
+    if not os.path.isfile(path):
+        raise ReferenceError(f"Reference video not found: {path}")
+    try:
+        clip = bpy.data.movieclips.load(path, check_existing=True)
+    except RuntimeError as exc:
+        raise ReferenceError(f"Blender cannot read {os.path.basename(path)} as a video: {exc}") from exc
+    try:
+        fps = float(clip.fps) or 0.0
+        frames = clip.frame_duration
+    finally:
+        if clip.users == 0:
+            bpy.data.movieclips.remove(clip)
+    if fps <= 0 or frames <= 0:
+        raise ReferenceError(f"{os.path.basename(path)} has no video frames.")
+    return frames / fps, fps
+
+
+def trim_seconds(settings: "bpy.types.PropertyGroup", scene: bpy.types.Scene, duration_s: float) -> tuple[float, float]:
+    """The settings' trim in seconds (frames count at the scene's fps); 0 as end means the clip's end."""
+    scale = 1.0 / scene_fps(scene) if settings.trim_unit == "FRAMES" else 1.0
+    start = settings.clip_start * scale
+    end = settings.clip_end * scale if settings.clip_end > 0 else duration_s
+    end = min(end, duration_s)
+    if end <= start:
+        raise ReferenceError(f"The trim is empty: start {start:.2f} s is not before end {end:.2f} s "
+                             f"(the clip lasts {duration_s:.2f} s).")
+    return start, end
+
+
+def resolve(scene: bpy.types.Scene, width: int, height: int, folder: str) -> Reference:
+    """The clip the settings point at; renders the scene's animation when that is the source."""
+    settings = scene.flexiact
+    if settings.reference_source == "SCENE":
+        path = render_scene_clip(scene, width, height, folder)
+        duration, _fps = movie_info(path)
+        return Reference(path, 0.0, duration)
+    if settings.reference_source == "STRIP":
+        strips = strips_of(scene)
+        strip = strips.get(settings.reference_strip) if strips is not None else None
+        if strip is None or strip.type != "MOVIE":
+            raise ReferenceError(f"No movie strip named {settings.reference_strip!r} in the Sequencer: "
+                                 "pick one in the Reference panel.")
+        path = bpy.path.abspath(strip.filepath)
+        duration, fps = movie_info(path)
+        start = strip.frame_offset_start / fps
+        end = min(duration, start + strip.frame_final_duration / fps)
+        return Reference(path, start, end)
+    if not settings.reference_path:
+        raise ReferenceError("Choose a reference video file in the Reference panel.")
+    path = bpy.path.abspath(settings.reference_path)
+    duration, _fps = movie_info(path)
+    start, end = trim_seconds(settings, scene, duration)
+    return Reference(path, start, end)
