@@ -75,7 +75,7 @@ class FlexiActGenerator:
         self.adapter = adapter
         self.info = info
         self.device = device
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()  # one generation or extraction at a time
 
     @classmethod
     def from_pretrained(
@@ -97,6 +97,8 @@ class FlexiActGenerator:
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         pipe = CogVideoXImageToVideoPipeline.from_pretrained(model_dir, dtype=dtype)
         pipe.set_progress_bar_config(disable=True)
+        for module in (pipe.transformer, pipe.vae, pipe.text_encoder):
+            module.requires_grad_(False)  # frozen: extraction trains motion tokens only
         adapter = attach_flexiact(pipe.transformer, rank=info.rank, alpha=info.alpha, num_motion_tokens=info.num_motion_tokens)
         if memory_saving:
             pipe.enable_model_cpu_offload(device=device)
@@ -135,7 +137,7 @@ class FlexiActGenerator:
         target, mapping = fit_target_image(image, (self.info.width, self.info.height), fit)
         timesteps = self.scheduled_timesteps(steps)
         reweights = reweight_schedule(timesteps, reweight_scale, transition)
-        with self._lock:
+        with self.lock:
             if action is None:
                 self.adapter.reset_action()
             else:

@@ -487,7 +487,7 @@ def random_crops(
 # Images
 
 
-def _open_image(path: PathLike) -> Image.Image:
+def open_image(path: PathLike) -> Image.Image:
     p = _existing_file(path)
     try:
         img = Image.open(p)
@@ -499,7 +499,7 @@ def _open_image(path: PathLike) -> Image.Image:
 
 def read_image_info(path: PathLike) -> tuple[int, int]:
     """(width, height) of an image as displayed (EXIF orientation applied). MediaError if not an image."""
-    img = _open_image(path)
+    img = open_image(path)
     return ImageOps.exif_transpose(img).size
 
 

@@ -28,3 +28,16 @@ def target_image() -> Image.Image:
     y, x = np.mgrid[0:120, 0:160]
     rgb = np.stack([(x * 255 // 159), (y * 255 // 119), ((x // 20 + y // 20) % 2) * 255], axis=-1)
     return Image.fromarray(rgb.astype(np.uint8))
+
+
+@pytest.fixture(scope="session")
+def motion_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two seconds of a white block sliding right at 12 fps: a clip with clear motion."""
+    from flexiact_backend.media import write_mp4
+
+    frames = np.zeros((24, 64, 96, 3), np.uint8)
+    for i in range(24):
+        frames[i, 20:40, 4 + 3 * i : 24 + 3 * i] = 255
+    path = tmp_path_factory.mktemp("clips") / "slide.mp4"
+    write_mp4(path, frames, 12)
+    return path

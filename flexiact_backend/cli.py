@@ -1,0 +1,165 @@
+"""`flexiact-backend`: build the tiny model, generate, extract and import actions, serve, benchmark."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .errors import FlexiActError
+from .extraction import PRESETS
+from .service.cli import add_bench_serve, add_serve_command
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--model", type=Path, help="diffusers folder of CogVideoX-5B-I2V (or any FlexiAct-ready pipeline)")
+    group.add_argument("--tiny", action="store_true", help="the built-in tiny random model (built in a cache folder)")
+    p.add_argument("--device", help="compute device (default: CUDA if available, else CPU)")
+    p.add_argument("--refadapter", type=Path, help="RefAdapter checkpoint (.pt or .safetensors) if not in the model folder")
+
+
+def _load_generator(args: argparse.Namespace):
+    from .generation import FlexiActGenerator
+    from .tiny import ensure_tiny_model
+
+    model = args.model or ensure_tiny_model(Path(tempfile.gettempdir()) / "flexiact-tiny")
+    return FlexiActGenerator.from_pretrained(model, device=args.device, refadapter=args.refadapter)
+
+
+def run_make_tiny_model(args: argparse.Namespace) -> int:
+    from .tiny import make_tiny_model
+
+    print(make_tiny_model(args.dir, seed=args.seed))
+    return 0
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from .media import open_image
+
+    image = open_image(args.image)
+    generator = _load_generator(args)
+    with tqdm(total=args.steps, desc="generate", unit="step", file=sys.stderr) as bar:
+        result = generator.generate(
+            image, args.prompt, action=args.action, seed=args.seed, steps=args.steps, guidance_scale=args.guidance,
+            lora_weight=args.lora_weight, reweight_scale=None if args.no_reweight else args.reweight_scale,
+            transition=args.transition, fit=args.fit, progress=lambda step, total, elapsed: bar.update(step - bar.n),
+        )
+    path = result.write_mp4(args.out, fps=args.fps)
+    print(f"wrote {path} ({len(result.frames)} frames at {result.fps:g} fps, re-timed to {args.fps or result.fps:g} fps) in {result.seconds:.1f}s")
+    return 0
+
+
+def run_extract(args: argparse.Namespace) -> int:
+    from .extraction import extract_action
+
+    steps = args.steps or PRESETS[args.preset]
+    generator = _load_generator(args)
+    out = Path(args.out)
+    work_dir = args.work_dir or out.with_name(out.name + ".work")
+    if not args.resume and (work_dir / "checkpoint.pt").exists():
+        raise FlexiActError(f"{work_dir} holds a checkpoint of an earlier run: pass --resume to continue it, or remove it")
+    with tqdm(total=steps, desc="extract", unit="step", file=sys.stderr) as bar:
+        def progress(update: dict) -> None:
+            if "step" in update:
+                bar.update(update["step"] - bar.n)
+                if update.get("loss") is not None:
+                    bar.set_postfix(loss=f"{update['loss']:.4f}")
+            else:
+                bar.set_description(update["phase"])
+
+        meta = extract_action(generator, video=args.video, start_s=args.start, end_s=args.end, caption=args.caption,
+                              name=args.name or out.stem, out=out, work_dir=work_dir, steps=steps, seed=args.seed,
+                              checkpoint_every=args.checkpoint_every, progress=progress)
+    print(f"wrote {out} after {meta['steps']} steps, final loss {meta['final_loss']:.4f}")
+    return 0
+
+
+def run_import_action(args: argparse.Namespace) -> int:
+    from .actions import import_published_action
+
+    meta = import_published_action(args.file, name=args.name, caption=args.caption, out=args.out)
+    print(f"wrote {args.out}: {meta['num_layers']} layers x {meta['num_motion_tokens']} tokens x {meta['width']}")
+    return 0
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from .bench import run_benchmarks
+
+    return run_benchmarks(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flexiact-backend", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("make-tiny-model", help="write the random-weight tiny CogVideoX-I2V pipeline (offline)")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run_make_tiny_model)
+
+    p = sub.add_parser("generate", help="generate a video of the target image performing an action")
+    _model_args(p)
+    p.add_argument("--action", type=Path, help="action file (.safetensors) or published FAE .pt")
+    p.add_argument("--image", type=Path, required=True, help="target frame (PNG/JPEG)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--out", type=Path, required=True, help="mp4 to write")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--guidance", type=float, default=6.0)
+    p.add_argument("--lora-weight", type=float, default=0.7, help="RefAdapter weight")
+    p.add_argument("--reweight-scale", type=float, default=1.0, help="motion strength: bias on motion tokens at high timesteps")
+    p.add_argument("--no-reweight", action="store_true", help="no frequency-aware reweighting")
+    p.add_argument("--transition", type=float, default=0.8, help="fraction of 1000 where the bias starts to decay")
+    p.add_argument("--fit", choices=("crop", "pad"), default="crop")
+    p.add_argument("--fps", type=float, help="frame rate of the mp4 (the clip keeps its duration)")
+    p.set_defaults(func=run_generate)
+
+    p = sub.add_parser("extract", help="train an action (FAE motion tokens) on a reference clip")
+    _model_args(p)
+    p.add_argument("--video", type=Path, required=True)
+    p.add_argument("--start", type=float, default=0.0, help="trim start (s)")
+    p.add_argument("--end", type=float, required=True, help="trim end (s)")
+    p.add_argument("--caption", required=True)
+    p.add_argument("--name")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="standard")
+    p.add_argument("--steps", type=int, help="training steps (overrides --preset)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--work-dir", type=Path, help="checkpoints and cached latents (default OUT.work)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in the work dir")
+    p.add_argument("--out", type=Path, required=True, help="action .safetensors to write")
+    p.set_defaults(func=run_extract)
+
+    p = sub.add_parser("import-action", help="convert a published FAE .pt into an action file")
+    p.add_argument("file", type=Path)
+    p.add_argument("--name", required=True)
+    p.add_argument("--caption", required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=run_import_action)
+
+    add_serve_command(sub)
+
+    bench = sub.add_parser("bench", help="benchmarks: JSON and a table")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    from .bench import add_bench_commands
+
+    add_bench_commands(bench_sub)
+    add_bench_serve(bench_sub)
+    return parser
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except FlexiActError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,306 @@
+"""FAE action extraction: train one clip's motion tokens, resumable, observable and without wasted compute.
+
+The objective is FLEXIACT.md's: v-prediction turned into x0, `w(t) = 1/(1 - alphas_cumprod[t])` weighted MSE,
+plus the temporal term (ratio 1.0) on `sqrt(2)*x[i+1] - x[i]` of a random latent frame pair; uniform timesteps,
+image-latent dropout 0.05, RefAdapter off, AdamW (3e-3, betas 0.9/0.95, wd 1e-4), grad-norm clip 1.0.
+The 12 crops' VAE latents and the caption's T5 embedding are computed once and cached on disk; only the tokens
+train, checkpoints are atomic and carry the RNG state, so a resumed run ends with the same tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .actions import write_action
+from .errors import Cancelled, Paused
+from .generation import FlexiActGenerator
+from .media import crop_params, probe_video, random_crops, read_clip
+
+PRESETS = {"quick": 600, "standard": 3000}
+CHECKPOINT_NAME = "checkpoint.pt"
+
+ProgressFn = Callable[[dict], None]
+StopFn = Callable[[], bool]
+
+
+@dataclass(frozen=True)
+class ExtractionConfig:
+    """FLEXIACT.md's training recipe; every field is recorded in the action's metadata."""
+
+    steps: int = 3000
+    seed: int = 0
+    lr: float = 3e-3
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 1e-4
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    image_dropout: float = 0.05
+    temporal_ratio: float = 1.0
+    num_crops: int = 12
+    checkpoint_every: int = 500
+
+
+@dataclass
+class TrainingData:
+    """Cached inputs: per-crop latents and image latents [crops, F, C, h, w], and the caption's T5 embedding."""
+
+    latents: torch.Tensor
+    image_latents: torch.Tensor
+    prompt_embeds: torch.Tensor
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _atomic_save(write: Callable[[str], None], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@contextmanager
+def off_device(*modules: nn.Module) -> Iterator[None]:
+    """Keep the VAE and text encoder off the compute device while the loop runs; put them back afterwards."""
+    devices = [next(m.parameters()).device for m in modules]
+    for m in modules:
+        m.to("cpu")
+    try:
+        yield
+    finally:
+        for m, d in zip(modules, devices):
+            m.to(d)
+
+
+def encode_video(generator: FlexiActGenerator, crop: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """VAE latents of one crop [F, C, h, w] and of its frame 0 placed in latent frame 0, zero elsewhere."""
+    pipe = generator.pipe
+    vae = pipe.vae
+    pixels = torch.from_numpy(crop).to(generator.device, vae.dtype).permute(3, 0, 1, 2).unsqueeze(0) / 127.5 - 1.0
+    with torch.no_grad():
+        latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
+        image = vae.encode(pixels[:, :, :1]).latent_dist.sample() * vae.config.scaling_factor
+    latents = latents.permute(0, 2, 1, 3, 4)[0]
+    image = image.permute(0, 2, 1, 3, 4)[0]
+    padded = torch.cat([image, image.new_zeros(latents.shape[0] - 1, *image.shape[1:])], dim=0)
+    return latents.float().cpu(), padded.float().cpu()
+
+
+def prepare_training_data(
+    generator: FlexiActGenerator, *, video: Path, clip_sha256: str, start_s: float, end_s: float, caption: str,
+    seed: int, num_crops: int, cache_dir: Path, progress: ProgressFn | None = None,
+) -> tuple[TrainingData, dict]:
+    """Latents of the crops and the caption embedding, from the cache when this clip/trim/seed/model was seen."""
+    info = generator.info
+    key = hashlib.sha256(repr((clip_sha256, round(start_s, 6), round(end_s, 6), seed, num_crops, info.id, info.width,
+                               info.height, info.frames, caption)).encode()).hexdigest()[:32]
+    cache = cache_dir / f"{key}.safetensors"
+    if cache.is_file():
+        tensors = load_file(str(cache))
+        video_info = probe_video(video)
+        boxes = crop_params((video_info.width, video_info.height), num_crops, (info.width, info.height), seed)
+        data = TrainingData(tensors["latents"], tensors["image_latents"], tensors["prompt_embeds"])
+        return data, {"cache": key, "cache_hit": True, "crops": [asdict(b) for b in boxes]}
+    if progress:
+        progress({"phase": "decoding"})
+    frames = read_clip(video, start_s, end_s, info.frames)
+    crops, boxes = random_crops(frames, num_crops, (info.width, info.height), seed)
+    if progress:
+        progress({"phase": "encoding"})
+    torch.manual_seed(seed)
+    encoded = [encode_video(generator, crop) for crop in crops]
+    with torch.no_grad():
+        prompt_embeds, _ = generator.pipe.encode_prompt(caption, do_classifier_free_guidance=False, max_sequence_length=info.text_length, device=generator.device)
+    data = TrainingData(torch.stack([e[0] for e in encoded]), torch.stack([e[1] for e in encoded]), prompt_embeds.float().cpu())
+    _atomic_save(lambda tmp: save_file({k: v.contiguous() for k, v in asdict(data).items()}, tmp), cache)
+    return data, {"cache": key, "cache_hit": False, "crops": [asdict(b) for b in boxes]}
+
+
+class FAETrainer:
+    """One extraction's training state: tokens, optimizer and RNG, saved and restored as a whole."""
+
+    def __init__(self, generator: FlexiActGenerator, data: TrainingData, config: ExtractionConfig) -> None:
+        self.generator, self.data, self.config = generator, data, config
+        self.adapter = generator.adapter
+        self.device = generator.device
+        self.dtype = generator.pipe.transformer.dtype
+        self.params = self.adapter.motion_parameters()
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay, eps=config.eps)
+        self.rng = torch.Generator("cpu").manual_seed(config.seed)
+        self.step = 0
+        self.losses: list[float] = []
+        scheduler = generator.pipe.scheduler
+        self.alphas_cumprod = scheduler.alphas_cumprod.to(self.device, torch.float32)
+        self.num_train_timesteps = scheduler.config.num_train_timesteps
+        frames, _, h, w = data.latents.shape[1:]
+        height, width = h * generator.pipe.vae_scale_factor_spatial, w * generator.pipe.vae_scale_factor_spatial
+        use_rope = generator.pipe.transformer.config.use_rotary_positional_embeddings
+        self.rotary = generator.pipe._prepare_rotary_positional_embeddings(height, width, frames, self.device) if use_rope else None
+
+    # ---- checkpoints -------------------------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {
+            "step": self.step,
+            "tokens": [p.detach().cpu().clone() for p in self.params],
+            "optimizer": self.optimizer.state_dict(),
+            "rng": self.rng.get_state(),
+            "losses": list(self.losses),
+        }
+
+    def save(self, path: Path) -> None:
+        _atomic_save(lambda tmp: torch.save(self.state(), tmp), path)
+
+    def load(self, path: Path) -> None:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.no_grad():
+            for p, t in zip(self.params, state["tokens"], strict=True):
+                p.copy_(t.to(p.device, p.dtype))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.rng.set_state(state["rng"])
+        self.step = int(state["step"])
+        self.losses = [float(x) for x in state["losses"]]
+
+    # ---- one step ----------------------------------------------------------------------------------------------
+    def loss(self) -> torch.Tensor:
+        """FLEXIACT.md's objective on one random crop at one uniform random timestep."""
+        cfg, data = self.config, self.data
+        crop = int(torch.randint(len(data.latents), (1,), generator=self.rng))
+        t = int(torch.randint(self.num_train_timesteps, (1,), generator=self.rng))
+        noise = torch.randn(data.latents.shape[1:], generator=self.rng).unsqueeze(0)
+        drop_image = bool(torch.rand((), generator=self.rng) < cfg.image_dropout)
+        frame = int(torch.randint(data.latents.shape[1] - 1, (1,), generator=self.rng))
+
+        x0 = data.latents[crop : crop + 1].to(self.device, torch.float32)
+        image = data.image_latents[crop : crop + 1].to(self.device, self.dtype)
+        if drop_image:
+            image = torch.zeros_like(image)
+        a = self.alphas_cumprod[t]
+        noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise.to(self.device)
+        v = self.generator.pipe.transformer(
+            hidden_states=torch.cat([noisy.to(self.dtype), image], dim=2),
+            encoder_hidden_states=data.prompt_embeds.to(self.device, self.dtype),
+            timestep=torch.tensor([t], device=self.device),
+            image_rotary_emb=self.rotary,
+            return_dict=False,
+        )[0].float()
+        x0_pred = a.sqrt() * noisy - (1 - a).sqrt() * v
+        loss = torch.mean((x0_pred - x0) ** 2) / (1 - a)
+        if cfg.temporal_ratio:
+            diff = lambda x: math.sqrt(2) * x[:, frame + 1] - x[:, frame]  # noqa: E731
+            loss = loss + cfg.temporal_ratio * torch.mean((diff(x0_pred) - diff(x0)) ** 2)
+        return loss
+
+    def train_step(self) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
+        self.optimizer.step()
+        self.step += 1
+        value = loss.item()
+        self.losses.append(value)
+        return value
+
+
+def extract_action(
+    generator: FlexiActGenerator,
+    *,
+    video: str | Path,
+    start_s: float,
+    end_s: float,
+    caption: str,
+    name: str,
+    out: str | Path,
+    work_dir: str | Path,
+    steps: int = 3000,
+    seed: int = 0,
+    checkpoint_every: int = 500,
+    cache_dir: str | Path | None = None,
+    progress: ProgressFn | None = None,
+    cancel: StopFn | None = None,
+    pause: StopFn | None = None,
+) -> dict:
+    """Train an action on `video[start_s:end_s]` and write it to `out`; returns the action's metadata.
+
+    A checkpoint in `work_dir` is resumed from automatically. `cancel()` is checked between steps (raises
+    Cancelled, the last checkpoint kept); `pause()` right after each checkpoint (raises Paused; call again
+    to resume). `progress` receives dicts with phase, step, total, loss (smoothed), steps_per_s, eta_s.
+    """
+    config = ExtractionConfig(steps=steps, seed=seed, checkpoint_every=max(1, checkpoint_every))
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    video = Path(video)
+    clip_sha = file_sha256(video)
+    report = progress or (lambda _: None)
+    with generator.lock:
+        data, data_info = prepare_training_data(
+            generator, video=video, clip_sha256=clip_sha, start_s=start_s, end_s=end_s, caption=caption, seed=seed,
+            num_crops=config.num_crops, cache_dir=Path(cache_dir) if cache_dir else work_dir / "cache", progress=report,
+        )
+        adapter = generator.adapter
+        adapter.reset_action()
+        adapter.set_lora_weight(0.0)
+        adapter.set_reweight(None)
+        transformer = generator.pipe.transformer
+        trainer = FAETrainer(generator, data, config)
+        checkpoint = work_dir / CHECKPOINT_NAME
+        if checkpoint.is_file():
+            trainer.load(checkpoint)
+        resumed_at = trainer.step
+        transformer.requires_grad_(False)  # only the tokens train: no weight may cost a gradient
+        for p in trainer.params:
+            p.requires_grad_(True)
+        transformer.enable_gradient_checkpointing()
+        started, smoothed = time.monotonic(), None
+        try:
+            with off_device(generator.pipe.vae, generator.pipe.text_encoder):
+                while trainer.step < config.steps:
+                    if cancel is not None and cancel():
+                        raise Cancelled(f"extraction cancelled at step {trainer.step} of {config.steps}; last checkpoint kept")
+                    loss = trainer.train_step()
+                    smoothed = loss if smoothed is None else 0.9 * smoothed + 0.1 * loss
+                    rate = (trainer.step - resumed_at) / max(time.monotonic() - started, 1e-9)
+                    report({"phase": "training", "step": trainer.step, "total": config.steps, "loss": smoothed,
+                            "steps_per_s": rate, "eta_s": (config.steps - trainer.step) / rate if rate else None})
+                    if trainer.step % config.checkpoint_every == 0 and trainer.step < config.steps:
+                        trainer.save(checkpoint)
+                        if pause is not None and pause():
+                            raise Paused(f"extraction paused at step {trainer.step}; it resumes from this checkpoint")
+            trainer.save(checkpoint)
+        finally:
+            for p in trainer.params:
+                p.requires_grad_(False)
+                p.grad = None
+            transformer.disable_gradient_checkpointing()
+        report({"phase": "saving", "step": trainer.step, "total": config.steps})
+        tail = trainer.losses[-max(1, len(trainer.losses) // 5):]
+        metadata = {
+            "name": name, "caption": caption, "clip_sha256": clip_sha, "trim": [start_s, end_s], "steps": config.steps,
+            "seed": seed, "final_loss": float(np.mean(tail)) if tail else None, "base_model": generator.info.id,
+            "source": "extracted", "config": asdict(config), "crops": data_info.get("crops"),
+        }
+        write_action(out, adapter.action_state_dict(), metadata)
+        return {**metadata, "losses": trainer.losses}
