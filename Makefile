@@ -18,9 +18,6 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e '.[test]'
 	touch $(STAMP)
 
-test: setup
-	$(PY) -m pytest -q
-
 demo: setup
 	$(VENV)/bin/flexiact-backend make-tiny-model out/tiny-model
 	$(VENV)/bin/flexiact-backend generate --model out/tiny-model --image-demo --prompt "a figure waves" --out out/demo.mp4
@@ -73,3 +70,8 @@ $(EXT_ZIP): blender_manifest.toml $(wildcard flexiact_blender/*.py) | .venv-bpy4
 	.venv-bpy42/bin/python $(call BLENDER_EXT,42,4.2) validate $@.tmp.zip
 	.venv-bpy50/bin/python $(call BLENDER_EXT,50,5.0) validate $@.tmp.zip
 	mv $@.tmp.zip $@
+
+# ---- the whole suite ------------------------------------------------------------------------------------
+# Defined last: its prerequisites use the Blender block's variables, which make expands when it reads the rule.
+test: setup $(BLENDER_TEST_DEPS)
+	$(PY) -m pytest -q
