@@ -9,8 +9,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from .doctor import add_doctor_command
 from .errors import FlexiActError
 from .extraction import PRESETS
+from .hub import add_download_command
 from .service.cli import add_bench_serve, add_serve_command
 
 
@@ -142,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=run_import_action)
 
     add_serve_command(sub)
+    add_download_command(sub)
+    add_doctor_command(sub)
 
     bench = sub.add_parser("bench", help="benchmarks: JSON and a table")
     bench_sub = bench.add_subparsers(dest="bench", required=True)

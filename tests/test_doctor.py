@@ -1,0 +1,54 @@
+"""`doctor` on this CPU machine with the tiny model: what passes, and the FAILs (with fixes) it must report."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from flexiact_backend.cli import main
+from flexiact_backend.service.process import free_port
+from flexiact_backend.tiny import ensure_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return ensure_tiny_model(tmp_path_factory.mktemp("doctor"))
+
+
+def test_tiny_model_machine_passes(tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["doctor", "--model", str(tiny_model), "--data-dir", str(tmp_path), "--port", str(free_port())])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "[OK  ] weights: flexiact/tiny-random-cogvideox-i2v: 96x64, 9 frames at 8 fps" in out
+    assert "[OK  ] ffmpeg: ffmpeg version" in out
+    assert "is free for `flexiact-backend serve`" in out
+    assert "all checks passed" in out
+
+
+def test_missing_weights_fail_with_download_fix(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["doctor", "--model", str(tmp_path / "nowhere"), "--data-dir", str(tmp_path), "--port", str(free_port())])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "[FAIL] weights:" in out and "fix: flexiact-backend download" in out
+
+
+def test_incomplete_weights_fail(tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "transformer").mkdir()
+    code = main(["doctor", "--model", str(broken), "--data-dir", str(tmp_path), "--port", str(free_port())])
+    out = capsys.readouterr().out
+    assert code == 1 and "lacks vae, text_encoder, tokenizer, scheduler" in out
+
+
+def test_port_taken_by_another_program_fails(tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code = main(["doctor", "--model", str(tiny_model), "--data-dir", str(tmp_path), "--port", str(port)])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "[FAIL] backend:" in out and "fix: pass another --port" in out
