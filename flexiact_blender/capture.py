@@ -35,10 +35,9 @@ def render_settings(scene: bpy.types.Scene, changes: dict[str, Any]) -> Iterator
     Restored in the same order as applied: 5.0's media type must be back before its file format.
     """
     render = scene.render
-    saved: list[tuple[str, Any]] = []
+    saved = [(path, _get(path, render)) for path in changes]  # all first: 5.0's media type changes the format
     try:
         for path, value in changes.items():
-            saved.append((path, _get(path, render)))
             _set(path, render, value)
         yield
     finally:

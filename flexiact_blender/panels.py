@@ -64,7 +64,7 @@ def draw_reference(layout: Any, context: bpy.types.Context) -> None:
         return
     if settings.reference_source == "STRIP":
         strips = strips_of(scene)
-        if strips is None:
+        if strips is None or len(strips) == 0:
             layout.label(text="The Sequencer is empty: add a movie strip", icon="INFO")
             return
         editor = scene.sequence_editor

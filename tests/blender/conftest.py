@@ -6,6 +6,7 @@ user-resources folder, exactly as a user would install it.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -15,13 +16,12 @@ from typing import Any, Iterator
 
 import pytest
 
-os.environ.setdefault("BLENDER_USER_RESOURCES", tempfile.mkdtemp(prefix="flexiact-blender-user-"))
-
-try:
-    import bpy
-except ImportError:  # the main venv's pytest: these tests run only inside a bpy venv
+if importlib.util.find_spec("bpy") is None:  # the main venv's pytest: these run only inside a bpy venv
     collect_ignore_glob = ["test_*.py"]
-    bpy = None
+else:
+    # Before bpy starts: the add-on is installed into a throwaway user folder, never the real one.
+    os.environ.setdefault("BLENDER_USER_RESOURCES", tempfile.mkdtemp(prefix="flexiact-blender-user-"))
+    import bpy
 
 ROOT = Path(__file__).resolve().parents[2]
 MODULE = "bl_ext.user_default.flexiact"
@@ -48,14 +48,21 @@ def addon() -> Iterator[Any]:
     assert not bpy.app.timers.is_registered(mod.jobs.timer_tick)
 
 
-@pytest.fixture()
-def prefs(addon: Any) -> Iterator[Any]:
-    """The add-on preferences, pointed at the test backend (or a dead port), restored afterwards."""
+def point_at_test_backend(addon: Any) -> Any:
+    """Preferences aimed at the test backend (or a dead port when there is none); returns them."""
     p = bpy.context.preferences.addons[MODULE].preferences
-    saved = (p.backend_url, p.token)
     p.backend_url = os.environ.get("FLEXIACT_TEST_BACKEND_URL", "http://127.0.0.1:9")
     p.token = os.environ.get("FLEXIACT_TEST_TOKEN", "")
     addon.jobs.MANAGER.health = None
+    return p
+
+
+@pytest.fixture()
+def prefs(addon: Any) -> Iterator[Any]:
+    """The add-on preferences, pointed at the test backend, restored afterwards."""
+    p = bpy.context.preferences.addons[MODULE].preferences
+    saved = (p.backend_url, p.token)
+    point_at_test_backend(addon)
     yield p
     p.backend_url, p.token = saved
     addon.jobs.MANAGER.health = None

@@ -1,0 +1,224 @@
+"""The whole loop inside Blender against the real backend (tiny model): capture, extract, generate, import."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import bpy
+import pytest
+
+from conftest import make_scene, make_video, point_at_test_backend
+
+pytestmark = pytest.mark.backend
+
+
+def _health(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(url + "/v1/health", timeout=10) as response:
+        return json.loads(response.read())
+
+
+def _strips(scene: bpy.types.Scene) -> Any:
+    editor = scene.sequence_editor
+    return editor.strips if hasattr(editor, "strips") else editor.sequences
+
+
+def _render_state(scene: bpy.types.Scene) -> tuple[Any, ...]:
+    r = scene.render
+    return (r.engine, r.resolution_x, r.resolution_y, r.resolution_percentage, r.filepath,
+            r.image_settings.file_format, r.image_settings.color_mode, r.film_transparent)
+
+
+@pytest.mark.parametrize("engine", ["WORKBENCH", "SCENE"])
+def test_capture_renders_model_size_and_restores_settings(backend: Any, engine: str) -> None:
+    scene = make_scene()
+    scene.render.resolution_x, scene.render.resolution_y, scene.render.resolution_percentage = 640, 360, 50
+    scene.render.filepath = "//renders/shot_"
+    before = _render_state(scene)
+    scene.flexiact.capture_engine = engine
+    assert bpy.ops.flexiact.capture_target() == {"FINISHED"}
+    model = _health(backend.backend_url)["model"]
+    image = scene.flexiact.target_image
+    assert image is not None and Path(bpy.path.abspath(image.filepath)).is_file()
+    assert tuple(image.size) == (model["width"], model["height"])
+    assert _render_state(scene) == before
+    assert scene.render.engine == "CYCLES"
+
+
+def test_capture_without_camera_is_refused(backend: Any) -> None:
+    scene = make_scene()
+    scene.camera = None
+    assert not bpy.ops.flexiact.capture_target.poll()
+    with pytest.raises(RuntimeError, match="active camera"):
+        bpy.ops.flexiact.capture_target()
+
+
+@pytest.fixture(scope="module")
+def action_id(addon: Any) -> str:
+    """An action extracted (a few steps) from the scene's own animation, through the operator."""
+    if not os.environ.get("FLEXIACT_TEST_BACKEND_URL"):
+        pytest.skip("no backend: FLEXIACT_TEST_BACKEND_URL is not set")
+    point_at_test_backend(addon)
+    scene = make_scene(frames=30)
+    s = scene.flexiact
+    s.reference_source = "SCENE"
+    s.caption = "a cube slides to the right"
+    s.extract_preset = "CUSTOM"
+    s.extract_steps = 2
+    assert bpy.ops.flexiact.extract_action() == {"FINISHED"}
+    record = s.jobs[-1]
+    assert record.kind == "EXTRACT" and record.status == "SUCCEEDED" and record.progress == 1.0
+    assert s.action_id and s.action_id == record.action_id
+    return s.action_id
+
+
+@pytest.mark.parametrize("fps,fps_base", [(24, 1.0), (30, 1.001)])
+def test_generate_imports_strip_and_plane_at_scene_rate(backend: Any, action_id: str, tmp_path: Path,
+                                                        fps: int, fps_base: float) -> None:
+    scene = make_scene(fps, fps_base)
+    bpy.ops.wm.save_as_mainfile(filepath=str(tmp_path / "shot.blend"))
+    scene = bpy.context.scene
+    s = scene.flexiact
+    s.capture_engine = "WORKBENCH"
+    assert bpy.ops.flexiact.capture_target() == {"FINISHED"}
+    s.action_id = action_id
+    s.prompt = "a cube slides"
+    s.steps = 2
+    s.import_mode = "BOTH"
+    scene.frame_current = 5
+    assert bpy.ops.flexiact.generate() == {"FINISHED"}
+
+    record = s.jobs[-1]
+    assert record.status == "SUCCEEDED" and record.imported
+    assert record.video_path.startswith("//flexiact/")
+    assert (tmp_path / "flexiact" / Path(record.video_path).name).is_file()
+    model = _health(backend.backend_url)["model"]
+    expected = model["frames"] / model["fps"] * fps / fps_base
+    strip = _strips(scene)[record.strip_name]
+    assert strip.frame_final_start == 5
+    assert abs(strip.frame_final_duration - expected) <= 1.0
+    assert strip["flexiact_prompt"] == "a cube slides" and strip["flexiact_action"] == action_id
+    plane = bpy.data.objects[record.plane_name]
+    assert plane["flexiact_job"] == record.job_id
+
+    job_id = record.job_id
+    bpy.ops.wm.save_mainfile()
+    bpy.ops.wm.open_mainfile(filepath=str(tmp_path / "shot.blend"))
+    scene = bpy.context.scene
+    reopened = scene.flexiact.jobs[-1]
+    assert reopened.job_id == job_id and reopened.status == "SUCCEEDED"
+    assert reopened.imported and reopened.strip_name in _strips(scene)
+    assert len(_strips(scene)) == 1
+    assert reopened.plane_name in bpy.data.objects
+
+
+def _client(addon: Any) -> Any:
+    return addon.preferences.make_client(bpy.context)
+
+
+def _target_id(addon: Any, tmp_path: Path) -> str:
+    scene = bpy.context.scene
+    scene.flexiact.capture_engine = "WORKBENCH"
+    assert bpy.ops.flexiact.capture_target() == {"FINISHED"}
+    return _client(addon).upload(bpy.path.abspath(scene.flexiact.target_image.filepath))["id"]
+
+
+def _generation(addon: Any, image: str, action: str, steps: int, fps: float) -> str:
+    body = {"action": action, "image": image, "prompt": "a cube slides", "steps": steps, "fps": fps}
+    return _client(addon).create_generation(body)["job"]["id"]
+
+
+def _record(addon: Any, scene: bpy.types.Scene, job_id: str, kind: str = "GENERATE") -> str:
+    """A job record as the add-on keeps it for a job it submitted; returns its key."""
+    record = addon.jobs.new_record(scene, kind, "test job", {"prompt": "a cube slides"})
+    record.job_id = job_id
+    record.status = "QUEUED"
+    return record.key
+
+
+def test_polling_resumes_on_reopen_with_hand_driven_timer(backend: Any, addon: Any, action_id: str,
+                                                          tmp_path: Path) -> None:
+    """A job still queued when the file was saved is polled after reopening and imported exactly once."""
+    scene = make_scene()
+    image = _target_id(addon, tmp_path)
+    key = _record(addon, scene, _generation(addon, image, action_id, 2, 24.0))
+    scene.flexiact.jobs[-1].import_mode = "STRIP"
+    bpy.ops.wm.save_as_mainfile(filepath=str(tmp_path / "pending.blend"))
+    bpy.ops.wm.open_mainfile(filepath=str(tmp_path / "pending.blend"))  # load_post resumes polling
+
+    jobs = addon.jobs
+    assert bpy.app.timers.is_registered(jobs.timer_tick)
+    assert jobs.MANAGER.watching(bpy.context.scene.name, key)
+    interval = jobs.TICK_S
+    while interval is not None:  # timers never fire in bpy-as-a-module: drive the callback by hand
+        time.sleep(interval)
+        interval = jobs.timer_tick()
+    jobs.remove_timer()
+    assert not bpy.app.timers.is_registered(jobs.timer_tick)
+    _scene, record = jobs.find_record(bpy.context.scene.name, key)
+    assert record.status == "SUCCEEDED" and record.imported
+    assert len(_strips(bpy.context.scene)) == 1
+    assert jobs.timer_tick() is None and len(_strips(bpy.context.scene)) == 1  # imported once only
+
+
+def test_failed_job_shows_backend_message(backend: Any, addon: Any, tmp_path: Path) -> None:
+    """A generation whose action is deleted while it waits fails; the record carries the backend's words."""
+    scene = make_scene(frames=30)
+    s = scene.flexiact
+    s.reference_source, s.caption, s.extract_preset, s.extract_steps = "SCENE", "doomed", "CUSTOM", 1
+    s.seed = 7
+    assert bpy.ops.flexiact.extract_action() == {"FINISHED"}
+    doomed = s.action_id
+    image = _target_id(addon, tmp_path)
+    client = _client(addon)
+    blocker = _generation(addon, image, doomed, 1000, 24.0)  # keeps the worker busy
+    key = _record(addon, scene, _generation(addon, image, doomed, 1, 24.0))
+    client._json("DELETE", f"/v1/actions/{doomed}")
+    client.cancel(blocker)
+    _scene, record = addon.jobs.find_record(scene.name, key)
+    addon.jobs.follow(client, scene, record)
+    assert record.status == "FAILED"
+    assert "deleted or is not ready" in record.error
+    assert "failed" in s.last_error and record.error in s.last_error
+    assert bpy.ops.flexiact.copy_report(key=key) == {"FINISHED"}
+
+
+def test_cancel_job_operator(backend: Any, addon: Any, action_id: str, tmp_path: Path) -> None:
+    scene = make_scene()
+    assert not bpy.ops.flexiact.cancel_job.poll()
+    image = _target_id(addon, tmp_path)
+    key = _record(addon, scene, _generation(addon, image, action_id, 1000, 24.0))
+    assert bpy.ops.flexiact.cancel_job.poll()
+    assert bpy.ops.flexiact.cancel_job(key=key) == {"FINISHED"}
+    _scene, record = addon.jobs.find_record(scene.name, key)
+    addon.jobs.follow(_client(addon), scene, record)  # a running job stops within a step
+    assert record.status == "CANCELLED"
+    assert not bpy.ops.flexiact.cancel_job.poll()
+
+
+def test_wrong_token_is_explained(backend: Any) -> None:
+    scene = make_scene(frames=30)
+    scene.flexiact.reference_source, scene.flexiact.caption = "SCENE", "x"
+    backend.token = "wrong-token"
+    with pytest.raises(RuntimeError, match="refused the token"):
+        bpy.ops.flexiact.extract_action()
+    assert "401" in scene.flexiact.last_error
+    assert scene.flexiact.jobs[-1].status == "FAILED"
+
+
+def test_reference_too_short_is_explained(backend: Any, tmp_path: Path) -> None:
+    scene = make_scene()
+    s = scene.flexiact
+    s.reference_source, s.caption = "FILE", "x"
+    s.reference_path = str(make_video(tmp_path / "short.mp4", "8", 3))
+    with pytest.raises(RuntimeError, match="at least"):
+        bpy.ops.flexiact.extract_action()
+
+
+def test_test_connection_reports_model(backend: Any) -> None:
+    assert bpy.ops.flexiact.test_connection() == {"FINISHED"}
+    assert backend.connection_status.startswith("Connected") and "tiny" in backend.connection_status

@@ -1,0 +1,77 @@
+"""The Blender add-on in real Blender 4.2, 4.5 and 5.0 (the bpy module, one venv each) against a real backend.
+
+Each version runs tests/blender in its own Python (Blender brings its own), with the extension zip built by
+`make extension` and the tiny-model backend started here; see tests/blender/conftest.py.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import imageio_ffmpeg
+import pytest
+
+from flexiact_backend.service.process import ServerProcess
+
+ROOT = Path(__file__).resolve().parents[1]
+VERSIONS = {"4.2": ".venv-bpy42", "4.5": ".venv-bpy45", "5.0": ".venv-bpy50"}
+TOKEN = "blender-test-token"
+#: A safety net so a hung Blender fails the run instead of stalling it; never a performance bound.
+RUN_LIMIT_S = 1200
+
+pytestmark = pytest.mark.blender
+
+
+def _python(version: str) -> Path:
+    python = ROOT / VERSIONS[version] / "bin" / "python"
+    assert python.exists(), f"no bpy {version} venv: run `make blender-setup`"
+    return python
+
+
+@pytest.fixture(scope="module")
+def extension_zip() -> Path:
+    """`make extension`: Blender's builder makes the zip and its validators accept it."""
+    done = subprocess.run(["make", "-s", "extension"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    version = next(line.split('"')[1] for line in (ROOT / "blender_manifest.toml").read_text().splitlines()
+                   if line.startswith("version"))
+    path = ROOT / "dist" / f"flexiact-{version}.zip"
+    assert path.is_file()
+    return path
+
+
+@pytest.fixture(scope="module")
+def backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    with ServerProcess(tmp_path_factory.mktemp("blender-backend"), token=TOKEN) as server:
+        yield server
+
+
+@pytest.mark.parametrize("version", list(VERSIONS))
+def test_extension_validates(version: str, extension_zip: Path) -> None:
+    cli = next((ROOT / VERSIONS[version]).glob("lib/python3.*/site-packages/bpy/*/scripts/addons_core/"
+                                              "bl_pkg/cli/blender_ext.py"))
+    done = subprocess.run([str(_python(version)), str(cli), "validate", str(extension_zip)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and "Success" in done.stdout, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("version", list(VERSIONS))
+def test_addon_in_blender(version: str, extension_zip: Path, backend: ServerProcess, tmp_path: Path) -> None:
+    env = {**os.environ, "BLENDER_USER_RESOURCES": str(tmp_path / "blender-user"),
+           "FLEXIACT_EXTENSION_ZIP": str(extension_zip), "FLEXIACT_TEST_BACKEND_URL": backend.url,
+           "FLEXIACT_TEST_TOKEN": TOKEN, "FLEXIACT_FFMPEG": imageio_ffmpeg.get_ffmpeg_exe(),
+           "PYTHONDONTWRITEBYTECODE": "1"}
+    env.pop("PYTHONPATH", None)
+    cmd = [str(_python(version)), "-m", "pytest", "-q", "-c", "tests/blender/pytest.ini",
+           "--rootdir", "tests/blender", "--confcutdir", "tests/blender", "--basetemp", str(tmp_path / "t"),
+           "tests/blender"]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=RUN_LIMIT_S)
+    output = done.stdout + done.stderr
+    summary = output.strip().splitlines()[-1] if output.strip() else ""
+    sys.stdout.write(f"bpy {version}: {summary}\n")
+    assert done.returncode == 0, output[-20000:]
+    assert "passed" in summary and "skipped" not in summary and "error" not in summary, output[-5000:]
