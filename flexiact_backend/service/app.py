@@ -199,15 +199,9 @@ def create_app(config: ServiceConfig, *, memory_saving: bool = False, refadapter
             tmp.unlink(missing_ok=True)
         return svc.db.add_file(sha, kind, size, rel, x_filename, meta)
 
-    @api.head("/files/{file_id}", tags=["files"], responses={200: {"description": "the server has this file"}})
-    def has_file(file_id: FileId) -> Response:
-        """200 when the server already has this content, so the client can skip the upload; 404 otherwise."""
-        if svc.db.get_file(file_id) is None:
-            raise APIError(404, "not_found", f"no uploaded file {file_id}")
-        return Response(status_code=200)
-
-    @api.get("/files/{file_id}", response_model=FileInfo, tags=["files"])
+    @api.api_route("/files/{file_id}", methods=["GET", "HEAD"], response_model=FileInfo, tags=["files"])
     def get_file(file_id: FileId) -> dict:
+        """The file's record; HEAD answers 200 or 404 without a body, so a client can skip re-uploading."""
         rec = svc.db.get_file(file_id)
         if rec is None:
             raise APIError(404, "not_found", f"no uploaded file {file_id}")
@@ -226,6 +220,11 @@ def create_app(config: ServiceConfig, *, memory_saving: bool = False, refadapter
             steps=body.steps, seed=body.seed, base_model=svc.info.id, params=body.model_dump())
         svc.pool.wake()
         return {"action": action, "job": job_out(job)}
+
+    @api.api_route("/actions/import", methods=["GET", "PUT", "PATCH", "DELETE"], include_in_schema=False)
+    def import_wrong_method() -> None:
+        """Without this, GET /v1/actions/import would read 'import' as a malformed action id (a 422)."""
+        raise APIError(405, "method_not_allowed", "use POST to import an action", headers={"Allow": "POST"})
 
     @api.post("/actions/import", status_code=201, response_model=Action, tags=["actions"])
     def import_action(body: ActionImport) -> dict:
@@ -321,7 +320,9 @@ def create_app(config: ServiceConfig, *, memory_saving: bool = False, refadapter
         return FileResponse(svc.store.path(rec["path"]), media_type="video/mp4", filename=f"flexiact-{job_id}.mp4")
 
     @api.get("/jobs/{job_id}/events", tags=["jobs"], response_class=StreamingResponse, responses={
-        200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+        200: {"content": {"text/event-stream": {"schema": {
+            "type": "object", "description": "one server-sent event; `data` is the job's JSON",
+            "properties": {"event": {"type": "string"}, "data": {"type": "string"}, "id": {"type": "string"}}}}},
               "description": "server-sent events: `event: job` with the job JSON on every change; ends when the "
                              "job finishes"}})
     async def job_events(job_id: ObjectId, request: Request) -> StreamingResponse:

@@ -1,0 +1,71 @@
+"""Helpers for the service tests: a real server process, clips and images, job polling, mp4 decoding."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import imageio_ffmpeg
+import numpy as np
+
+from flexiact_backend.media import write_mp4
+from flexiact_backend.service.bench import Client, png_bytes
+from flexiact_backend.service.process import ServerProcess
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+#: A safety net so a broken server fails the test instead of hanging it; never a performance bound.
+WAIT_S = 240.0
+
+__all__ = ["Client", "ServerProcess", "png_bytes", "TERMINAL", "assert_monotonic", "clip_bytes", "decode_mp4",
+           "upload", "wait_job"]
+
+
+def clip_bytes(path: Path, seconds: float = 2.0, fps: float = 24.0, size: tuple[int, int] = (96, 64)) -> bytes:
+    """An mp4 of a white square moving left to right (clear motion for extraction)."""
+    n = round(seconds * fps)
+    w, h = size
+    frames = np.zeros((n, h, w, 3), np.uint8)
+    for t in range(n):
+        x = int((w - 16) * t / max(1, n - 1))
+        frames[t, h // 3: h // 3 + 16, x: x + 16] = 255
+    write_mp4(path, frames, fps)
+    return path.read_bytes()
+
+
+def upload(client: Client, data: bytes, content_type: str, filename: str) -> dict:
+    status, body = client.upload(data, content_type, filename)
+    assert status == 201, body
+    return body  # type: ignore[return-value]
+
+
+def wait_job(client: Client, job_id: str, until: tuple[str, ...] = TERMINAL, *, min_step: int = 0,
+             history: list[dict] | None = None) -> dict:
+    """Poll a job until its status is in `until` (and its step >= min_step); every poll goes in `history`."""
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        status, job = client.request("GET", f"/v1/jobs/{job_id}")
+        assert status == 200, job
+        if history is not None:
+            history.append(job)  # type: ignore[arg-type]
+        if job["status"] in until and job["step"] >= min_step:  # type: ignore[index]
+            return job  # type: ignore[return-value]
+        if job["status"] in TERMINAL:  # type: ignore[index]
+            raise AssertionError(f"job ended {job['status']} while waiting for {until}: {job}")  # type: ignore[index]
+        time.sleep(0.05)
+    raise TimeoutError(f"job {job_id} not {until} after {WAIT_S} s")
+
+
+def assert_monotonic(history: list[dict]) -> None:
+    """Progress and step never go backwards across the polls of one job."""
+    progress = [j["progress"] for j in history]
+    steps = [j["step"] for j in history]
+    assert progress == sorted(progress), progress
+    assert steps == sorted(steps), steps
+
+
+def decode_mp4(path: Path) -> tuple[int, float, tuple[int, int]]:
+    """(frames, fps, size) by decoding every frame with the bundled ffmpeg."""
+    reader = imageio_ffmpeg.read_frames(str(path))
+    meta = reader.__next__()
+    count = sum(1 for _ in reader)
+    return count, float(meta["fps"]), tuple(meta["size"])
