@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -12,10 +14,21 @@ from flexiact_backend.errors import Cancelled, CheckpointError, MediaError, Paus
 from flexiact_backend.extraction import CHECKPOINT_NAME, extract_action
 
 
-def run(generator, clip, tmp_path, name: str, **kw) -> dict:
-    defaults = dict(video=clip, start_s=0.0, end_s=2.0, caption="a block slides", name=name, out=tmp_path / f"{name}.safetensors",
-                    work_dir=tmp_path / f"{name}.work", steps=40, seed=3, checkpoint_every=10, cache_dir=tmp_path / "cache")
-    return extract_action(generator, **{**defaults, **kw})
+@pytest.fixture(scope="module")
+def latent_cache(tmp_path_factory) -> Path:
+    """One latent cache for the module: tests that do not count encodes need not pay for them again."""
+    return tmp_path_factory.mktemp("latent-cache")
+
+
+@pytest.fixture()
+def run(tiny_generator, motion_clip, tmp_path, latent_cache):
+    def extract(name: str, **kw) -> dict:
+        defaults = dict(video=motion_clip, start_s=0.0, end_s=2.0, caption="a block slides", name=name,
+                        out=tmp_path / f"{name}.safetensors", work_dir=tmp_path / f"{name}.work", steps=40, seed=3,
+                        checkpoint_every=10, cache_dir=latent_cache)
+        return extract_action(tiny_generator, **{**defaults, **kw})
+
+    return extract
 
 
 @pytest.fixture()
@@ -33,8 +46,8 @@ def count_vae_encodes(tiny_generator):
     del vae.encode
 
 
-def test_training_learns_and_moves_tokens(tiny_generator, motion_clip, tmp_path, target_image) -> None:
-    meta = run(tiny_generator, motion_clip, tmp_path, "learn", steps=200, checkpoint_every=100)
+def test_training_learns_and_moves_tokens(run, tiny_generator, tmp_path, target_image) -> None:
+    meta = run("learn", steps=200, checkpoint_every=100)
     losses = np.array(meta["losses"])
     fifth = len(losses) // 5
     assert losses[-fifth:].mean() < losses[:fifth].mean()
@@ -48,7 +61,7 @@ def test_training_learns_and_moves_tokens(tiny_generator, motion_clip, tmp_path,
     assert not np.array_equal(with_action.frames, without.frames)
 
 
-def test_only_motion_tokens_get_gradients(tiny_generator, motion_clip, tmp_path) -> None:
+def test_only_motion_tokens_get_gradients(run, tiny_generator, tmp_path) -> None:
     transformer = tiny_generator.pipe.transformer
     seen = []
 
@@ -56,35 +69,35 @@ def test_only_motion_tokens_get_gradients(tiny_generator, motion_clip, tmp_path)
         if update.get("phase") == "training":
             seen.append(sorted(n.split(".")[-1] for n, p in transformer.named_parameters() if p.grad is not None))
 
-    run(tiny_generator, motion_clip, tmp_path, "grads", steps=3, progress=inspect)
+    run("grads", steps=3, progress=inspect)
     assert seen == [["motion_inversion_tokens"] * 2] * 3
     assert not any(p.requires_grad or p.grad is not None for p in transformer.parameters())
 
 
-def test_vae_encodes_each_crop_once_and_cache_is_reused(tiny_generator, motion_clip, tmp_path, count_vae_encodes) -> None:
-    run(tiny_generator, motion_clip, tmp_path, "first", steps=15)
+def test_vae_encodes_each_crop_once_and_cache_is_reused(run, tiny_generator, tmp_path, count_vae_encodes) -> None:
+    run("first", steps=15, cache_dir=tmp_path / "own-cache")
     assert len(count_vae_encodes) == 2 * 12  # each crop's clip and its frame 0, once per extraction
-    run(tiny_generator, motion_clip, tmp_path, "second", steps=15)
+    run("second", steps=15, cache_dir=tmp_path / "own-cache")
     assert len(count_vae_encodes) == 2 * 12  # same clip, trim, seed, model: latents come from the cache
 
 
-def test_resume_matches_uninterrupted(tiny_generator, motion_clip, tmp_path) -> None:
-    run(tiny_generator, motion_clip, tmp_path, "straight")
+def test_resume_matches_uninterrupted(run, tiny_generator, tmp_path) -> None:
+    run("straight")
     pauses = iter([False, True])  # pause at the second checkpoint (step 20)
     with pytest.raises(Paused):
-        run(tiny_generator, motion_clip, tmp_path, "resumed", pause=lambda: next(pauses, False))
+        run("resumed", pause=lambda: next(pauses, False))
     assert torch.load(tmp_path / "resumed.work" / CHECKPOINT_NAME, weights_only=True)["step"] == 20
     assert not (tmp_path / "resumed.safetensors").exists()
-    run(tiny_generator, motion_clip, tmp_path, "resumed")
+    run("resumed")
     a, _ = read_action(tmp_path / "straight.safetensors")
     b, _ = read_action(tmp_path / "resumed.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 
 
-def test_cancel_keeps_last_checkpoint(tiny_generator, motion_clip, tmp_path) -> None:
+def test_cancel_keeps_last_checkpoint(run, tiny_generator, tmp_path) -> None:
     updates = []
     with pytest.raises(Cancelled):
-        run(tiny_generator, motion_clip, tmp_path, "cancel", progress=updates.append,
+        run("cancel", progress=updates.append,
             cancel=lambda: any(u.get("step") == 25 for u in updates))
     assert max(u.get("step", 0) for u in updates) == 25
     assert torch.load(tmp_path / "cancel.work" / CHECKPOINT_NAME, weights_only=True)["step"] == 20
@@ -93,9 +106,9 @@ def test_cancel_keeps_last_checkpoint(tiny_generator, motion_clip, tmp_path) -> 
     assert all({"step", "total", "loss", "steps_per_s", "eta_s"} <= set(u) for u in training)
 
 
-def test_bad_trim_raises_media_error_and_writes_nothing(tiny_generator, motion_clip, tmp_path) -> None:
+def test_bad_trim_raises_media_error_and_writes_nothing(run, tiny_generator, tmp_path) -> None:
     with pytest.raises(MediaError):
-        run(tiny_generator, motion_clip, tmp_path, "bad", start_s=1.8, end_s=2.0)
+        run("bad", start_s=1.8, end_s=2.0)
     assert not (tmp_path / "bad.safetensors").exists()
 
 
