@@ -18,9 +18,14 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e '.[test]'
 	touch $(STAMP)
 
-demo: setup
-	$(VENV)/bin/flexiact-backend make-tiny-model out/tiny-model
-	$(VENV)/bin/flexiact-backend generate --model out/tiny-model --image-demo --prompt "a figure waves" --out out/demo.mp4
+# One Blender (5.0) only, to keep a fresh machine quick: its own builder packs the add-on zip the demo installs.
+# The tiny model on a free loopback port unless MODEL=DIR names a real pipeline folder.
+DEMO_ZIP = build/demo/flexiact-$(EXT_VERSION).zip
+demo: setup .venv-bpy50/.installed
+	rm -rf build/demo && mkdir -p build/demo/src
+	cp blender_manifest.toml flexiact_blender/*.py build/demo/src/
+	.venv-bpy50/bin/python $(call BLENDER_EXT,50,5.0) build --source-dir build/demo/src --output-filepath $(DEMO_ZIP)
+	$(PY) demo/main.py --blender-python .venv-bpy50/bin/python --zip $(DEMO_ZIP) --out out $(if $(MODEL),--model $(MODEL))
 
 clean:
 	rm -rf $(VENV) out dist build *.egg-info
