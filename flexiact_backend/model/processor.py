@@ -77,16 +77,6 @@ class FlexiActAttnProcessor(nn.Module):
             out = out + lora(x) * (self.lora_scale * self.lora_weight)
         return out
 
-    def __call__(
-        self,
-        attn: Attention,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        image_rotary_emb: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-
     def forward(
         self,
         attn: Attention,
@@ -126,3 +116,7 @@ class FlexiActAttnProcessor(nn.Module):
         out = self._project(attn.to_out[0], self.lora_proj, out)
         out = attn.to_out[1](out)
         return out[:, text_len:], out[:, :text_len]
+
+    # diffusers' Attention passes only the keyword arguments named in `processor.__call__`'s signature; the
+    # generic nn.Module.__call__ names none, which would silently drop `image_rotary_emb`.
+    __call__ = forward
