@@ -55,7 +55,9 @@ def _video_format() -> dict[str, Any]:
     if _has_media_type():
         changes["image_settings.media_type"] = "VIDEO"
     changes.update({"image_settings.file_format": "FFMPEG", "ffmpeg.format": "MPEG4", "ffmpeg.codec": "H264",
-                    "ffmpeg.constant_rate_factor": "HIGH", "ffmpeg.audio_codec": "NONE"})
+                    "ffmpeg.constant_rate_factor": "HIGH", "ffmpeg.audio_codec": "NONE",
+                    # listed so they are restored: switching to video coerces them (RGBA → RGB)
+                    "image_settings.color_mode": "RGB", "image_settings.color_depth": "8"})
     return changes
 
 

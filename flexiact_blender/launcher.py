@@ -39,19 +39,25 @@ class Launcher:
                 raise BackendError(f"Cannot start {argv[0]!r}: {exc}", "launch_failed") from exc
 
     def wait_healthy(self, client: BackendClient, timeout_s: float) -> dict:
-        """Poll /v1/health until it answers; fail early if the process dies (the log says why)."""
+        """Poll /v1/health until the model is loaded; fail early if the process dies (the log says why)."""
         deadline = time.monotonic() + timeout_s
         while True:
             if self.process is not None and self.process.poll() is not None:
                 raise BackendError(f"The backend exited with code {self.process.returncode}; "
                                    f"see its log: {self.log_path}", "launch_failed")
             try:
-                return client.health()
+                health = client.health()
             except BackendError:
-                if time.monotonic() > deadline:
-                    raise BackendError(f"The backend did not answer within {timeout_s:.0f} s; "
-                                       f"see its log: {self.log_path}", "launch_timeout") from None
-                time.sleep(0.25)
+                health = None
+            model = (health or {}).get("model") or {}
+            if health is not None and health.get("status") == "error":
+                raise BackendError(f"The backend could not load its model: {model.get('error')}", "load_failed")
+            if health is not None and model.get("loaded", True):
+                return health
+            if time.monotonic() > deadline:
+                raise BackendError(f"The backend was not ready within {timeout_s:.0f} s; "
+                                   f"see its log: {self.log_path}", "launch_timeout")
+            time.sleep(0.25)
 
     def stop(self) -> None:
         """Terminate the process (kill it if it ignores that for 10 s)."""

@@ -15,7 +15,7 @@ from typing import Iterator
 import imageio_ffmpeg
 import pytest
 
-from flexiact_backend.service.process import ServerProcess
+from flexiact_backend.service.process import ServerProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 VERSIONS = {"4.2": ".venv-bpy42", "4.5": ".venv-bpy45", "5.0": ".venv-bpy50"}
@@ -65,6 +65,10 @@ def test_addon_in_blender(version: str, extension_zip: Path, backend: ServerProc
            "FLEXIACT_EXTENSION_ZIP": str(extension_zip), "FLEXIACT_TEST_BACKEND_URL": backend.url,
            "FLEXIACT_TEST_TOKEN": TOKEN, "FLEXIACT_FFMPEG": imageio_ffmpeg.get_ffmpeg_exe(),
            "PYTHONDONTWRITEBYTECODE": "1"}
+    port = free_port()  # for the add-on's own local-backend launcher
+    env["FLEXIACT_TEST_LAUNCH_URL"] = f"http://127.0.0.1:{port}"
+    env["FLEXIACT_TEST_LAUNCH_COMMAND"] = (f"{sys.executable} -m flexiact_backend.service serve --tiny "
+                                           f"--port {port} --data-dir {tmp_path / 'launched'}")
     env.pop("PYTHONPATH", None)
     cmd = [str(_python(version)), "-m", "pytest", "-q", "-c", "tests/blender/pytest.ini",
            "--rootdir", "tests/blender", "--confcutdir", "tests/blender", "--basetemp", str(tmp_path / "t"),

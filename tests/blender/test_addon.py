@@ -213,3 +213,33 @@ def test_missing_reference_file_is_reported(prefs: Any, tmp_path: Path) -> None:
     addon_jobs.MANAGER.health = {"model": {"width": 96, "height": 64}}  # as left by a successful connection
     with pytest.raises(RuntimeError, match="Reference video not found"):
         bpy.ops.flexiact.extract_action()
+
+
+def test_reference_trim_from_strip_and_frames(addon: Any, tmp_path: Path) -> None:
+    """A strip's trim and a file trim given in frames both become seconds of the source clip."""
+    scene = make_scene()
+    s = scene.flexiact
+    clip = make_video(tmp_path / "ref.mp4", "24", 48)
+    assert bpy.ops.flexiact.import_result(filepath=str(clip)) == {"FINISHED"}
+    strip = addon.reference.strips_of(scene)[s.jobs[-1].strip_name]
+    strip.frame_offset_start = 12
+    strip.frame_offset_end = 6
+    s.reference_source, s.reference_strip = "STRIP", strip.name
+    ref = addon.reference.resolve(scene, 96, 64, str(tmp_path))
+    assert Path(ref.path) == clip
+    assert abs(ref.start_s - 0.5) < 1e-6 and abs(ref.end_s - 1.75) < 1e-6
+
+    s.reference_source, s.reference_path, s.trim_unit = "FILE", str(clip), "FRAMES"
+    s.clip_start, s.clip_end = 6, 30
+    ref = addon.reference.resolve(scene, 96, 64, str(tmp_path))
+    assert abs(ref.start_s - 0.25) < 1e-6 and abs(ref.end_s - 1.25) < 1e-6
+    s.clip_start, s.clip_end = 40, 30
+    with pytest.raises(addon.reference.ReferenceError, match="trim is empty"):
+        addon.reference.resolve(scene, 96, 64, str(tmp_path))
+
+
+def test_reference_strip_missing_is_reported(addon: Any, tmp_path: Path) -> None:
+    scene = make_scene()
+    scene.flexiact.reference_source, scene.flexiact.reference_strip = "STRIP", "gone"
+    with pytest.raises(addon.reference.ReferenceError, match="No movie strip named 'gone'"):
+        addon.reference.resolve(scene, 96, 64, str(tmp_path))

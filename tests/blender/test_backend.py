@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -69,7 +70,9 @@ def action_id(addon: Any) -> str:
     s.caption = "a cube slides to the right"
     s.extract_preset = "CUSTOM"
     s.extract_steps = 2
+    before = _render_state(scene)
     assert bpy.ops.flexiact.extract_action() == {"FINISHED"}
+    assert _render_state(scene) == before  # the Workbench clip render put every setting back
     record = s.jobs[-1]
     assert record.kind == "EXTRACT" and record.status == "SUCCEEDED" and record.progress == 1.0
     assert s.action_id and s.action_id == record.action_id
@@ -222,3 +225,34 @@ def test_reference_too_short_is_explained(backend: Any, tmp_path: Path) -> None:
 def test_test_connection_reports_model(backend: Any) -> None:
     assert bpy.ops.flexiact.test_connection() == {"FINISHED"}
     assert backend.connection_status.startswith("Connected") and "tiny" in backend.connection_status
+
+
+def test_local_backend_launcher_starts_and_stops(addon: Any, prefs: Any) -> None:
+    """Preferences › Start runs the command line, waits for health, logs to the user folder; Stop ends it."""
+    if not os.environ.get("FLEXIACT_TEST_LAUNCH_COMMAND"):
+        pytest.skip("no launch command: FLEXIACT_TEST_LAUNCH_COMMAND is not set")
+    make_scene()
+    prefs.backend_url = os.environ["FLEXIACT_TEST_LAUNCH_URL"]
+    prefs.token = ""
+    prefs.launcher_command = os.environ["FLEXIACT_TEST_LAUNCH_COMMAND"]
+    assert not bpy.ops.flexiact.backend_stop.poll()
+    try:
+        assert bpy.ops.flexiact.backend_start() == {"FINISHED"}
+        assert addon.launcher.LAUNCHER.running()
+        assert prefs.connection_status.startswith("Connected")
+        log = Path(addon.launcher.LAUNCHER.log_path)
+        assert log.is_file() and Path(addon.preferences.user_dir()) in log.parents
+        assert bpy.ops.flexiact.backend_stop() == {"FINISHED"}
+    finally:
+        addon.launcher.LAUNCHER.stop()
+    assert not addon.launcher.LAUNCHER.running()
+    with pytest.raises(RuntimeError, match="Cannot reach"):
+        bpy.ops.flexiact.test_connection()
+
+
+def test_launcher_reports_a_command_that_fails(addon: Any, prefs: Any) -> None:
+    prefs.backend_url = "http://127.0.0.1:9"  # nothing answers there, so only the process can end the wait
+    prefs.launcher_command = f"{sys.executable} -c 'raise SystemExit(3)'"
+    with pytest.raises(RuntimeError, match="exited with code 3"):
+        bpy.ops.flexiact.backend_start()
+    assert not addon.launcher.LAUNCHER.running()
