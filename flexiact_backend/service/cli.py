@@ -38,13 +38,14 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from .auth import check_bind
+
+    check_bind(args.host, args.token)  # before the slow imports: a refusal should be instant
     import uvicorn
 
     from .app import create_app
-    from .auth import check_bind
     from .config import Limits, ServiceConfig
 
-    check_bind(args.host, args.token)
     limits = Limits()
     overrides = {"video_bytes": args.max_video_bytes, "image_bytes": args.max_image_bytes,
                  "checkpoint_bytes": args.max_checkpoint_bytes, "image_pixels": args.max_image_pixels}
