@@ -19,13 +19,13 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # One Blender (5.0) only, to keep a fresh machine quick: its own builder packs the add-on zip the demo installs.
-# The tiny model on a free loopback port unless MODEL=DIR names a real pipeline folder.
+# The tiny model on a free loopback port unless MODEL=DIR names a real pipeline folder; DEMO_ARGS go to demo/main.py.
 DEMO_ZIP = build/demo/flexiact-$(EXT_VERSION).zip
 demo: setup .venv-bpy50/.installed
 	rm -rf build/demo && mkdir -p build/demo/src
 	cp blender_manifest.toml flexiact_blender/*.py build/demo/src/
 	.venv-bpy50/bin/python $(call BLENDER_EXT,50,5.0) build --source-dir build/demo/src --output-filepath $(DEMO_ZIP)
-	$(PY) demo/main.py --blender-python .venv-bpy50/bin/python --zip $(DEMO_ZIP) --out out $(if $(MODEL),--model $(MODEL))
+	$(PY) demo/main.py --blender-python .venv-bpy50/bin/python --zip $(DEMO_ZIP) --out out $(if $(MODEL),--model $(MODEL)) $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) out dist build *.egg-info
