@@ -212,6 +212,25 @@ def test_import_published_checkpoint(client: Client, tmp_path: Path) -> None:
     assert status == 201 and action["status"] == "ready" and action["source"] == "import", action
 
 
+def test_failing_job_reports_why_and_the_next_job_runs(client: Client, image: dict, tmp_path: Path) -> None:
+    """A job that raises (here: an action whose tokens do not fit the model) fails alone; the worker lives on."""
+    import torch
+
+    from flexiact_backend.generation import FlexiActGenerator
+    from flexiact_backend.tiny import ensure_tiny_model
+
+    gen = FlexiActGenerator.from_pretrained(ensure_tiny_model(tmp_path), device="cpu")
+    wrong = {k: torch.zeros(1, v.shape[1], v.shape[2] + 1) for k, v in gen.adapter.action_state_dict().items()}
+    torch.save(wrong, tmp_path / "wrong.pt")
+    file = upload(client, (tmp_path / "wrong.pt").read_bytes(), "application/octet-stream", "wrong.pt")
+    status, action = client.request("POST", "/v1/actions/import", json_body={"name": "w", "caption": "c",
+                                                                              "file": file["id"]})
+    assert status == 201, action
+    failed = wait_job(client, _generate(client, image, action=action["id"], steps=2)["id"])
+    assert failed["status"] == "failed" and failed["error"]["message"], failed
+    assert wait_job(client, _generate(client, image, steps=2)["id"])["status"] == "succeeded"
+
+
 def test_twenty_clients_poll_and_upload_while_a_job_runs(client: Client, image: dict) -> None:
     from flexiact_backend.service.bench import run_load
 

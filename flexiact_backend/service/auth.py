@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+from collections.abc import Awaitable, Callable
 
 from fastapi import Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -31,7 +32,7 @@ def check_bind(host: str, token: str | None) -> None:
             "and run jobs on your GPU. Pass --token (or FLEXIACT_TOKEN), or keep the default --host 127.0.0.1.")
 
 
-def make_token_check(token: str | None):
+def make_token_check(token: str | None) -> Callable[[Request], Awaitable[None]]:
     """A FastAPI dependency that lets a request through only with the right token (when one is set)."""
     expected = token.encode() if token else None
 

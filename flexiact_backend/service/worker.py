@@ -13,6 +13,7 @@ import shutil
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -144,7 +145,7 @@ class WorkerPool:
             if job["kind"] == "extract" and job["action"] and self.db.get_action(job["action"]) is None:
                 shutil.rmtree(work_dir(self.config.data_dir, job["action"]), ignore_errors=True)
 
-    def _reporter(self, job_id: str):
+    def _reporter(self, job_id: str) -> Callable[..., None]:
         """A throttled progress writer: phase changes and the final step are always recorded."""
         state = {"t": 0.0, "phase": None}
 
