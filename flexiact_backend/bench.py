@@ -163,8 +163,11 @@ def bench_generate(args: argparse.Namespace) -> dict:
 
 
 def format_table(report: dict) -> str:
-    rows = [(name, *(f"{v:.4g}" if isinstance(v, float) else str(v) for v in r.values())) for name, r in report["results"].items()]
-    header = ("variant", *next(iter(report["results"].values())).keys())
+    """The results as aligned columns; a variant without some measurement shows a blank there."""
+    keys = list(dict.fromkeys(k for r in report["results"].values() for k in r))
+    cell = lambda v: f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
+    rows = [(name, *(cell(r.get(k)) for k in keys)) for name, r in report["results"].items()]
+    header = ("variant", *keys)
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
     return "\n".join([line(header), line("-" * w for w in widths), *(line(r) for r in rows)])
