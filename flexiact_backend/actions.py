@@ -6,9 +6,7 @@ Published FAE `.pt` files import into this format unchanged (no retraining): sam
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,6 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .atomic import write_atomically
 from .errors import CheckpointError
 from .model.checkpoints import StateDict, check_state_dict, read_state_dict
 
@@ -44,16 +43,8 @@ def write_action(path: str | Path, tokens: Mapping[str, torch.Tensor], metadata:
     path = Path(path)
     check_action_tokens(tokens)
     meta = {"format_version": FORMAT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **metadata}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tokens.items()}, tmp,
-                  metadata={"flexiact": json.dumps(meta, sort_keys=True)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tokens.items()}
+    write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata={"flexiact": json.dumps(meta, sort_keys=True)}))
     return path
 
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .actions import write_action
+from .atomic import write_atomically
 from .errors import Cancelled, Paused
 from .generation import FlexiActGenerator
 from .media import crop_params, probe_video, random_crops, read_clip
@@ -68,18 +67,6 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _atomic_save(write: Callable[[str], None], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 @contextmanager
@@ -135,7 +122,7 @@ def prepare_training_data(
     with torch.no_grad():
         prompt_embeds, _ = generator.pipe.encode_prompt(caption, do_classifier_free_guidance=False, max_sequence_length=info.text_length, device=generator.device)
     data = TrainingData(torch.stack([e[0] for e in encoded]), torch.stack([e[1] for e in encoded]), prompt_embeds.float().cpu())
-    _atomic_save(lambda tmp: save_file({k: v.contiguous() for k, v in asdict(data).items()}, tmp), cache)
+    write_atomically(cache, lambda tmp: save_file({k: v.contiguous() for k, v in asdict(data).items()}, tmp))
     return data, {"cache": key, "cache_hit": False, "crops": [asdict(b) for b in boxes]}
 
 
@@ -171,7 +158,7 @@ class FAETrainer:
         }
 
     def save(self, path: Path) -> None:
-        _atomic_save(lambda tmp: torch.save(self.state(), tmp), path)
+        write_atomically(path, lambda tmp: torch.save(self.state(), tmp))
 
     def load(self, path: Path) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)
