@@ -49,10 +49,6 @@ class FlexiActAdapter:
                 state[f"{self._prefix(i)}{name}.up.weight"] = lora.up.weight.detach()
         return state
 
-    def _parameters(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        own = {**self.action_state_dict(), **self.refadapter_state_dict()}
-        return {k: own[k] for k in state}
-
     # ---- loading ---------------------------------------------------------------------------------------------
     def load_refadapter(self, src: str | Path | Mapping[str, torch.Tensor]) -> None:
         """Load RefAdapter LoRA weights (published `.pt` or safetensors); all or nothing."""
