@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import CogVideoXImageToVideoPipeline
+from diffusers import CogVideoXDPMScheduler, CogVideoXImageToVideoPipeline
 from PIL import Image
 
 from .errors import Cancelled
@@ -89,6 +89,8 @@ class FlexiActGenerator:
     ) -> FlexiActGenerator:
         """Load `model_dir` (diffusers format) onto `device` in `dtype` (bf16 on GPU, float32 on CPU by default).
 
+        Whatever scheduler class the folder names, generation runs `CogVideoXDPMScheduler` from its config.
+
         `memory_saving` offloads idle sub-models to the CPU and tiles the VAE (needs an accelerator).
         """
         model_dir = Path(model_dir)
@@ -96,6 +98,9 @@ class FlexiActGenerator:
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         pipe = CogVideoXImageToVideoPipeline.from_pretrained(model_dir, dtype=dtype)
+        # The hub folder names CogVideoXDDIMScheduler; FlexiAct samples with the DPM scheduler built from the same
+        # config (trailing spacing, v-prediction, zero-SNR rescale), as the authors' inference script does.
+        pipe.scheduler = CogVideoXDPMScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
         for module in (pipe.transformer, pipe.vae, pipe.text_encoder):
             module.requires_grad_(False)  # frozen: extraction trains motion tokens only

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 
 import numpy as np
 import pytest
 import torch
+from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
 
 from flexiact_backend.errors import Cancelled
 from flexiact_backend.generation import FlexiActGenerator
@@ -108,3 +111,57 @@ def test_fit_mapping_and_mp4(tiny_generator: FlexiActGenerator, target_image, tm
         assert info.frames == round(duration * fps)
         assert info.fps == pytest.approx(fps, rel=1e-3)
         assert (info.width, info.height) == (tiny_generator.info.width, tiny_generator.info.height)
+
+
+#: scheduler/scheduler_config.json of THUDM/CogVideoX-5b-I2V as published: it names the DDIM scheduler.
+REAL_SCHEDULER_CONFIG = {
+    "_class_name": "CogVideoXDDIMScheduler",
+    "_diffusers_version": "0.31.0.dev0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "clip_sample_range": 1.0,
+    "num_train_timesteps": 1000,
+    "prediction_type": "v_prediction",
+    "rescale_betas_zero_snr": True,
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": True,
+    "snr_shift_scale": 1.0,
+    "steps_offset": 0,
+    "timestep_spacing": "trailing",
+    "trained_betas": None,
+}
+
+
+def test_folder_naming_ddim_generates_with_dpm(tiny_model_dir, tiny_generator: FlexiActGenerator, target_image, tmp_path) -> None:
+    """The real model's folder names CogVideoXDDIMScheduler; generation must still sample with the DPM scheduler."""
+    folder = tmp_path / "real-scheduler"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(REAL_SCHEDULER_CONFIG))
+    index = json.loads((folder / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", "CogVideoXDDIMScheduler"]  # as the hub's model_index.json names it
+    (folder / "model_index.json").write_text(json.dumps(index))
+    generator = FlexiActGenerator.from_pretrained(folder, device="cpu")
+    scheduler = generator.pipe.scheduler
+    assert type(scheduler) is CogVideoXDPMScheduler
+    for key in ("timestep_spacing", "prediction_type", "rescale_betas_zero_snr", "snr_shift_scale", "beta_schedule"):
+        assert scheduler.config[key] == REAL_SCHEDULER_CONFIG[key], key
+
+    visited: list[int] = []
+    hook = generator.pipe.transformer.register_forward_pre_hook(
+        lambda m, a, kw: visited.append(int(kw["timestep"][0])), with_kwargs=True)
+    try:
+        result = generator.generate(target_image, "a dog runs", steps=10, seed=5)
+    finally:
+        hook.remove()
+    dpm = CogVideoXDPMScheduler.from_config(REAL_SCHEDULER_CONFIG)
+    dpm.set_timesteps(10)
+    expected = [int(t) for t in dpm.timesteps]
+    assert visited == expected
+    assert result.reweights == pytest.approx([rule(t, expected, 1.0, 0.8) for t in expected])
+    # Same weights and a DPM-named folder give the same frames; the DDIM the folder names would not.
+    assert np.array_equal(result.frames, tiny_generator.generate(target_image, "a dog runs", steps=10, seed=5).frames)
+    generator.pipe.scheduler = CogVideoXDDIMScheduler.from_config(REAL_SCHEDULER_CONFIG)
+    ddim = generator.generate(target_image, "a dog runs", steps=10, seed=5)
+    assert not np.array_equal(result.frames, ddim.frames)
