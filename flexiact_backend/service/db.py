@@ -107,9 +107,6 @@ class Database:
     def file_in_use(self, file_id: str) -> bool:
         return self._one("SELECT 1 FROM actions WHERE file=?", (file_id,)) is not None
 
-    def delete_file(self, file_id: str) -> None:
-        self._tx([("DELETE FROM files WHERE id=?", (file_id,))])
-
     # ---- actions -----------------------------------------------------------------------------
     def get_action(self, action_id: str) -> dict | None:
         row = self._one("SELECT * FROM actions WHERE id=?", (action_id,))
@@ -183,10 +180,6 @@ class Database:
     def get_job(self, job_id: str) -> dict | None:
         row = self._one("SELECT * FROM jobs WHERE id=?", (job_id,))
         return _job(row) if row else None
-
-    def job_version(self, job_id: str) -> int | None:
-        row = self._one("SELECT version FROM jobs WHERE id=?", (job_id,))
-        return row[0] if row else None
 
     def list_jobs(self, status: str | None, kind: str | None, limit: int) -> list[dict]:
         sql, args = "SELECT * FROM jobs WHERE 1=1", []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -12,12 +13,20 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import CheckpointError, FlexiActError, MediaError
+from .schemas import ErrorResponse
 
 log = logging.getLogger("flexiact.service")
 
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                405: "method_not_allowed", 406: "not_acceptable", 409: "conflict", 413: "too_large",
                415: "unsupported_media_type", 422: "invalid_request"}
+
+#: The error answers every /v1 route may give, as published in /openapi.json.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": desc} for status, desc in (
+        (400, "bad request (e.g. malformed JSON)"), (401, "missing or wrong token"), (404, "unknown id"),
+        (409, "not possible in the current state"), (413, "over a size limit"),
+        (415, "unsupported file type"), (422, "invalid field or unusable media"))}
 
 
 class APIError(Exception):

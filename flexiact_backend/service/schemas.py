@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+from fastapi import Path as PathParam
 from pydantic import BaseModel, ConfigDict, Field
 
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 UUID_PATTERN = r"^[0-9a-f]{32}$"
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+FileId = Annotated[str, PathParam(pattern=SHA256_PATTERN, description="sha256 of the file's content")]
+ObjectId = Annotated[str, PathParam(pattern=UUID_PATTERN, description="32 hex digits")]
 
 
 class _Request(BaseModel):

@@ -92,9 +92,6 @@ class FileStore:
             _fsync_dir(dest.parent)
         return sha, rel, size
 
-    def remove(self, relpath: str) -> None:
-        self.path(relpath).unlink(missing_ok=True)
-
 
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()

@@ -1,0 +1,109 @@
+"""What every route needs (config, database, file store, worker pool) and the domain rules routes share.
+
+Why here and not in the routes: the dedupe key of an extraction, the unit of `high_timesteps` and what a
+delete cleans up are rules of the service, not of one HTTP handler.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from ..model_info import read_model_info
+from ..tiny import ensure_tiny_model
+from .config import ServiceConfig
+from .db import Database
+from .errors import APIError
+from .schemas import ActionCreate, GenerationCreate
+from .storage import FileStore
+from .worker import WorkerPool, work_dir
+
+
+def transition_fraction(high_timesteps: float) -> float:
+    """`high_timesteps` is a fraction of 1000 (0.8) or a timestep (800); the generator wants the fraction."""
+    return high_timesteps if high_timesteps <= 1 else high_timesteps / 1000
+
+
+class Service:
+    """Everything a request needs: config, database, file store and the worker pool."""
+
+    def __init__(self, config: ServiceConfig, *, memory_saving: bool = False, refadapter: Path | None = None) -> None:
+        self.config = config
+        data_dir = Path(config.data_dir)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.db = Database(data_dir / "state.sqlite3")
+        self.db.recover()
+        self.store = FileStore(data_dir)
+        model_dir = ensure_tiny_model(data_dir) if config.tiny else Path(config.model_dir)  # type: ignore[arg-type]
+        self.info = read_model_info(model_dir)
+        self.pool = WorkerPool(config, self.db, self.store, model_dir, self.info,
+                               memory_saving=memory_saving, refadapter=refadapter)
+
+    # ---- lookups -----------------------------------------------------------------------------
+    def file_of_kind(self, file_id: str, kind: str) -> dict:
+        rec = self.db.get_file(file_id)
+        if rec is None:
+            raise APIError(404, "not_found", f"no uploaded file {file_id}; upload it with POST /v1/files")
+        if rec["kind"] != kind:
+            raise APIError(422, "wrong_file_kind", f"file {file_id} is a {rec['kind']}, not a {kind}")
+        return rec
+
+    def job_or_404(self, job_id: str) -> dict:
+        job = self.db.get_job(job_id)
+        if job is None:
+            raise APIError(404, "not_found", f"no job {job_id}")
+        return job
+
+    def action_or_404(self, action_id: str) -> dict:
+        action = self.db.get_action(action_id)
+        if action is None:
+            raise APIError(404, "not_found", f"no action {action_id}")
+        return action
+
+    def action_path(self, action: dict) -> Path:
+        return self.store.path(self.store.relpath(action["file"], ".safetensors"))
+
+    # ---- domain rules ------------------------------------------------------------------------
+    def extraction_key(self, body: ActionCreate) -> str:
+        """The same video, trim, steps, seed and caption on the same model is the same action."""
+        fields = [self.info.id, body.video, body.start_s, body.end_s, body.steps, body.seed, body.caption]
+        return hashlib.sha256(json.dumps(fields).encode()).hexdigest()
+
+    def queue_extraction(self, body: ActionCreate) -> tuple[dict, dict]:
+        """Queue an extraction (or return the existing action for the same request); returns (action, job)."""
+        action, job, _created = self.db.create_extraction(
+            key=self.extraction_key(body), name=body.name, caption=body.caption, video=body.video,
+            start_s=body.start_s, end_s=body.end_s, steps=body.steps, seed=body.seed, base_model=self.info.id,
+            params=body.model_dump())
+        self.pool.wake()
+        return action, job
+
+    def queue_generation(self, body: GenerationCreate) -> dict:
+        params = body.model_dump()
+        params["transition"] = transition_fraction(body.high_timesteps)
+        job = self.db.create_generation(params, body.steps, body.action)
+        self.pool.wake()
+        return job
+
+    def delete_action(self, action_id: str) -> None:
+        """Delete an action, its file unless another record names it, and its work dir unless a worker owns it."""
+        action = self.db.delete_action(action_id)
+        if action is None:
+            raise APIError(404, "not_found", f"no action {action_id}")
+        if action["file"] and not self.db.file_in_use(action["file"]):
+            self.action_path(action).unlink(missing_ok=True)
+        job = self.db.get_job(action["job"]) if action["job"] else None
+        if job is None or job["status"] != "running":  # a running job's worker removes its work dir itself
+            shutil.rmtree(work_dir(self.config.data_dir, action_id), ignore_errors=True)
+
+
+def get_service(request: Request) -> Service:
+    return request.app.state.service
+
+
+Svc = Annotated[Service, Depends(get_service)]

@@ -1,0 +1,33 @@
+"""Uploads: POST /v1/files stores a video, image or checkpoint under its sha256."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Request
+
+from ..context import Svc
+from ..errors import APIError
+from ..schemas import FileId, FileInfo
+from ..uploads import receive_upload
+
+router = APIRouter(tags=["files"])
+
+
+@router.post("/files", status_code=201, response_model=FileInfo, openapi_extra={"requestBody": {
+    "required": True, "description": "the raw file; Content-Type video/* or image/*, or a checkpoint",
+    "content": {t: {"schema": {"type": "string", "format": "binary"}}
+                for t in ("video/mp4", "image/png", "image/jpeg", "application/octet-stream")}}})
+async def upload_file(svc: Svc, request: Request,
+                      x_filename: Annotated[str | None, Header(max_length=255)] = None) -> dict:
+    """Stream an upload to disk, check it, store it under its sha256."""
+    return await receive_upload(svc, request, x_filename)
+
+
+@router.api_route("/files/{file_id}", methods=["GET", "HEAD"], response_model=FileInfo)
+def get_file(svc: Svc, file_id: FileId) -> dict:
+    """The file's record; HEAD answers 200 or 404 without a body, so a client can skip re-uploading."""
+    rec = svc.db.get_file(file_id)
+    if rec is None:
+        raise APIError(404, "not_found", f"no uploaded file {file_id}")
+    return rec
