@@ -6,13 +6,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 
 from .. import __version__
-from .auth import make_token_check
 from .config import ServiceConfig
 from .context import Service
 from .errors import ERROR_RESPONSES, install_error_handlers
+from .guard import RequestGuard
 from .routes import actions, files, health, jobs
 
 
@@ -31,8 +31,11 @@ def create_app(config: ServiceConfig, *, memory_saving: bool = False, refadapter
                   description="Action extraction and generation for the FlexiAct Blender add-on.")
     app.state.service = svc
     install_error_handlers(app)
+    # no CORS middleware on purpose: a browser page of another origin gets no Access-Control-Allow-* header
+    app.add_middleware(RequestGuard, token=config.token, allowed_hosts=config.host_names(),
+                       public_docs=config.public_docs, json_body_bytes=config.json_body_bytes,
+                       body_timeout_s=config.body_timeout_s)
     app.include_router(health.router, prefix="/v1")
-    token = [Depends(make_token_check(config.token))]
     for router in (files.router, actions.router, jobs.router):
-        app.include_router(router, prefix="/v1", dependencies=token, responses=ERROR_RESPONSES)
+        app.include_router(router, prefix="/v1", responses=ERROR_RESPONSES)
     return app

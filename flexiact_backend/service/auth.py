@@ -4,14 +4,6 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-from collections.abc import Awaitable, Callable
-
-from fastapi import Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-
-from .errors import APIError
-
-bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <token>` when the server has a token")
 
 
 def is_loopback(host: str) -> bool:
@@ -32,17 +24,7 @@ def check_bind(host: str, token: str | None) -> None:
             "and run jobs on your GPU. Pass --token (or FLEXIACT_TOKEN), or keep the default --host 127.0.0.1.")
 
 
-def make_token_check(token: str | None) -> Callable[[Request], Awaitable[None]]:
-    """A FastAPI dependency that lets a request through only with the right token (when one is set)."""
-    expected = token.encode() if token else None
-
-    async def require_token(request: Request) -> None:
-        if expected is None:
-            return
-        creds: HTTPAuthorizationCredentials | None = await bearer(request)
-        given = creds.credentials.encode() if creds else b""
-        if not hmac.compare_digest(given, expected):
-            raise APIError(401, "unauthorized", "missing or wrong token: send 'Authorization: Bearer <token>'",
-                           headers={"WWW-Authenticate": "Bearer"})
-
-    return require_token
+def token_matches(authorization: str, expected: bytes) -> bool:
+    """Constant-time check of an `Authorization: Bearer <token>` header value."""
+    scheme, _, given = authorization.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode("latin-1"), expected)

@@ -32,6 +32,14 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--max-image-bytes", type=int, help="upload limit for images (default 64 MiB)")
     p.add_argument("--max-checkpoint-bytes", type=int, help="upload limit for checkpoints (default 1 GiB)")
     p.add_argument("--max-image-pixels", type=int, help="largest image in pixels (default 50 megapixels)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="also answer requests for this Host name (repeat for several); by default only localhost, "
+                   "127.0.0.1, [::1] and the --host address")
+    p.add_argument("--public-docs", action="store_true", help="serve /openapi.json and /docs without the token")
+    p.add_argument("--header-timeout", type=float, default=10.0, help="seconds a client may take to send a "
+                   "request head")
+    p.add_argument("--body-timeout", type=float, default=30.0, help="seconds a client may pause while sending "
+                   "a request body")
     p.add_argument("--access-log", action="store_true", help="log every request")
     p.set_defaults(func=run_serve)
     return p
@@ -45,16 +53,20 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from .app import create_app
     from .config import Limits, ServiceConfig
+    from .protocol import timed_h11
 
     limits = Limits()
     overrides = {"video_bytes": args.max_video_bytes, "image_bytes": args.max_image_bytes,
                  "checkpoint_bytes": args.max_checkpoint_bytes, "image_pixels": args.max_image_pixels}
     limits = Limits(**{**limits.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
     config = ServiceConfig(data_dir=args.data_dir, model_dir=args.model, tiny=args.tiny, token=args.token,
-                           limits=limits, devices=tuple(args.device), checkpoint_every=args.checkpoint_every)
+                           limits=limits, devices=tuple(args.device), checkpoint_every=args.checkpoint_every,
+                           host=args.host, allowed_hosts=tuple(args.allowed_host), public_docs=args.public_docs,
+                           header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(config, memory_saving=args.memory_saving, refadapter=args.refadapter)
-    uvicorn.run(app, host=args.host, port=args.port, access_log=args.access_log, timeout_graceful_shutdown=5)
+    uvicorn.run(app, host=args.host, port=args.port, access_log=args.access_log, timeout_graceful_shutdown=5,
+                http=timed_h11(config.header_timeout_s))
     return 0
 
 

@@ -34,6 +34,23 @@ class ServiceConfig:
     limits: Limits = field(default_factory=Limits)
     devices: tuple[str, ...] = ()
     checkpoint_every: int = 500
+    #: the bound address; it and the loopback names are the Host headers answered, plus `allowed_hosts`
+    host: str = "127.0.0.1"
+    allowed_hosts: tuple[str, ...] = ()
+    #: /openapi.json and /docs without the token
+    public_docs: bool = False
+    #: JSON request bodies (everything but uploads) are refused past this size
+    json_body_bytes: int = 64 * 1024
+    #: a connection that sends no complete request head, or stalls mid-body, this long is closed
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+
+    def host_names(self) -> frozenset[str]:
+        """The Host header names this server answers to (lower case, IPv6 without brackets)."""
+        names = {"localhost", "127.0.0.1", "::1", *(h.strip("[]").lower() for h in self.allowed_hosts)}
+        if self.host not in ("0.0.0.0", "::", ""):  # a wildcard bind is no name a client uses
+            names.add(self.host.strip("[]").lower())
+        return frozenset(names)
 
     def __post_init__(self) -> None:
         if self.tiny == (self.model_dir is not None):

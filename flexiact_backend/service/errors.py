@@ -18,7 +18,7 @@ from .schemas import ErrorResponse
 log = logging.getLogger("flexiact.service")
 
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-               405: "method_not_allowed", 406: "not_acceptable", 409: "conflict", 413: "too_large",
+               405: "method_not_allowed", 406: "not_acceptable", 408: "request_timeout", 409: "conflict", 413: "too_large",
                415: "unsupported_media_type", 422: "invalid_request"}
 
 #: The error answers every /v1 route may give, as published in /openapi.json.
