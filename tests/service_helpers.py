@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import imageio_ffmpeg
 import numpy as np
+import pytest
 
 from flexiact_backend.media import write_mp4
 from flexiact_backend.service.bench import Client, png_bytes
@@ -17,7 +23,7 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 WAIT_S = 240.0
 
 __all__ = ["Client", "ServerProcess", "png_bytes", "TERMINAL", "assert_monotonic", "clip_bytes", "decode_mp4",
-           "upload", "wait_job"]
+           "upload", "wait_job", "read_only", "small_disk"]
 
 
 def clip_bytes(path: Path, seconds: float = 2.0, fps: float = 24.0, size: tuple[int, int] = (96, 64)) -> bytes:
@@ -69,3 +75,45 @@ def decode_mp4(path: Path) -> tuple[int, float, tuple[int, int]]:
     meta = reader.__next__()
     count = sum(1 for _ in reader)
     return count, float(meta["fps"]), tuple(meta["size"])
+
+
+def _mount(*args: str) -> None:
+    """mount(8) as root, else through passwordless sudo; skips the test where neither may mount."""
+    cmd = ["mount", *args] if os.geteuid() == 0 else ["sudo", "-n", "mount", *args]
+    if os.geteuid() != 0 and shutil.which("sudo") is None:
+        pytest.skip("mounting a small tmpfs needs root or passwordless sudo")
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    if run.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {run.stderr.strip()}")
+
+
+def _umount(path: Path) -> None:
+    subprocess.run(["umount", str(path)] if os.geteuid() == 0 else ["sudo", "-n", "umount", str(path)], check=True)
+
+
+@contextmanager
+def small_disk(path: Path, size: str) -> Iterator[Path]:
+    """`path` as a tmpfs of `size` (e.g. '40m'): a disk that really fills up."""
+    path.mkdir(parents=True, exist_ok=True)
+    _mount("-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path))
+    try:
+        yield path
+    finally:
+        _umount(path)
+
+
+@contextmanager
+def read_only(path: Path) -> Iterator[Path]:
+    """`path` unwritable for the service: mode 0555, or (root ignores modes) a read-only tmpfs over it."""
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+        try:
+            yield path
+        finally:
+            path.chmod(0o755)
+        return
+    _mount("-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path))
+    try:
+        yield path
+    finally:
+        _umount(path)

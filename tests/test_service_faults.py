@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
-from service_helpers import (Client, ServerProcess, assert_monotonic, clip_bytes, decode_mp4, png_bytes, upload,
-                             wait_job)
+from service_helpers import (Client, ServerProcess, assert_monotonic, clip_bytes, decode_mp4, png_bytes, read_only,
+                             upload, wait_job)
 
 EXTRACT_STEPS = 60
 GENERATE_STEPS = 40
@@ -73,3 +76,44 @@ def test_kill_minus_9_mid_extraction_and_mid_generation(tmp_path: Path) -> None:
         assert client.request("GET", f"/v1/actions/{action['id']}")[1]["file"] == action["file"]
     finally:
         server.stop()
+
+
+def _integrity(data_dir: Path) -> str:
+    with sqlite3.connect(data_dir / "state.sqlite3") as db:
+        return db.execute("PRAGMA integrity_check").fetchone()[0]
+
+
+def test_a_job_that_kills_the_service_every_time_ends_failed(tmp_path: Path) -> None:
+    """Retried --max-job-restarts times, then failed with a message; the database is sound after every kill -9."""
+    data_dir, args = tmp_path / "data", ("--max-job-restarts", "2")
+    server = ServerProcess(data_dir, extra_args=args).start()
+    try:
+        client = Client(server.url)
+        image = upload(client, png_bytes(9, (80, 60)), "image/png", "target.png")
+        status, body = client.request("POST", "/v1/generations",
+                                      json_body={"image": image["id"], "prompt": "p", "steps": 1000})
+        job_id = body["job"]["id"]
+        for _ in range(3):  # the job "kills" the process each time it runs: two retries, then it must stop
+            wait_job(client, job_id, ("running",), min_step=1)
+            server.kill()
+            assert _integrity(data_dir) == "ok"
+            server = ServerProcess(data_dir, port=server.port, extra_args=args).start()
+            client = Client(server.url)
+        job = client.request("GET", f"/v1/jobs/{job_id}")[1]
+        assert job["status"] == "failed" and job["error"]["code"] == "crash_loop", job
+        assert "3 times" in job["error"]["message"] and "2 retries" in job["error"]["message"]
+        assert client.request("GET", "/v1/health")[1]["queue"] == {"queued": 0, "running": 0}
+    finally:
+        server.stop()
+    assert _integrity(data_dir) == "ok"
+
+
+def test_read_only_data_dir_is_a_clear_start_up_error(tmp_path: Path) -> None:
+    data_dir = tmp_path / "ro"
+    data_dir.mkdir()
+    with read_only(data_dir):
+        cmd = [sys.executable, "-m", "flexiact_backend.service", "serve", "--tiny", "--data-dir", str(data_dir),
+               "--port", "1"]
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    assert "cannot write to the data dir" in run.stderr and "Traceback" not in run.stderr, run.stderr

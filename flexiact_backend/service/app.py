@@ -30,7 +30,7 @@ def create_app(config: ServiceConfig, *, memory_saving: bool = False, refadapter
     app = FastAPI(title="FlexiAct backend", version=__version__, lifespan=lifespan,
                   description="Action extraction and generation for the FlexiAct Blender add-on.")
     app.state.service = svc
-    install_error_handlers(app)
+    install_error_handlers(app, svc.redact)
     # no CORS middleware on purpose: a browser page of another origin gets no Access-Control-Allow-* header
     app.add_middleware(RequestGuard, token=config.token, allowed_hosts=config.host_names(),
                        public_docs=config.public_docs, json_body_bytes=config.json_body_bytes,

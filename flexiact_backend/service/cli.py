@@ -28,6 +28,8 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--memory-saving", action="store_true", help="offload idle sub-models to the CPU, tile the VAE")
     p.add_argument("--refadapter", type=Path, help="RefAdapter checkpoint if not inside the model folder")
     p.add_argument("--checkpoint-every", type=int, default=500, help="extraction checkpoint interval (steps)")
+    p.add_argument("--max-job-restarts", type=int, default=3, help="a job running when the service died is "
+                   "retried this many times, then fails (so one bad input cannot crash-loop the service)")
     p.add_argument("--max-video-bytes", type=int, help="upload limit for videos (default 2 GiB)")
     p.add_argument("--max-image-bytes", type=int, help="upload limit for images (default 64 MiB)")
     p.add_argument("--max-checkpoint-bytes", type=int, help="upload limit for checkpoints (default 1 GiB)")
@@ -61,13 +63,28 @@ def run_serve(args: argparse.Namespace) -> int:
     limits = Limits(**{**limits.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
     config = ServiceConfig(data_dir=args.data_dir, model_dir=args.model, tiny=args.tiny, token=args.token,
                            limits=limits, devices=tuple(args.device), checkpoint_every=args.checkpoint_every,
-                           host=args.host, allowed_hosts=tuple(args.allowed_host), public_docs=args.public_docs,
+                           max_job_restarts=args.max_job_restarts, host=args.host, allowed_hosts=tuple(args.allowed_host), public_docs=args.public_docs,
                            header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout)
+    os.umask(0o077)  # the database, uploads and results are readable by the service's user only
+    check_data_dir(args.data_dir)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(config, memory_saving=args.memory_saving, refadapter=args.refadapter)
     uvicorn.run(app, host=args.host, port=args.port, access_log=args.access_log, timeout_graceful_shutdown=5,
                 http=timed_h11(config.header_timeout_s))
     return 0
+
+
+def check_data_dir(data_dir: Path) -> None:
+    """Refuse to start, with one clear line, when the data dir cannot be created or written."""
+    probe = data_dir / f".write-test-{os.getpid()}"
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise SystemExit(f"cannot write to the data dir {data_dir} ({exc.strerror}): the service keeps its database, "
+                         "uploads and results there. Choose a writable --data-dir (or $FLEXIACT_DATA_DIR) or fix "
+                         "its permissions.") from None
 
 
 def add_bench_serve(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

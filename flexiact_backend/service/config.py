@@ -34,6 +34,8 @@ class ServiceConfig:
     limits: Limits = field(default_factory=Limits)
     devices: tuple[str, ...] = ()
     checkpoint_every: int = 500
+    #: a job running when the process died is retried this often, then fails (no crash loop)
+    max_job_restarts: int = 3
     #: the bound address; it and the loopback names are the Host headers answered, plus `allowed_hosts`
     host: str = "127.0.0.1"
     allowed_hosts: tuple[str, ...] = ()

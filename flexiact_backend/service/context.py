@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -18,7 +19,7 @@ from ..model_info import read_model_info
 from ..tiny import ensure_tiny_model
 from .config import ServiceConfig
 from .db import Database
-from .errors import APIError
+from .errors import APIError, path_redactor
 from .schemas import ActionCreate, GenerationCreate
 from .storage import FileStore
 from .worker import WorkerPool, work_dir
@@ -36,19 +37,28 @@ class Service:
         self.config = config
         data_dir = Path(config.data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
-        self.db = Database(data_dir / "state.sqlite3")
-        self.db.recover()
-        self.store = FileStore(data_dir)
         model_dir = ensure_tiny_model(data_dir) if config.tiny else Path(config.model_dir)  # type: ignore[arg-type]
+        self.redact = path_redactor([data_dir, model_dir, tempfile.gettempdir(), Path.home()])
+        self.db = Database(data_dir / "state.sqlite3", redact=self.redact)
+        self.db.recover(config.max_job_restarts)
+        self.store = FileStore(data_dir)
         self.info = read_model_info(model_dir)
         self.pool = WorkerPool(config, self.db, self.store, model_dir, self.info,
                                memory_saving=memory_saving, refadapter=refadapter)
 
     # ---- lookups -----------------------------------------------------------------------------
-    def file_of_kind(self, file_id: str, kind: str) -> dict:
+    def stored_file(self, file_id: str) -> dict:
+        """The upload's record; 404 also when its bytes are gone from disk (an upload of them restores it)."""
         rec = self.db.get_file(file_id)
         if rec is None:
             raise APIError(404, "not_found", f"no uploaded file {file_id}; upload it with POST /v1/files")
+        if not self.store.path(rec["path"]).is_file():
+            raise APIError(404, "not_found", f"the content of file {file_id} is no longer on the server; upload "
+                           "it again with POST /v1/files")
+        return rec
+
+    def file_of_kind(self, file_id: str, kind: str) -> dict:
+        rec = self.stored_file(file_id)
         if rec["kind"] != kind:
             raise APIError(422, "wrong_file_kind", f"file {file_id} is a {rec['kind']}, not a {kind}")
         return rec
@@ -67,6 +77,13 @@ class Service:
 
     def action_path(self, action: dict) -> Path:
         return self.store.path(self.store.relpath(action["file"], ".safetensors"))
+
+    def present(self, path: Path, what: str) -> Path:
+        """`path` if its file is on disk, else a 410: the record is known but its bytes were removed."""
+        if not path.is_file():
+            raise APIError(410, "gone", f"{what} is no longer on the server (removed by retention or by hand); "
+                           "create it again")
+        return path
 
     # ---- domain rules ------------------------------------------------------------------------
     def extraction_key(self, body: ActionCreate) -> str:
@@ -95,7 +112,7 @@ class Service:
         action = self.db.delete_action(action_id)
         if action is None:
             raise APIError(404, "not_found", f"no action {action_id}")
-        if action["file"] and not self.db.file_in_use(action["file"]):
+        if action["file"] and not self.db.file_referenced(action["file"]):
             self.action_path(action).unlink(missing_ok=True)
         job = self.db.get_job(action["job"]) if action["job"] else None
         if job is None or job["status"] != "running":  # a running job's worker removes its work dir itself

@@ -12,6 +12,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,18 @@ CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, kind, created_at);
 """
 
 
+#: Every content id a record names: uploads and results, action files and source videos, job inputs and videos.
+#: (An extraction job's `result.file` is its action's file: the action owns it, and deleting the action frees it.)
+_REFERENCES = """SELECT ref FROM (
+    SELECT id AS ref FROM files
+    UNION SELECT file FROM actions WHERE file IS NOT NULL
+    UNION SELECT video FROM actions WHERE video IS NOT NULL
+    UNION SELECT json_extract(params, '$.image') FROM jobs WHERE json_extract(params, '$.image') IS NOT NULL
+    UNION SELECT json_extract(params, '$.video') FROM jobs WHERE json_extract(params, '$.video') IS NOT NULL
+    UNION SELECT json_extract(result, '$.video') FROM jobs WHERE json_extract(result, '$.video') IS NOT NULL
+) {where}"""
+
+
 def new_id() -> str:
     return uuid.uuid4().hex
 
@@ -43,7 +56,8 @@ def new_id() -> str:
 class Database:
     """One connection guarded by a lock: SQLite serialises writers anyway and every call is short."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, redact: Callable[[str], str] = lambda text: text) -> None:
+        self._redact = redact  # job errors are shown to clients: no server paths in them
         self._lock = threading.RLock()
         self._conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._conn.row_factory = sqlite3.Row
@@ -77,9 +91,17 @@ class Database:
             self._conn.execute("COMMIT")
 
     # ---- start-up recovery -------------------------------------------------------------------
-    def recover(self) -> int:
-        """After a crash: jobs left running go back to the queue (or end, if a cancel was asked)."""
+    def recover(self, max_restarts: int = 3) -> int:
+        """After a crash: jobs left running go back to the queue (or end, if a cancel was asked).
+
+        `attempts` counts how often a job was running when the process died; past `max_restarts` the job
+        fails instead, so that one input that kills the process cannot crash-loop the service forever.
+        """
         now = time.time()
+        err = json.dumps({"code": "crash_loop", "message": (
+            f"this job was running each of the {max_restarts + 1} times the service stopped unexpectedly (a crash "
+            f"or a kill); after {max_restarts} retries it is not run again. Check the server log, then submit "
+            "it again, perhaps with a smaller input or fewer steps.")})
         with self._lock:
             n = self._conn.execute("SELECT COUNT(*) FROM jobs WHERE status='running'").fetchone()[0]
             self._tx([
@@ -87,6 +109,11 @@ class Database:
                  "WHERE status IN ('running','queued') AND cancel_requested=1", (now,)),
                 ("UPDATE actions SET status='cancelled' WHERE status='pending' AND job IN "
                  "(SELECT id FROM jobs WHERE status='cancelled')", ()),
+                ("UPDATE jobs SET attempts=attempts+1 WHERE status='running'", ()),
+                ("UPDATE jobs SET status='failed', phase='failed', eta_s=NULL, finished_at=?, error=?, "
+                 "version=version+1 WHERE status='running' AND attempts>?", (now, err, max_restarts)),
+                ("UPDATE actions SET status='failed', error=? WHERE status='pending' AND job IN "
+                 "(SELECT id FROM jobs WHERE status='failed' AND finished_at=?)", (err, now)),
                 ("UPDATE jobs SET status='queued', phase='requeued', version=version+1 WHERE status='running'", ()),
             ])
         return n
@@ -104,8 +131,13 @@ class Database:
                 (file_id, kind, size, path, filename, json.dumps(meta), time.time()))
             return self.get_file(file_id)  # type: ignore[return-value]
 
-    def file_in_use(self, file_id: str) -> bool:
-        return self._one("SELECT 1 FROM actions WHERE file=?", (file_id,)) is not None
+    def file_referenced(self, file_id: str) -> bool:
+        """Whether any record names this content: an upload or result, an action, or a job's input or output."""
+        return self._one(_REFERENCES.format(where="WHERE ref=?") + " LIMIT 1", (file_id,)) is not None
+
+    def referenced_files(self) -> set[str]:
+        """Every content id some record names (what garbage collection must keep)."""
+        return {r[0] for r in self._all(_REFERENCES.format(where=""))}
 
     # ---- actions -----------------------------------------------------------------------------
     def get_action(self, action_id: str) -> dict | None:
@@ -206,7 +238,7 @@ class Database:
                             "ORDER BY CASE kind WHEN 'generate' THEN 0 ELSE 1 END, created_at, rowid LIMIT 1")
             if row is None:
                 return None
-            self._tx([("UPDATE jobs SET status='running', phase='starting', attempts=attempts+1, "
+            self._tx([("UPDATE jobs SET status='running', phase='starting', "
                        "started_at=COALESCE(started_at, ?), version=version+1 WHERE id=?", (time.time(), row[0]))])
             return self.get_job(row[0])
 
@@ -234,7 +266,7 @@ class Database:
         self._tx(stmts)
 
     def fail_job(self, job_id: str, status: str, code: str, message: str) -> None:
-        err = json.dumps({"code": code, "message": message})
+        err = json.dumps({"code": code, "message": self._redact(message)})
         self._tx([
             ("UPDATE jobs SET status=?, phase=?, eta_s=NULL, finished_at=?, error=?, version=version+1 "
              "WHERE id=? AND status NOT IN ('succeeded','failed','cancelled')",
@@ -259,13 +291,17 @@ class Database:
              "(SELECT status FROM jobs WHERE id=?)='cancelled'", (err, job_id, job_id)),
         ]
 
-    def cancel_job(self, job_id: str) -> dict | None:
-        """Cancel: a queued job ends now; a running one is flagged and stops at its next step."""
+    def cancel_job(self, job_id: str) -> tuple[dict | None, bool]:
+        """Cancel: a queued job ends now; a running one is flagged and stops at its next step.
+
+        Returns (job, changed): changed is False for a job that had already finished.
+        """
         with self._lock:
-            if self.get_job(job_id) is None:
-                return None
+            job = self.get_job(job_id)
+            if job is None or job["status"] in TERMINAL:
+                return job, False
             self._tx(self._cancel_statements(job_id))
-            return self.get_job(job_id)
+            return self.get_job(job_id), True
 
 
 def _loads(value: str | None) -> Any:

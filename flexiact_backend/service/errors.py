@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -19,14 +22,15 @@ log = logging.getLogger("flexiact.service")
 
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                405: "method_not_allowed", 406: "not_acceptable", 408: "request_timeout", 409: "conflict", 413: "too_large",
-               415: "unsupported_media_type", 422: "invalid_request"}
+               415: "unsupported_media_type", 422: "invalid_request", 507: "insufficient_storage"}
 
 #: The error answers every /v1 route may give, as published in /openapi.json.
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": desc} for status, desc in (
         (400, "bad request (e.g. malformed JSON)"), (401, "missing or wrong token"), (404, "unknown id"),
         (409, "not possible in the current state"), (413, "over a size limit"),
-        (415, "unsupported file type"), (422, "invalid field or unusable media"))}
+        (415, "unsupported file type"), (422, "invalid field or unusable media"),
+        (507, "not enough free disk on the server"))}
 
 
 class APIError(Exception):
@@ -37,8 +41,17 @@ class APIError(Exception):
         self.status, self.code, self.message, self.headers = status, code, message, headers
 
 
-def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+def path_redactor(roots: Iterable[Path | str]) -> Callable[[str], str]:
+    """A function that replaces every path under `roots` in a message by the file's name alone.
+
+    Why: a message goes to whoever sent the request; the server's directory layout is none of their business.
+    """
+    prefixes = sorted({str(p) for r in roots for p in (Path(r), Path(r).resolve()) if str(p) not in ("", "/")},
+                      key=len, reverse=True)
+    if not prefixes:
+        return lambda text: text
+    pattern = re.compile("(?:" + "|".join(map(re.escape, prefixes)) + r")(?![\w.-])(?:/[^\s'\"():,;]*)?")
+    return lambda text: pattern.sub(lambda m: Path(m.group(0)).name or "(server path)", text)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[int, str, str]:
@@ -65,7 +78,13 @@ def allowed_methods(app: FastAPI, path: str) -> list[str]:
     return sorted(methods)
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI, redact: Callable[[str], str]) -> None:
+    """Every error as JSON; `redact` takes server paths out of each message."""
+
+    def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+        return JSONResponse({"error": {"code": code, "message": redact(message)}}, status_code=status,
+                            headers=headers)
+
     @app.exception_handler(APIError)
     async def _api(request: Request, exc: APIError) -> JSONResponse:
         return error_response(exc.status, exc.code, exc.message, exc.headers)
@@ -86,6 +105,14 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _flexiact(request: Request, exc: FlexiActError) -> JSONResponse:
         status = 422 if isinstance(exc, (MediaError, CheckpointError)) else 400
         return error_response(status, exc.code, str(exc))
+
+    @app.exception_handler(OSError)
+    async def _os(request: Request, exc: OSError) -> JSONResponse:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return error_response(507, "insufficient_storage", "the server's disk is full; the request was not "
+                                  "stored. Free space on the server (or run `flexiact-backend gc`) and try again.")
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal_error", f"internal error ({type(exc).__name__}); this is a bug")
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:

@@ -9,15 +9,18 @@ from pydantic import BaseModel, ConfigDict, Field
 
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 UUID_PATTERN = r"^[0-9a-f]{32}$"
+#: The longest trim accepted (seconds); a motion clip is a few seconds, a day is clearly a mistake.
+MAX_CLIP_S = 86_400.0
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 FileId = Annotated[str, PathParam(pattern=SHA256_PATTERN, description="sha256 of the file's content")]
 ObjectId = Annotated[str, PathParam(pattern=UUID_PATTERN, description="32 hex digits")]
 
 
 class _Request(BaseModel):
-    """Requests refuse NaN and infinities: they would reach the model as nonsense."""
+    """Requests refuse NaN and infinities (they would reach the model as nonsense) and are strict: "5" is not 5
+    and true is not 1, so a client's type mistake is a 422 instead of a guess."""
 
-    model_config = ConfigDict(allow_inf_nan=False)
+    model_config = ConfigDict(allow_inf_nan=False, strict=True)
 
 
 class ErrorBody(BaseModel):
@@ -70,8 +73,8 @@ class ActionCreate(_Request):
     name: str = Field(min_length=1, max_length=200)
     caption: str = Field(min_length=1, max_length=2000)
     video: str = Field(pattern=SHA256_PATTERN, description="id of an uploaded video")
-    start_s: float = Field(ge=0)
-    end_s: float = Field(gt=0)
+    start_s: float = Field(ge=0, le=MAX_CLIP_S)
+    end_s: float = Field(gt=0, le=MAX_CLIP_S)
     steps: int = Field(3000, ge=1, le=100_000)
     seed: int = Field(0, ge=0, le=2**31 - 1)
 
@@ -118,7 +121,7 @@ class GenerationCreate(_Request):
         0.8, gt=0, le=1000,
         description="where the high-noise (motion) timesteps end: a fraction of 1000 (0.8) or a timestep (800)")
     fit: Literal["crop", "pad"] = "crop"
-    fps: float | None = Field(None, gt=0, le=240, description="frame rate of the returned video; the duration "
+    fps: float | None = Field(None, ge=1, le=240, description="frame rate of the returned video; the duration "
                               "stays the model's; null: the model's own fps")
 
 

@@ -61,7 +61,7 @@ class FileStore:
         digest = hashlib.sha256()
         size = 0
         try:
-            with open(tmp, "wb") as f:
+            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
                 async for chunk in chunks:
                     size += len(chunk)
                     if size > limit:
@@ -82,15 +82,20 @@ class FileStore:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
         rel = self.relpath(sha, safe_suffix(tmp.name))
-        dest = self.path(rel)
         size = tmp.stat().st_size
-        if dest.exists():
-            tmp.unlink()
-        else:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, dest)
-            _fsync_dir(dest.parent)
+        self.restore(tmp, rel)
         return sha, rel, size
+
+    def restore(self, tmp: Path, relpath: str) -> None:
+        """Put the finished temp file at `relpath` unless that file is already there (same bytes, same name)."""
+        dest = self.path(relpath)
+        if dest.is_file():
+            tmp.unlink()
+            return
+        os.chmod(tmp, 0o600)  # stored files are the service user's alone
+        dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.replace(tmp, dest)
+        _fsync_dir(dest.parent)
 
 
 def sha256_file(path: Path) -> str:

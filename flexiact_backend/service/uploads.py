@@ -93,7 +93,8 @@ async def receive_upload(svc: Service, request: Request, filename: str | None) -
         if size == 0:
             raise APIError(422, "empty_file", "the file is empty (0 bytes)")
         existing = svc.db.get_file(sha)
-        if existing is not None:
+        if existing is not None:  # the same bytes again: they restore the stored copy if it went missing
+            svc.store.restore(tmp, existing["path"])
             return existing
         meta, tmp = await run_in_threadpool(inspect, kind, tmp, filename, svc.config.limits)
         _sha, rel, size = svc.store.adopt(tmp, sha)

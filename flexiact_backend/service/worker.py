@@ -8,6 +8,7 @@ a generation is waiting and no worker is idle, and is re-queued; it resumes from
 
 from __future__ import annotations
 
+import errno
 import logging
 import shutil
 import threading
@@ -32,6 +33,8 @@ log = logging.getLogger("flexiact.service")
 
 OOM_MESSAGE = ("The GPU ran out of memory. Close other programs using the GPU, or restart the backend with "
                "--memory-saving (offloads idle parts of the model to the CPU), then submit the job again.")
+DISK_FULL_MESSAGE = ("The server's disk filled up while this job wrote its result; nothing partial was kept. "
+                     "Free space on the server (or run `flexiact-backend gc`), then submit the job again.")
 #: Extraction progress below this fraction is preparation (decoding, caching latents); the rest is training.
 PREP_SHARE = 0.02
 #: The database is written at most this often per job (and always on a phase change or the last step).
@@ -140,7 +143,10 @@ class WorkerPool:
             self.db.fail_job(job_id, "failed", exc.code, str(exc))
         except Exception as exc:  # a bug or an environment problem: the job fails, the worker lives on
             log.error("job %s failed:\n%s", job_id, traceback.format_exc())
-            self.db.fail_job(job_id, "failed", "internal_error", f"{type(exc).__name__}: {exc}")
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                self.db.fail_job(job_id, "failed", "insufficient_storage", DISK_FULL_MESSAGE)
+            else:
+                self.db.fail_job(job_id, "failed", "internal_error", f"{type(exc).__name__}: {exc}")
         finally:
             if job["kind"] == "extract" and job["action"] and self.db.get_action(job["action"]) is None:
                 shutil.rmtree(work_dir(self.config.data_dir, job["action"]), ignore_errors=True)

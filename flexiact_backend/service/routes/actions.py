@@ -68,5 +68,6 @@ def action_file(svc: Svc, action_id: ObjectId) -> FileResponse:
     action = svc.action_or_404(action_id)
     if action["status"] != "ready":
         raise APIError(409, "not_ready", f"action {action_id} is {action['status']}, not ready")
-    return FileResponse(svc.action_path(action), media_type="application/octet-stream",
+    return FileResponse(svc.present(svc.action_path(action), f"the file of action {action_id}"),
+                        media_type="application/octet-stream",
                         filename=f"{action_id}.safetensors")

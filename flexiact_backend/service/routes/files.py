@@ -7,7 +7,6 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Request
 
 from ..context import Svc
-from ..errors import APIError
 from ..schemas import FileId, FileInfo
 from ..uploads import receive_upload
 
@@ -26,8 +25,8 @@ async def upload_file(svc: Svc, request: Request,
 
 @router.api_route("/files/{file_id}", methods=["GET", "HEAD"], response_model=FileInfo)
 def get_file(svc: Svc, file_id: FileId) -> dict:
-    """The file's record; HEAD answers 200 or 404 without a body, so a client can skip re-uploading."""
-    rec = svc.db.get_file(file_id)
-    if rec is None:
-        raise APIError(404, "not_found", f"no uploaded file {file_id}")
-    return rec
+    """The file's record; HEAD answers 200 or 404 without a body, so a client can skip re-uploading.
+
+    A record whose bytes are gone from disk is a 404 too: the client uploads again, which restores them.
+    """
+    return svc.stored_file(file_id)

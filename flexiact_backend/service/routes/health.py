@@ -20,5 +20,6 @@ def health(svc: Svc) -> dict:
     i = svc.info
     return {"status": status, "version": __version__,
             "model": {"id": i.id, "tiny": i.tiny, "loaded": loaded, "width": i.width, "height": i.height,
-                      "frames": i.frames, "fps": i.fps, "error": svc.pool.load_error},
+                      "frames": i.frames, "fps": i.fps,
+                      "error": svc.redact(svc.pool.load_error) if svc.pool.load_error else None},
             "device": svc.pool.device_health(), "queue": svc.db.queue_counts()}

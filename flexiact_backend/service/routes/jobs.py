@@ -49,10 +49,12 @@ def get_job(svc: Svc, job_id: ObjectId) -> dict:
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobAccepted)
 def cancel_job(svc: Svc, job_id: ObjectId) -> dict:
-    """A queued job is cancelled at once; a running one stops within one step."""
-    job = svc.db.cancel_job(job_id)
+    """A queued job is cancelled at once; a running one stops within one step; a finished one is a 409."""
+    job, changed = svc.db.cancel_job(job_id)
     if job is None:
         raise APIError(404, "not_found", f"no job {job_id}")
+    if not changed:
+        raise APIError(409, "already_finished", f"job {job_id} already ended ({job['status']}); nothing to cancel")
     return {"job": job_out(job)}
 
 
@@ -67,8 +69,9 @@ def job_video(svc: Svc, job_id: ObjectId) -> FileResponse:
         raise APIError(409, "not_ready", f"job {job_id} is {job['status']}; the video exists once it succeeds")
     rec = svc.db.get_file(job["result"]["video"])
     if rec is None:
-        raise APIError(404, "not_found", f"the video of job {job_id} is gone")
-    return FileResponse(svc.store.path(rec["path"]), media_type="video/mp4", filename=f"flexiact-{job_id}.mp4")
+        raise APIError(410, "gone", f"the video of job {job_id} was removed by retention; generate it again")
+    return FileResponse(svc.present(svc.store.path(rec["path"]), f"the video of job {job_id}"),
+                        media_type="video/mp4", filename=f"flexiact-{job_id}.mp4")
 
 
 @router.get("/jobs/{job_id}/events", response_class=StreamingResponse, responses={

@@ -1,0 +1,115 @@
+"""The store never loses what a record names, strict request types, 409/410 answers, no server paths in
+messages, owner-only files: on a real server process."""
+
+from __future__ import annotations
+
+import hashlib
+import stat
+from pathlib import Path
+
+import pytest
+
+from service_helpers import Client, ServerProcess, png_bytes, upload, wait_job
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    with ServerProcess(tmp_path_factory.mktemp("service-store")) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerProcess) -> Client:
+    return Client(server.url)
+
+
+def _stored(server: ServerProcess, sha: str) -> Path:
+    [path] = (server.data_dir / "files" / sha[:2]).glob(sha + "*")
+    return path
+
+
+def _tokens(tmp_path: Path, **change) -> dict:
+    """The tiny model's action tokens (random values), optionally with a changed shape, dtype or values."""
+    import torch
+
+    from flexiact_backend.generation import FlexiActGenerator
+    from flexiact_backend.tiny import ensure_tiny_model
+
+    gen = FlexiActGenerator.from_pretrained(ensure_tiny_model(tmp_path), device="cpu")
+    return {k: torch.randn_like(v) for k, v in gen.adapter.action_state_dict().items()}
+
+
+def test_request_types_are_strict_and_ranges_sane(client: Client) -> None:
+    image = upload(client, png_bytes(31), "image/png", "t.png")
+    base = {"image": image["id"], "prompt": "p", "steps": 2}
+    for field, value in (("steps", "5"), ("seed", True), ("steps", 2.0), ("fps", 1e-300), ("fps", 0.5),
+                         ("fps", 241), ("fps", "24"), ("guidance_scale", "6"), ("prompt", 5)):
+        status, body = client.request("POST", "/v1/generations", json_body={**base, field: value})
+        assert status == 422 and field in body["error"]["message"], (field, value, body)
+    assert client.request("POST", "/v1/generations", json_body={**base, "fps": 24})[0] == 202  # an int is a float
+    trim = {"name": "n", "caption": "c", "video": "0" * 64, "start_s": 0, "end_s": 1e12}
+    assert client.request("POST", "/v1/actions", json_body=trim)[0] == 422
+
+
+def test_cancel_of_a_finished_job_is_409(client: Client) -> None:
+    image = upload(client, png_bytes(32), "image/png", "t.png")
+    status, body = client.request("POST", "/v1/generations", json_body={"image": image["id"], "prompt": "p",
+                                                                         "steps": 1})
+    done = wait_job(client, body["job"]["id"])
+    assert done["status"] == "succeeded"
+    status, body = client.request("POST", f"/v1/jobs/{done['id']}/cancel")
+    assert status == 409 and body["error"]["code"] == "already_finished"
+    assert client.request("GET", f"/v1/jobs/{done['id']}")[1]["status"] == "succeeded"
+
+
+def test_a_file_named_by_another_record_survives_delete(client: Client, server: ServerProcess,
+                                                        tmp_path: Path) -> None:
+    """An action's safetensors uploaded again as a checkpoint: deleting the action keeps the upload's bytes."""
+    import torch
+
+    torch.save(_tokens(tmp_path), tmp_path / "a.pt")
+    pt = upload(client, (tmp_path / "a.pt").read_bytes(), "application/octet-stream", "a.pt")
+    status, action = client.request("POST", "/v1/actions/import", json_body={"name": "a", "caption": "c",
+                                                                              "file": pt["id"]})
+    assert status == 201, action
+    status, raw = client.request("GET", f"/v1/actions/{action['id']}/file")
+    again = upload(client, raw, "application/octet-stream", "a.safetensors")
+    assert again["id"] == action["file"]  # the same content: one stored file, two records naming it
+    assert client.request("DELETE", f"/v1/actions/{action['id']}")[0] == 204
+    assert client.request("HEAD", f"/v1/files/{again['id']}")[0] == 200
+    assert hashlib.sha256(_stored(server, again["id"]).read_bytes()).hexdigest() == again["id"]
+
+
+def test_missing_bytes_answer_404_or_410_and_reupload_restores(client: Client, server: ServerProcess) -> None:
+    data = png_bytes(33)
+    image = upload(client, data, "image/png", "t.png")
+    status, body = client.request("POST", "/v1/generations", json_body={"image": image["id"], "prompt": "p",
+                                                                         "steps": 1})
+    done = wait_job(client, body["job"]["id"])
+    _stored(server, image["id"]).unlink()  # lost behind the service's back
+    assert client.request("HEAD", f"/v1/files/{image['id']}")[0] == 404
+    status, body = client.request("POST", "/v1/generations", json_body={"image": image["id"], "prompt": "p"})
+    assert status == 404 and "upload it again" in body["error"]["message"]
+    assert upload(client, data, "image/png", "t.png")["id"] == image["id"]
+    assert client.request("HEAD", f"/v1/files/{image['id']}")[0] == 200
+    assert _stored(server, image["id"]).read_bytes() == data
+
+    _stored(server, done["result"]["video"]).unlink()
+    status, body = client.request("GET", f"/v1/jobs/{done['id']}/video")
+    assert status == 410 and body["error"]["code"] == "gone"
+
+
+def test_no_server_path_in_messages_and_files_are_owner_only(client: Client, server: ServerProcess,
+                                                            tmp_path: Path) -> None:
+    import torch
+
+    torch.save([1, 2, 3], tmp_path / "list.pt")  # a torch zip that is not a dict of tensors
+    bad = upload(client, (tmp_path / "list.pt").read_bytes(), "application/octet-stream", "list.pt")
+    status, body = client.request("POST", "/v1/actions/import", json_body={"name": "a", "caption": "c",
+                                                                            "file": bad["id"]})
+    message = body["error"]["message"]
+    assert status == 422 and bad["id"] in message, body  # says which file, by its name in the store
+    assert str(server.data_dir) not in message and "/files/" not in message, message
+    for path in [server.data_dir / "state.sqlite3", *(server.data_dir / "files").rglob("*")]:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode & 0o077 == 0, (path.name, oct(mode))
