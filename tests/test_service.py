@@ -57,7 +57,7 @@ def _extract(client: Client, clip: dict, **fields) -> tuple[dict, dict]:
     return out["action"], out["job"]
 
 
-def test_health_reports_model_device_and_queue(client: Client) -> None:
+def test_health_reports_model_device_queue_and_workers(client: Client, server: ServerProcess) -> None:
     status, h = client.request("GET", "/v1/health")
     assert status == 200
     assert h["status"] == "ok"
@@ -65,6 +65,10 @@ def test_health_reports_model_device_and_queue(client: Client) -> None:
     assert all(isinstance(h["model"][k], (int, float)) and h["model"][k] > 0 for k in ("width", "height", "frames", "fps"))
     assert h["device"]["type"] == "cpu"
     assert set(h["queue"]) == {"queued", "running"}
+    # one machine: one worker thread in the server process, same fields as a Ray actor's
+    assert h["workers"] == [{"id": "worker-0", "node": h["workers"][0]["node"], "device": "cpu",
+                             "pid": server.proc.pid, "state": "idle", "job": None}]
+    assert h["workers"][0]["node"]
 
 
 def test_uploads_are_content_addressed(client: Client, clip: dict) -> None:
@@ -147,7 +151,13 @@ def test_generation_goes_ahead_of_a_running_extraction(client: Client, clip: dic
 def test_cancel_queued_is_immediate_and_running_stops(client: Client, image: dict) -> None:
     running = _generate(client, image, steps=1000)
     wait_job(client, running["id"], ("running",), min_step=1)
-    queued = _generate(client, image, steps=2)
+    queued, behind = _generate(client, image, steps=2), _generate(client, image, steps=2)
+    assert (queued["queue_position"], behind["queue_position"], queued["worker"]) == (1, 2, None)
+    status, run = client.request("GET", f"/v1/jobs/{running['id']}")
+    assert run["worker"] == "worker-0" and run["queue_position"] is None
+    workers = client.request("GET", "/v1/health")[1]["workers"]
+    assert [(w["state"], w["job"]) for w in workers] == [("busy", running["id"])]
+    assert client.request("POST", f"/v1/jobs/{behind['id']}/cancel")[0] == 200
     status, body = client.request("POST", f"/v1/jobs/{queued['id']}/cancel")
     assert status == 200 and body["job"]["status"] == "cancelled"
     assert client.request("POST", f"/v1/jobs/{running['id']}/cancel")[0] == 200

@@ -32,9 +32,13 @@ CREATE TABLE IF NOT EXISTS jobs(
     progress REAL NOT NULL DEFAULT 0, step INTEGER NOT NULL DEFAULT 0, total_steps INTEGER NOT NULL,
     eta_s REAL, created_at REAL NOT NULL, started_at REAL, finished_at REAL, error TEXT, result TEXT,
     params TEXT NOT NULL, action TEXT, cancel_requested INTEGER NOT NULL DEFAULT 0,
-    attempts INTEGER NOT NULL DEFAULT 0, version INTEGER NOT NULL DEFAULT 0);
+    attempts INTEGER NOT NULL DEFAULT 0, version INTEGER NOT NULL DEFAULT 0, worker TEXT);
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, kind, created_at);
 """
+#: Columns added after a release: (table, column, declaration), added to databases that predate them.
+_ADDED_COLUMNS = (("jobs", "worker", "TEXT"),)
+#: The order jobs leave the queue in: generations first, then the oldest.
+_QUEUE_KEY = "CASE {t}kind WHEN 'generate' THEN 0 ELSE 1 END, {t}created_at, {t}rowid"
 
 
 #: Every content id a record names: uploads and results, action files and source videos, job inputs and videos.
@@ -66,6 +70,9 @@ class Database:
         self._conn.execute("PRAGMA busy_timeout=5000")
         with self._lock:
             self._conn.executescript(_SCHEMA)
+            for table, column, decl in _ADDED_COLUMNS:
+                if column not in {r[1] for r in self._conn.execute(f"PRAGMA table_info({table})")}:
+                    self._conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
 
     def close(self) -> None:
         with self._lock:
@@ -211,7 +218,17 @@ class Database:
 
     def get_job(self, job_id: str) -> dict | None:
         row = self._one("SELECT * FROM jobs WHERE id=?", (job_id,))
-        return _job(row) if row else None
+        return self._with_position(_job(row)) if row else None
+
+    def _with_position(self, job: dict) -> dict:
+        """Add `queue_position`: 1 for the queued job that starts next, None once it left the queue."""
+        job["queue_position"] = None
+        if job["status"] == "queued":
+            row = self._one(
+                f"SELECT COUNT(*) FROM jobs q, jobs j WHERE j.id=? AND q.status='queued' AND "
+                f"({_QUEUE_KEY.format(t='q.')}) < ({_QUEUE_KEY.format(t='j.')})", (job["id"],))
+            job["queue_position"] = row[0] + 1  # type: ignore[index]
+        return job
 
     def list_jobs(self, status: str | None, kind: str | None, limit: int) -> list[dict]:
         sql, args = "SELECT * FROM jobs WHERE 1=1", []
@@ -220,7 +237,7 @@ class Database:
         if kind:
             sql, args = sql + " AND kind=?", args + [kind]
         rows = self._all(sql + " ORDER BY created_at DESC, rowid DESC LIMIT ?", (*args, limit))
-        return [_job(r) for r in rows]
+        return [self._with_position(_job(r)) for r in rows]
 
     def queue_counts(self) -> dict[str, int]:
         rows = self._all("SELECT status, COUNT(*) FROM jobs WHERE status IN ('queued','running') GROUP BY status")
@@ -231,15 +248,14 @@ class Database:
     def generation_queued(self) -> bool:
         return self._one("SELECT 1 FROM jobs WHERE status='queued' AND kind='generate' LIMIT 1") is not None
 
-    def claim_next(self) -> dict | None:
-        """Atomically take the next queued job: generations first, then the oldest extraction."""
+    def claim_next(self, worker: str) -> dict | None:
+        """Atomically take the next queued job for `worker`: generations first, then the oldest extraction."""
         with self._lock:
-            row = self._one("SELECT id FROM jobs WHERE status='queued' "
-                            "ORDER BY CASE kind WHEN 'generate' THEN 0 ELSE 1 END, created_at, rowid LIMIT 1")
+            row = self._one(f"SELECT id FROM jobs WHERE status='queued' ORDER BY {_QUEUE_KEY.format(t='')} LIMIT 1")
             if row is None:
                 return None
-            self._tx([("UPDATE jobs SET status='running', phase='starting', "
-                       "started_at=COALESCE(started_at, ?), version=version+1 WHERE id=?", (time.time(), row[0]))])
+            self._tx([("UPDATE jobs SET status='running', phase='starting', worker=?, "
+                       "started_at=COALESCE(started_at, ?), version=version+1 WHERE id=?", (worker, time.time(), row[0]))])
             return self.get_job(row[0])
 
     def update_progress(self, job_id: str, *, phase: str, progress: float | None, step: int | None,

@@ -53,12 +53,22 @@ class QueueHealth(BaseModel):
     running: int
 
 
+class WorkerHealth(BaseModel):
+    id: str
+    node: str | None = Field(description="host name (one machine) or the Ray node's IP address (studio)")
+    device: str | None = Field(description="e.g. cuda:0 or cpu; null until loaded")
+    pid: int | None
+    state: Literal["loading", "idle", "busy", "dead"]
+    job: str | None = Field(description="the job it runs now")
+
+
 class Health(BaseModel):
     status: Literal["ok", "loading", "error"]
     version: str
     model: ModelHealth
     device: DeviceHealth
     queue: QueueHealth
+    workers: list[WorkerHealth]
 
 
 class FileInfo(BaseModel):
@@ -141,6 +151,8 @@ class Job(BaseModel):
     result: dict[str, Any] | None
     action: str | None = None
     params: dict[str, Any]
+    worker: str | None = Field(None, description="the worker that runs (or ran) the job; see /v1/health")
+    queue_position: int | None = Field(None, ge=1, description="while queued: 1 starts next; else null")
 
 
 class JobAccepted(BaseModel):

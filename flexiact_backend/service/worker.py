@@ -1,53 +1,111 @@
-"""The job workers: one thread per compute device, each with its generator loaded once and kept warm.
+"""The job workers: each claims jobs from the SQLite queue and runs them on its own warm generator.
 
-Why threads in the server process: the pipeline is loaded once per device and must stay warm between
-jobs; the HTTP side only reads and writes the database, so it stays responsive while a job runs.
-Generations go ahead of extractions: a running extraction is asked to pause at its next checkpoint when
-a generation is waiting and no worker is idle, and is re-queued; it resumes from that checkpoint.
+One machine: one thread per compute device, each running its jobs in this process (LocalExecutor). Studio
+(`serve --ray`): the same threads, each driving one Ray actor somewhere in the cluster (cluster.RayExecutor).
+Either way the scheduling is decided here: generations go ahead of extractions; a running extraction is asked
+to pause at its next checkpoint when a generation waits and no worker is idle, and is re-queued; it resumes
+from that checkpoint. A worker that dies mid-job puts the job back in the queue (WorkerLost).
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import os
 import shutil
+import socket
 import threading
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, Protocol
 
 import torch
-from PIL import Image
 
 from .. import media
 from ..errors import Cancelled, FlexiActError, Paused
-from ..extraction import extract_action
-from ..generation import FlexiActGenerator
 from ..model_info import ModelInfo
 from .config import ServiceConfig
 from .db import Database
+from .runner import OOM_MESSAGE, Hooks, JobRunner, is_cuda_failure, resolve_devices
 from .storage import FileStore
 
 log = logging.getLogger("flexiact.service")
 
-OOM_MESSAGE = ("The GPU ran out of memory. Close other programs using the GPU, or restart the backend with "
-               "--memory-saving (offloads idle parts of the model to the CPU), then submit the job again.")
 DISK_FULL_MESSAGE = ("The server's disk filled up while this job wrote its result; nothing partial was kept. "
                      "Free space on the server (or run `flexiact-backend gc`), then submit the job again.")
-#: Extraction progress below this fraction is preparation (decoding, caching latents); the rest is training.
-PREP_SHARE = 0.02
+CUDA_MESSAGE = ("The GPU reported an error ({error}); the job failed and its worker is restarting. Submit the job "
+                "again; if it fails the same way, check the GPU with `nvidia-smi` and `flexiact-backend doctor`.")
 #: The database is written at most this often per job (and always on a phase change or the last step).
 PROGRESS_INTERVAL_S = 0.2
 
+WorkerState = Literal["loading", "idle", "busy", "dead"]
 
-def resolve_devices(requested: tuple[str, ...]) -> list[str]:
-    """The devices to run workers on: as requested, else every CUDA device, else the CPU."""
-    if requested:
-        return list(requested)
-    if torch.cuda.is_available():
-        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    return ["cpu"]
+
+class WorkerLost(Exception):
+    """The worker's process or machine went away (or stopped answering); its job goes back to the queue."""
+
+
+class Executor(Protocol):
+    """Where a worker runs its jobs: in this process (LocalExecutor) or in a Ray actor (cluster.RayExecutor)."""
+
+    def load(self) -> dict | None:
+        """Load the pipeline (once); returns {node, device, device_name, pid}, or None: not yet, ask again."""
+        ...
+
+    def alive(self) -> bool:
+        """False once the worker is known to be gone; cheap, never blocks."""
+        ...
+
+    def run(self, kind: str, params: dict, inputs: dict[str, Path | None], work_dir: Path | None, out: Path,
+            hooks: Hooks) -> dict:
+        """JobRunner.run wherever the worker lives; the output lands in `out`, work files in `work_dir`."""
+        ...
+
+
+class LocalExecutor:
+    """A JobRunner in this process, on one local device."""
+
+    def __init__(self, device: str, model_dir: Path, *, checkpoint_every: int, refadapter: Path | None,
+                 memory_saving: bool) -> None:
+        self.device, self.model_dir = device, model_dir
+        self.options = {"checkpoint_every": checkpoint_every, "refadapter": refadapter,
+                        "memory_saving": memory_saving}
+        self.runner: JobRunner | None = None
+
+    def load(self) -> dict:
+        self.runner = JobRunner.load(self.model_dir, self.device, **self.options)
+        device = torch.device(self.device)
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else self.device
+        return {"node": socket.gethostname(), "device": self.device, "device_name": name, "pid": os.getpid()}
+
+    def alive(self) -> bool:
+        return True
+
+    def run(self, kind: str, params: dict, inputs: dict[str, Path | None], work_dir: Path | None, out: Path,
+            hooks: Hooks) -> dict:
+        assert self.runner is not None, "run before load"
+        return self.runner.run(kind, params, inputs, work_dir, out, hooks)
+
+
+@dataclass
+class Worker:
+    """One worker as the service sees it; `health()` is its entry in /v1/health's `workers`."""
+
+    id: str
+    executor: Executor
+    node: str | None = None
+    device: str | None = None
+    device_name: str | None = None
+    pid: int | None = None
+    state: WorkerState = "loading"
+    job: str | None = None
+
+    def health(self) -> dict:
+        return {"id": self.id, "node": self.node, "device": self.device, "pid": self.pid, "state": self.state,
+                "job": self.job}
 
 
 def work_dir(data_dir: Path, action_id: str) -> Path:
@@ -56,26 +114,24 @@ def work_dir(data_dir: Path, action_id: str) -> Path:
 
 
 class WorkerPool:
-    """Owns the worker threads and what the HTTP side needs to know about them."""
+    """Owns the workers, their threads, and what the HTTP side needs to know about them."""
 
     def __init__(self, config: ServiceConfig, db: Database, store: FileStore, model_dir: Path, info: ModelInfo,
                  *, memory_saving: bool = False, refadapter: Path | None = None) -> None:
         self.config, self.db, self.store = config, db, store
         self.model_dir, self.info = model_dir, info
         self.memory_saving, self.refadapter = memory_saving, refadapter
-        self.devices = resolve_devices(config.devices)
+        self.workers: list[Worker] = []
         self.loaded = threading.Event()
         self.load_error: str | None = None
         self._wake = threading.Condition()
-        self._idle = 0
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
-        for device in self.devices:
-            t = threading.Thread(target=self._run, args=(device,), name=f"flexiact-worker-{device}", daemon=True)
-            t.start()
-            self._threads.append(t)
+        for device in resolve_devices(self.config.devices):
+            self.add_worker(LocalExecutor(device, self.model_dir, checkpoint_every=self.config.checkpoint_every,
+                                          refadapter=self.refadapter, memory_saving=self.memory_saving))
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
@@ -83,54 +139,89 @@ class WorkerPool:
         for t in self._threads:
             t.join(timeout)
 
+    def add_worker(self, executor: Executor) -> Worker:
+        worker = Worker(f"worker-{len(self.workers)}", executor)
+        self.workers.append(worker)
+        self._spawn(lambda: self._run(worker), f"flexiact-{worker.id}")
+        return worker
+
+    def _spawn(self, target: Callable[[], None], name: str) -> None:
+        t = threading.Thread(target=target, name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
+
     def wake(self) -> None:
         """Tell idle workers that a job was queued."""
         with self._wake:
             self._wake.notify_all()
 
     def should_pause_extraction(self) -> bool:
-        """True when a generation waits and every worker is busy: the extraction yields at this checkpoint."""
-        return self._idle == 0 and self.db.generation_queued()
+        """True when a generation waits and no worker is idle: the extraction yields at this checkpoint."""
+        return not any(w.state == "idle" for w in self.workers) and self.db.generation_queued()
+
+    def workers_health(self) -> list[dict]:
+        return [w.health() for w in self.workers]
 
     def device_health(self) -> dict:
-        device = self.devices[0]
-        if device.startswith("cuda") and torch.cuda.is_available():
-            return {"type": "cuda", "name": torch.cuda.get_device_name(torch.device(device))}
-        return {"type": torch.device(device).type, "name": device}
+        """The first loaded worker's device (the one-machine answer; `workers` lists them all)."""
+        worker = next((w for w in self.workers if w.device), None)
+        if worker is None:
+            return {"type": "none", "name": "no worker loaded yet"}
+        return {"type": torch.device(worker.device).type, "name": worker.device_name or worker.device}
 
     # ---- the worker thread -------------------------------------------------------------------
-    def _run(self, device: str) -> None:
-        try:
-            generator = FlexiActGenerator.from_pretrained(
-                self.model_dir, device=device, refadapter=self.refadapter, memory_saving=self.memory_saving)
-        except Exception as exc:  # the server keeps answering and says why in /v1/health
-            log.exception("loading the model on %s failed", device)
-            self.load_error = f"loading the model on {device} failed: {type(exc).__name__}: {exc}"
-            return
-        self.loaded.set()
+    def _run(self, worker: Worker) -> None:
         while not self._stop.is_set():
-            job = self._next_job()
+            if worker.state in ("loading", "dead"):
+                if not self._load(worker):
+                    return
+                continue
+            if not worker.executor.alive():
+                log.warning("%s on %s is gone; waiting for it to come back", worker.id, worker.node)
+                worker.state = "dead"
+                continue
+            job = self._next_job(worker)
             if job is not None:
-                self._run_job(generator, job)
+                self._run_job(worker, job)
 
-    def _next_job(self) -> dict | None:
+    def _load(self, worker: Worker) -> bool:
+        """Load (or reload after a loss) the worker's pipeline; False when it failed for good."""
+        try:
+            where = worker.executor.load()
+        except Exception as exc:  # the server keeps answering and says why in /v1/health
+            log.exception("loading the model on %s failed", worker.id)
+            self.load_error = f"loading the model on {worker.device or worker.id} failed: {type(exc).__name__}: {exc}"
+            worker.state = "dead"
+            return False
+        if where is None:  # still starting, or restarting after a loss: look again
+            return True
+        worker.node, worker.device, worker.pid = where["node"], where["device"], where["pid"]
+        worker.device_name = where["device_name"]
+        worker.state = "idle"
+        self.loaded.set()
+        log.info("%s ready on %s (%s, pid %s)", worker.id, worker.node, worker.device, worker.pid)
+        return True
+
+    def _next_job(self, worker: Worker) -> dict | None:
         with self._wake:
-            job = self.db.claim_next()
+            job = self.db.claim_next(worker.id)
             if job is None:
-                self._idle += 1
-                try:
-                    self._wake.wait(timeout=1.0)
-                finally:
-                    self._idle -= 1
+                self._wake.wait(timeout=1.0)
             return job
 
-    def _run_job(self, generator: FlexiActGenerator, job: dict) -> None:
+    def _run_job(self, worker: Worker, job: dict) -> None:
         job_id = job["id"]
+        worker.state, worker.job = "busy", job_id
         try:
             if job["kind"] == "generate":
-                self._generate(generator, job)
+                self._generate(worker, job)
             else:
-                self._extract(generator, job)
+                self._extract(worker, job)
+        except WorkerLost as exc:
+            log.warning("%s lost while running job %s (%s); the job goes back to the queue", worker.id, job_id, exc)
+            worker.state = "dead"
+            self.db.requeue(job_id, "requeued")
+            self.wake()
         except Paused:
             self.db.requeue(job_id, "paused")
             self.wake()
@@ -145,14 +236,19 @@ class WorkerPool:
             log.error("job %s failed:\n%s", job_id, traceback.format_exc())
             if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 self.db.fail_job(job_id, "failed", "insufficient_storage", DISK_FULL_MESSAGE)
+            elif is_cuda_failure(exc):
+                self.db.fail_job(job_id, "failed", "cuda_error", CUDA_MESSAGE.format(error=exc))
             else:
                 self.db.fail_job(job_id, "failed", "internal_error", f"{type(exc).__name__}: {exc}")
         finally:
+            worker.job = None
+            if worker.state == "busy":
+                worker.state = "idle"
             if job["kind"] == "extract" and job["action"] and self.db.get_action(job["action"]) is None:
                 shutil.rmtree(work_dir(self.config.data_dir, job["action"]), ignore_errors=True)
 
-    def _reporter(self, job_id: str) -> Callable[..., None]:
-        """A throttled progress writer: phase changes and the final step are always recorded."""
+    def _hooks(self, job_id: str, pause: Callable[[], bool]) -> Hooks:
+        """A throttled progress writer (phase changes and the final step always recorded), cancel and pause."""
         state = {"t": 0.0, "phase": None}
 
         def report(*, phase: str, progress: float, step: int | None, total: int, eta_s: float | None) -> None:
@@ -162,9 +258,9 @@ class WorkerPool:
             state["t"], state["phase"] = now, phase
             self.db.update_progress(job_id, phase=phase, progress=progress, step=step, eta_s=eta_s)
 
-        return report
+        return Hooks(progress=report, cancel=lambda: self.db.cancel_requested(job_id), pause=pause)
 
-    def _generate(self, generator: FlexiActGenerator, job: dict) -> None:
+    def _generate(self, worker: Worker, job: dict) -> None:
         job_id, p = job["id"], job["params"]
         image_file = self.db.get_file(p["image"])
         if image_file is None:
@@ -175,63 +271,36 @@ class WorkerPool:
             if action is None or action["status"] != "ready":
                 raise FlexiActError(f"the action {p['action']} was deleted or is not ready; choose another")
             action_path = self.store.path(self.store.relpath(action["file"], ".safetensors"))
-        report = self._reporter(job_id)
-        report(phase="loading", progress=0.0, step=None, total=1, eta_s=None)
-
-        def progress(step: int, total: int, elapsed: float) -> None:
-            eta = elapsed / step * (total - step) if step else None
-            report(phase="denoising", progress=0.95 * step / total, step=step, total=total, eta_s=eta)
-
-        with Image.open(self.store.path(image_file["path"])) as img:
-            image = img.copy()
-        result = generator.generate(
-            image, p["prompt"], action=action_path, seed=p["seed"], steps=p["steps"],
-            guidance_scale=p["guidance_scale"], lora_weight=p["lora_weight"], reweight_scale=p["reweight_scale"],
-            transition=p["transition"], fit=p["fit"], progress=progress,
-            cancel=lambda: self.db.cancel_requested(job_id))
-        report(phase="encoding", progress=0.95, step=None, total=1, eta_s=None)
-        fps = p["fps"] or result.fps
-        tmp = self.store.tmp_path(".mp4")
+        out = self.store.tmp_path(".mp4")
         try:
-            result.write_mp4(tmp, fps=fps)
-            info = media.probe_video(tmp)
-            sha, rel, size = self.store.adopt(tmp)
+            extra = worker.executor.run("generate", p, {"image": self.store.path(image_file["path"]),
+                                                        "action": action_path},
+                                        None, out, self._hooks(job_id, pause=lambda: False))
+            info = media.probe_video(out)
+            sha, rel, size = self.store.adopt(out)
         finally:
-            tmp.unlink(missing_ok=True)
+            out.unlink(missing_ok=True)
         meta = {"width": info.width, "height": info.height, "fps": info.fps, "duration_s": info.duration_s,
                 "frames": info.frames}
         self.db.add_file(sha, "video", size, rel, f"{job_id}.mp4", meta)
-        self.db.finish_job(job_id, {
-            "video": sha, "url": f"/v1/jobs/{job_id}/video", **meta, "requested_fps": fps,
-            "model_fps": result.fps, "model_frames": int(result.frames.shape[0]), "fit": result.fit.to_dict(),
-            "seconds": result.seconds})
+        self.db.finish_job(job_id, {"video": sha, "url": f"/v1/jobs/{job_id}/video", **meta, **extra})
 
-    def _extract(self, generator: FlexiActGenerator, job: dict) -> None:
+    def _extract(self, worker: Worker, job: dict) -> None:
         job_id, p = job["id"], job["params"]
         video_file = self.db.get_file(p["video"])
         if video_file is None:
             raise FlexiActError(f"the video {p['video']} is no longer on the server; upload it again")
         wd = work_dir(self.config.data_dir, job["action"])
         wd.mkdir(parents=True, exist_ok=True)
-        out = wd / "action.safetensors"
-        total = int(p["steps"])
-        report = self._reporter(job_id)
-
-        def progress(d: dict) -> None:
-            step, phase_total = int(d.get("step") or 0), int(d.get("total") or 0)
-            training = phase_total == total
-            share = (PREP_SHARE + (1 - PREP_SHARE) * step / total) if training else (
-                PREP_SHARE * step / phase_total if phase_total else 0.0)
-            report(phase=str(d.get("phase") or "extracting"), progress=share, step=step if training else None,
-                   total=phase_total, eta_s=d.get("eta_s"))
-
-        meta = extract_action(
-            generator, video=self.store.path(video_file["path"]), start_s=p["start_s"], end_s=p["end_s"],
-            caption=p["caption"], name=p["name"], out=out, work_dir=wd / "train", steps=total, seed=p["seed"],
-            checkpoint_every=self.config.checkpoint_every, progress=progress,
-            cancel=lambda: self.db.cancel_requested(job_id), pause=self.should_pause_extraction)
-        meta.pop("losses", None)  # every step's loss: too long for the action's JSON
-        sha, _rel, _size = self.store.adopt(out)
-        self.db.finish_job(job_id, {"action": job["action"], "file": sha, "final_loss": meta.get("final_loss")},
+        out = self.store.tmp_path(".safetensors")
+        try:
+            done = worker.executor.run("extract", p, {"video": self.store.path(video_file["path"])}, wd / "train",
+                                       out, self._hooks(job_id, pause=self.should_pause_extraction))
+            sha, _rel, _size = self.store.adopt(out)
+        finally:
+            out.unlink(missing_ok=True)
+        meta = done["meta"]
+        self.db.finish_job(job_id, {"action": job["action"], "file": sha, "final_loss": meta.get("final_loss"),
+                                    "resumed_from": done["resumed_from"]},
                            action_update={"file": sha, "meta": meta})
         shutil.rmtree(wd, ignore_errors=True)

@@ -22,4 +22,4 @@ def health(svc: Svc) -> dict:
             "model": {"id": i.id, "tiny": i.tiny, "loaded": loaded, "width": i.width, "height": i.height,
                       "frames": i.frames, "fps": i.fps,
                       "error": svc.redact(svc.pool.load_error) if svc.pool.load_error else None},
-            "device": svc.pool.device_health(), "queue": svc.db.queue_counts()}
+            "device": svc.pool.device_health(), "queue": svc.db.queue_counts(), "workers": svc.pool.workers_health()}

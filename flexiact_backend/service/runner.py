@@ -1,0 +1,119 @@
+"""Running one job on a loaded generator: files in, a file out; no database, no HTTP, no threads of its own.
+
+Why a plain class: the same code runs a job in a worker thread of the service (one machine) and inside a Ray
+actor on another machine (studio mode). Whoever calls it supplies the input files, the work folder (where an
+extraction keeps its caches and checkpoints), the output path and three hooks: progress, cancel and pause.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from ..extraction import extract_action
+from ..generation import FlexiActGenerator
+
+OOM_MESSAGE = ("The GPU ran out of memory. Close other programs using the GPU, or restart the backend with "
+               "--memory-saving (offloads idle parts of the model to the CPU), then submit the job again.")
+#: Extraction progress below this fraction is preparation (decoding, caching latents); the rest is training.
+PREP_SHARE = 0.02
+
+ProgressHook = Callable[..., None]
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """How a running job talks to whoever runs it: `progress(phase=, progress=, step=, total=, eta_s=)`,
+    `cancel()` checked between steps, `pause()` checked right after each extraction checkpoint."""
+
+    progress: ProgressHook
+    cancel: Callable[[], bool]
+    pause: Callable[[], bool]
+
+
+def resolve_devices(requested: tuple[str, ...]) -> list[str]:
+    """The devices to run workers on: as requested, else every CUDA device, else the CPU."""
+    if requested:
+        return list(requested)
+    if torch.cuda.is_available():
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return ["cpu"]
+
+
+def is_cuda_failure(exc: BaseException) -> bool:
+    """A CUDA error (not an out-of-memory) leaves the device's context unusable: the worker must restart."""
+    return isinstance(exc, RuntimeError) and not isinstance(exc, torch.cuda.OutOfMemoryError) and (
+        "CUDA error" in str(exc) or "CUBLAS_STATUS" in str(exc) or "cuDNN error" in str(exc))
+
+
+class JobRunner:
+    """A warm generator plus the two job kinds the service queues."""
+
+    def __init__(self, generator: FlexiActGenerator, *, checkpoint_every: int) -> None:
+        self.generator = generator
+        self.checkpoint_every = checkpoint_every
+
+    @classmethod
+    def load(cls, model_dir: Path, device: str, *, checkpoint_every: int, refadapter: Path | None = None,
+             memory_saving: bool = False) -> JobRunner:
+        generator = FlexiActGenerator.from_pretrained(model_dir, device=device, refadapter=refadapter,
+                                                      memory_saving=memory_saving)
+        return cls(generator, checkpoint_every=checkpoint_every)
+
+    def run(self, kind: str, params: dict, inputs: dict[str, Path | None], work_dir: Path | None, out: Path,
+            hooks: Hooks) -> dict:
+        """Run a job of `kind` ('generate' or 'extract'), write its output to `out`, return its result fields."""
+        if kind == "generate":
+            return self.generate(params, inputs["image"], inputs.get("action"), out, hooks)  # type: ignore[arg-type]
+        assert work_dir is not None, "an extraction needs a work folder"
+        return self.extract(params, inputs["video"], work_dir, out, hooks)  # type: ignore[arg-type]
+
+    def generate(self, p: dict, image_path: Path, action_path: Path | None, out: Path, hooks: Hooks) -> dict:
+        """An mp4 at the requested fps in `out`; returns what the service adds to the job's result."""
+        hooks.progress(phase="loading", progress=0.0, step=None, total=1, eta_s=None)
+
+        def progress(step: int, total: int, elapsed: float) -> None:
+            eta = elapsed / step * (total - step) if step else None
+            hooks.progress(phase="denoising", progress=0.95 * step / total, step=step, total=total, eta_s=eta)
+
+        with Image.open(image_path) as img:
+            image = img.copy()
+        result = self.generator.generate(
+            image, p["prompt"], action=action_path, seed=p["seed"], steps=p["steps"],
+            guidance_scale=p["guidance_scale"], lora_weight=p["lora_weight"], reweight_scale=p["reweight_scale"],
+            transition=p["transition"], fit=p["fit"], progress=progress, cancel=hooks.cancel)
+        hooks.progress(phase="encoding", progress=0.95, step=None, total=1, eta_s=None)
+        fps = p["fps"] or result.fps
+        result.write_mp4(out, fps=fps)
+        return {"requested_fps": fps, "model_fps": result.fps, "model_frames": int(result.frames.shape[0]),
+                "fit": result.fit.to_dict(), "seconds": result.seconds}
+
+    def extract(self, p: dict, video_path: Path, work_dir: Path, out: Path, hooks: Hooks) -> dict:
+        """Train the action into `out`, resuming from a checkpoint in `work_dir`; returns its metadata."""
+        total = int(p["steps"])
+        first_step: list[int] = []
+
+        def progress(d: dict) -> None:
+            step, phase_total = int(d.get("step") or 0), int(d.get("total") or 0)
+            training = phase_total == total
+            if d.get("phase") == "training" and not first_step:
+                first_step.append(step)
+            share = (PREP_SHARE + (1 - PREP_SHARE) * step / total) if training else (
+                PREP_SHARE * step / phase_total if phase_total else 0.0)
+            hooks.progress(phase=str(d.get("phase") or "extracting"), progress=share,
+                           step=step if training else None, total=phase_total, eta_s=d.get("eta_s"))
+
+        started = time.monotonic()
+        meta = extract_action(
+            self.generator, video=video_path, start_s=p["start_s"], end_s=p["end_s"], caption=p["caption"],
+            name=p["name"], out=out, work_dir=work_dir, steps=total, seed=p["seed"],
+            checkpoint_every=self.checkpoint_every, progress=progress, cancel=hooks.cancel, pause=hooks.pause)
+        meta.pop("losses", None)  # every step's loss: too long for the action's JSON
+        # the first training report is step k+1 when the run resumed from a checkpoint at step k
+        resumed_from = first_step[0] - 1 if first_step else total
+        return {"meta": meta, "resumed_from": resumed_from, "seconds": time.monotonic() - started}
