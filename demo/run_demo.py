@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     prefs = bpy.context.preferences.addons[MODULE].preferences
     prefs.backend_url, prefs.token = args.url, args.token
     _ok(bpy.ops.flexiact.test_connection(), "connecting to the backend")
-    print(f"demo: backend {prefs.connection_status}", flush=True)
+    print(f"demo: backend {addon.connection.CONNECTION.summary}", flush=True)
     blend = out / "demo.blend"
     bpy.context.preferences.filepaths.save_version = 0  # no demo.blend1 backups
     bpy.ops.wm.save_as_mainfile(filepath=str(blend))  # results then go to OUT/flexiact/, stored blend-relative
@@ -158,9 +158,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     editor = scene.sequence_editor
     strips = editor.strips if hasattr(editor, "strips") else editor.sequences
     strip = strips[record.strip_name]
-    addon.jobs.remove_timer()
+    addon.runner.remove_timer()
     report = {
-        "blender": bpy.app.version_string, "backend": prefs.connection_status, "action": s.action_id,
+        "blender": bpy.app.version_string, "backend": addon.connection.CONNECTION.summary, "action": s.action_id,
         "job": record.job_id, "blend": str(blend), "video": str(out / "demo.mp4"),
         "target": bpy.path.abspath(s.target_image.filepath), "reference": reference[-1] if reference else None,
         "strip": {"name": strip.name, "start": strip.frame_final_start, "frames": strip.frame_final_duration},

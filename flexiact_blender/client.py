@@ -46,6 +46,11 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+def upload_content_type(path: str) -> str:
+    """The Content-Type an upload is sent with: the backend tells video, image and checkpoint apart by it."""
+    return mimetypes.guess_type(path)[0] or "application/octet-stream"
+
+
 class BackendClient:
     """One backend at `url`; every call opens its own connection so threads never share one."""
 
@@ -142,7 +147,7 @@ class BackendClient:
         file_id = file_sha256(path)
         if self.has_file(file_id):
             return {"id": file_id, "meta": {}}
-        ctype = mimetypes.guess_type(path)[0] or "application/octet-stream"
+        ctype = upload_content_type(path)
         with open(path, "rb") as fh:
             headers = {"Content-Type": ctype, "X-Filename": urllib.parse.quote(os.path.basename(path)),
                        "Content-Length": str(os.path.getsize(path))}
@@ -153,22 +158,14 @@ class BackendClient:
                 conn.close()
         return body
 
-    def create_action(self, payload: dict[str, Any]) -> dict[str, Any]:
-        """POST /v1/actions → {"action", "job"}."""
-        return self._json("POST", "/v1/actions", payload)
-
-    def import_action(self, payload: dict[str, Any]) -> dict[str, Any]:
-        """POST /v1/actions/import → the action."""
-        return self._json("POST", "/v1/actions/import", payload)
+    def post(self, route: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """POST a JSON request (see requests.py) and return the answer."""
+        return self._json("POST", route, payload)
 
     def list_actions(self) -> list[dict[str, Any]]:
         """GET /v1/actions."""
         body = self._json("GET", "/v1/actions")
         return list(body.get("actions", [])) if isinstance(body, dict) else list(body or [])
-
-    def create_generation(self, payload: dict[str, Any]) -> dict[str, Any]:
-        """POST /v1/generations → {"job"}."""
-        return self._json("POST", "/v1/generations", payload)
 
     def job(self, job_id: str) -> dict[str, Any]:
         """GET /v1/jobs/{id}."""

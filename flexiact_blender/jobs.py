@@ -1,35 +1,36 @@
-"""Backend jobs: HTTP in worker threads, bpy only on the main thread (a timer, or inline in background mode).
+"""Backend jobs, one way through: submit → poll → download → import.
 
-Job records live in `scene.flexiact.jobs`, so a saved .blend resumes polling when it is opened again and
-imports each finished result exactly once.
+HTTP runs off the main thread (see runner.py); bpy is touched only on the main thread. Job records live in
+`scene.flexiact.jobs`, so a saved .blend resumes polling when it is opened again and imports each finished
+result exactly once. With wait=True (background mode, where timers never fire) a job runs to its end before
+`submit` returns.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import queue
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import bpy
 from bpy.app.handlers import persistent
 
+from . import runner
 from .client import BackendClient, BackendError
 from .importers import import_as_plane, import_as_strip
 from .preferences import make_client, output_dir, stored_path
 from .properties import ACTIVE_STATUSES
+from .requests import Request
 
 POLL_S = 0.5
-TICK_S = 0.2
-BUDGET_S = 0.05
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Watch:
     client: BackendClient
     scene: str
@@ -39,101 +40,48 @@ class _Watch:
     dest: str
 
 
-@dataclass
-class _Item:
-    """Something for the main thread: a job update, or the result of a background call."""
-
-    scene: str = ""
-    key: str = ""
-    job: dict[str, Any] | None = None
-    video: str = ""
-    error: str = ""
-    done: Callable[[Any, BackendError | None], None] | None = None
-    result: Any = None
-    exc: BackendError | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-class Manager:
-    """Runs HTTP off the main thread and queues what comes back for `timer_tick`."""
+class Poller:
+    """Polls the watched jobs in one thread and posts each answer to the main thread."""
 
     def __init__(self) -> None:
-        self.items: queue.Queue[_Item] = queue.Queue()
-        self.health: dict[str, Any] | None = None
-        self.health_error = ""
         self._lock = threading.Lock()
         self._watched: dict[tuple[str, str], _Watch] = {}
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
-        self._calls = 0
-
-    def busy(self) -> bool:
-        with self._lock:
-            return bool(self._watched) or self._calls > 0 or not self.items.empty()
-
-    def call(self, fn: Callable[[], Any], done: Callable[[Any, BackendError | None], None]) -> None:
-        """Run `fn` in a thread and `done(result, error)` on the main thread; inline in background mode."""
-        if bpy.app.background:
-            try:
-                result = fn()
-            except BackendError as exc:
-                done(None, exc)
-            else:
-                done(result, None)
-            return
-
-        def worker() -> None:
-            try:
-                item = _Item(done=done, result=fn())
-            except BackendError as exc:
-                item = _Item(done=done, exc=exc)
-            except Exception as exc:  # a bug must still reach the panel, not die silently in a thread
-                item = _Item(done=done, exc=BackendError(f"Unexpected error: {exc!r}", "internal"))
-            with self._lock:
-                self._calls -= 1
-            self.items.put(item)
-
-        with self._lock:
-            self._calls += 1
-        threading.Thread(target=worker, name="flexiact-call", daemon=True).start()
-        ensure_timer()
+        self._stop: threading.Event | None = None  # the running loop's; None when no loop runs
 
     def watch(self, watch: _Watch) -> None:
-        """Poll a job until it ends (and download a generated clip) in the polling thread."""
         with self._lock:
             self._watched[(watch.scene, watch.key)] = watch
-            if self._thread is None or not self._thread.is_alive():
-                self._stop.clear()
-                self._thread = threading.Thread(target=self._poll_loop, name="flexiact-poll", daemon=True)
-                self._thread.start()
-        ensure_timer()
+            if self._stop is not None:
+                return
+            self._stop = stop = threading.Event()
+        runner.spawn(lambda: self._loop(stop), "flexiact-poll")
 
     def watching(self, scene: str, key: str) -> bool:
         with self._lock:
             return (scene, key) in self._watched
 
-    def _poll_loop(self) -> None:
-        while not self._stop.is_set():
+    def _loop(self, stop: threading.Event) -> None:
+        while not stop.is_set():
             with self._lock:
                 watches = list(self._watched.values())
                 if not watches:
-                    self._thread = None
+                    self._stop = None
                     return
             for w in watches:
-                if self._stop.is_set():
+                if stop.is_set():
                     return
                 try:
                     job, video = fetch(w.client, w.job_id, w.kind, w.dest)
                 except BackendError as exc:
                     gone = exc.status == 404
-                    self.items.put(_Item(w.scene, w.key, error=exc.message, extra={"gone": gone}))
+                    runner.post(lambda w=w, message=exc.message, gone=gone: _poll_failed(w, message, gone))
                     if gone:
                         self._unwatch(w)
                     continue
-                self.items.put(_Item(w.scene, w.key, job=job, video=video))
+                runner.post(lambda w=w, job=job, video=video: _poll_answered(w, job, video))
                 if job.get("status") in TERMINAL:
                     self._unwatch(w)
-            self._stop.wait(POLL_S)
+            stop.wait(POLL_S)
 
     def _unwatch(self, w: _Watch) -> None:
         with self._lock:
@@ -141,18 +89,14 @@ class Manager:
 
     def stop(self) -> None:
         """Stop polling (unregister, file load): the records stay and polling resumes from them."""
-        self._stop.set()
-        thread = self._thread
-        if thread is not None:
-            thread.join(timeout=5)
         with self._lock:
+            if self._stop is not None:
+                self._stop.set()
+            self._stop = None
             self._watched.clear()
-            self._thread = None
-        while not self.items.empty():
-            self.items.get_nowait()
 
 
-MANAGER = Manager()
+POLLER = Poller()
 
 
 def fetch(client: BackendClient, job_id: str, kind: str, dest: str) -> tuple[dict[str, Any], str]:
@@ -166,52 +110,19 @@ def fetch(client: BackendClient, job_id: str, kind: str, dest: str) -> tuple[dic
 
 # -- main thread -------------------------------------------------------------------------------------
 
-def timer_tick() -> float | None:
-    """Drain queued updates for at most BUDGET_S; keep ticking while anything is in flight."""
-    deadline = time.perf_counter() + BUDGET_S
-    while time.perf_counter() < deadline:
-        try:
-            item = MANAGER.items.get_nowait()
-        except queue.Empty:
-            break
-        _handle(item)
-    redraw()
-    return TICK_S if MANAGER.busy() else None
+def _poll_answered(w: _Watch, job: dict[str, Any], video: str) -> None:
+    scene, record = find_record(w.scene, w.key)
+    if record is not None:
+        apply_job(scene, record, job, video)
 
 
-def ensure_timer() -> None:
-    if not bpy.app.timers.is_registered(timer_tick):
-        bpy.app.timers.register(timer_tick, first_interval=TICK_S)
-
-
-def remove_timer() -> None:
-    if bpy.app.timers.is_registered(timer_tick):
-        bpy.app.timers.unregister(timer_tick)
-
-
-def redraw() -> None:
-    """Ask FlexiAct's sidebars to redraw, so progress moves without the mouse moving."""
-    wm = bpy.context.window_manager
-    for window in wm.windows if wm else ():
-        for area in window.screen.areas:
-            if area.type in {"VIEW_3D", "SEQUENCE_EDITOR", "PREFERENCES"}:
-                area.tag_redraw()
-
-
-def _handle(item: _Item) -> None:
-    if item.done is not None:
-        item.done(item.result, item.exc)
-        return
-    scene, record = find_record(item.scene, item.key)
+def _poll_failed(w: _Watch, message: str, gone: bool) -> None:
+    scene, record = find_record(w.scene, w.key)
     if record is None:
         return
-    if item.error:
-        record.error = item.error
-        if item.extra.get("gone"):
-            record.status = "FAILED"
-        return
-    if item.job is not None:
-        apply_job(scene, record, item.job, item.video)
+    record.error = message
+    if gone:
+        record.status = "FAILED"
 
 
 def find_record(scene_name: str, key: str) -> tuple[bpy.types.Scene | None, Any]:
@@ -221,7 +132,8 @@ def find_record(scene_name: str, key: str) -> tuple[bpy.types.Scene | None, Any]
     return scene, next((r for r in scene.flexiact.jobs if r.key == key), None)
 
 
-def new_record(scene: bpy.types.Scene, kind: str, label: str, params: dict[str, Any]) -> Any:
+def new_record(scene: bpy.types.Scene, kind: str, label: str, params: dict[str, Any],
+               model_size: tuple[int, int] = (0, 0)) -> Any:
     """A job record in SUBMITTING state, before the backend has answered."""
     record = scene.flexiact.jobs.add()
     record.key = uuid.uuid4().hex
@@ -229,10 +141,59 @@ def new_record(scene: bpy.types.Scene, kind: str, label: str, params: dict[str, 
     record.status = "SUBMITTING"
     record.label = label
     record.params_json = json.dumps(params)
+    record.model_width, record.model_height = model_size
     record.frame_start = scene.frame_current
     record.import_mode = scene.flexiact.import_mode
     scene.flexiact.job_index = len(scene.flexiact.jobs) - 1
     return record
+
+
+def send(client: BackendClient, request: Request) -> dict[str, Any]:
+    """Upload the request's file (skipped when the backend has it), then post the request (off the main thread)."""
+    return client.post(request.route, request.with_file(client.upload(request.file_path)["id"]))
+
+
+def submit(scene: bpy.types.Scene, client: BackendClient, kind: str, request: Request,
+           model_size: tuple[int, int], wait: bool) -> str:
+    """Upload the request's file, post the request, then follow the job; returns the record's key.
+
+    wait=False returns at once (the runner finishes the work); wait=True returns when the job has ended.
+    """
+    record = new_record(scene, kind, request.label, request.body, model_size)
+    scene_name, key = scene.name, record.key
+
+    def done(answer: dict[str, Any] | None, error: BackendError | None) -> None:
+        scene_now, rec = find_record(scene_name, key)
+        if rec is None:
+            return
+        if error is not None:
+            rec.status, rec.error = "FAILED", error.message
+            scene_now.flexiact.last_error = error.message
+            return
+        action_id = (answer.get("action") or {}).get("id")
+        if action_id:
+            rec.action_id = action_id
+        apply_job(scene_now, rec, answer["job"])
+        try:
+            follow(client, scene_now, rec, wait)
+        except BackendError as exc:  # the job goes on on the backend; polling resumes when the file reopens
+            rec.error = exc.message
+            scene_now.flexiact.last_error = exc.message
+
+    runner.call(lambda: send(client, request), done, wait)
+    return key
+
+
+def outcome(scene_name: str, key: str) -> str:
+    """What went wrong with a job that has ended ("" when it succeeded and its result is in)."""
+    _scene, record = find_record(scene_name, key)
+    if record is None:
+        return "The job's record is gone."
+    if record.status != "SUCCEEDED":
+        return f"{record.label} {record.status.lower()}: {record.error or 'no reason given'}"
+    if record.kind == "GENERATE" and not record.imported:
+        return record.error or "The result could not be imported."
+    return ""
 
 
 def result_path(record: Any) -> str:
@@ -261,9 +222,8 @@ def apply_job(scene: bpy.types.Scene, record: Any, job: dict[str, Any], video: s
 
 def import_record(scene: bpy.types.Scene, record: Any) -> None:
     """Import a finished clip as the record asks (strip, plane or both), once."""
-    params = json.loads(record.params_json or "{}")
-    size = (int(params.pop("width", 0) or 1), int(params.pop("height", 0) or 1))
-    params["job"] = record.job_id
+    params = dict(json.loads(record.params_json or "{}"), job=record.job_id)
+    size = (record.model_width or 1, record.model_height or 1)
     try:
         if record.import_mode in {"STRIP", "BOTH"}:
             record.strip_name = import_as_strip(scene, record.video_path, record.frame_start, params).name
@@ -278,7 +238,7 @@ def import_record(scene: bpy.types.Scene, record: Any) -> None:
 
 
 def run_blocking(client: BackendClient, scene: bpy.types.Scene, record: Any) -> None:
-    """Background mode: poll the job to its end on this thread, printing progress, importing the result."""
+    """Poll the job to its end on this thread, printing progress, importing the result."""
     last = ""
     dest = result_path(record)
     while record.status in ACTIVE_STATUSES:
@@ -292,14 +252,14 @@ def run_blocking(client: BackendClient, scene: bpy.types.Scene, record: Any) -> 
             time.sleep(POLL_S)
 
 
-def follow(client: BackendClient, scene: bpy.types.Scene, record: Any) -> None:
-    """Track a submitted job: to completion now in background mode, else in the polling thread."""
+def follow(client: BackendClient, scene: bpy.types.Scene, record: Any, wait: bool) -> None:
+    """Track a submitted job: to its end now (wait), else in the polling thread."""
     if record.status not in ACTIVE_STATUSES:
         return
-    if bpy.app.background:
+    if wait:
         run_blocking(client, scene, record)
     else:
-        MANAGER.watch(_Watch(client, scene.name, record.key, record.job_id, record.kind, result_path(record)))
+        POLLER.watch(_Watch(client, scene.name, record.key, record.job_id, record.kind, result_path(record)))
 
 
 def resume(client_factory: Callable[[], BackendClient]) -> int:
@@ -312,16 +272,22 @@ def resume(client_factory: Callable[[], BackendClient]) -> int:
                 continue
             if pending_import:
                 record.status = "RUNNING"
-            MANAGER.watch(_Watch(client_factory(), scene.name, record.key, record.job_id, record.kind,
-                                 result_path(record)))
+            POLLER.watch(_Watch(client_factory(), scene.name, record.key, record.job_id, record.kind,
+                                result_path(record)))
             count += 1
     return count
+
+
+def stop() -> None:
+    """Forget the open file's work in flight (its records stay, so polling can resume)."""
+    POLLER.stop()
+    runner.clear()
 
 
 @persistent
 def on_load_post(*_args: Any) -> None:
     """After opening a .blend, resume polling its jobs (the polling of the previous file stops)."""
-    MANAGER.stop()
+    stop()
     try:
         resume(make_client)
     except BackendError as exc:
@@ -336,5 +302,5 @@ def register() -> None:
 def unregister() -> None:
     if on_load_post in bpy.app.handlers.load_post:
         bpy.app.handlers.load_post.remove(on_load_post)
-    remove_timer()
-    MANAGER.stop()
+    runner.remove_timer()
+    stop()

@@ -1,4 +1,7 @@
-"""Operators. In background mode each runs to completion (printing progress); otherwise HTTP is threaded."""
+"""Operators: they check their inputs and hand the work to jobs.submit (or the runner, for one call).
+
+`wait` is True in background mode, where timers never fire: the work runs to its end before execute returns.
+"""
 
 from __future__ import annotations
 
@@ -10,16 +13,21 @@ from typing import Any, Callable
 import bpy
 from bpy.props import StringProperty
 
-from . import jobs
+from . import jobs, requests, runner
 from .capture import CaptureError, capture_target
-from .client import BackendClient, BackendError
+from .client import BackendError
+from .connection import CONNECTION, HEALTH_TIMEOUT_S, check, with_health
 from .launcher import LAUNCHER
 from .preferences import get_prefs, make_client, output_dir, stored_path, user_dir
 from .properties import ACTIVE_STATUSES
 from .reference import ReferenceError, resolve, scene_fps
 
-HEALTH_TIMEOUT_S = 5.0
 LAUNCH_TIMEOUT_S = 120.0
+
+
+def _wait() -> bool:
+    """Background mode has no event loop: work must finish before the operator returns."""
+    return bpy.app.background
 
 
 def _fail(op: bpy.types.Operator, context: bpy.types.Context, message: str) -> set[str]:
@@ -30,45 +38,37 @@ def _fail(op: bpy.types.Operator, context: bpy.types.Context, message: str) -> s
     return {"CANCELLED"}
 
 
-def _clear_error(context: bpy.types.Context) -> None:
-    context.scene.flexiact.last_error = ""
+def _answer(op: bpy.types.Operator, context: bpy.types.Context, problem: str | None, success: str = "") -> set[str]:
+    """The operator's return for work that ran now (a problem or a success) or goes on (None)."""
+    if problem:
+        return _fail(op, context, problem)
+    if problem is not None and success:
+        op.report({"INFO"}, success)
+    return {"FINISHED"}
 
 
-def _health_line(health: dict[str, Any]) -> str:
-    model = health.get("model", {})
-    device = health.get("device", {})
-    queue = health.get("queue", {})
-    return (f"Connected · {model.get('id', '?')}{' (tiny)' if model.get('tiny') else ''} · "
-            f"{device.get('type', '?')} · queue {queue.get('running', 0)} running, {queue.get('queued', 0)} queued")
+def _later(scene_name: str) -> Callable[[str], None]:
+    """Where a problem found after the operator returned goes: the scene's panel."""
+
+    def failed(message: str) -> None:
+        scene = bpy.data.scenes.get(scene_name)
+        if scene is not None:
+            scene.flexiact.last_error = message
+
+    return failed
 
 
-def _set_health(context: bpy.types.Context, health: dict[str, Any] | None, error: BackendError | None) -> None:
-    jobs.MANAGER.health = health
-    jobs.MANAGER.health_error = error.message if error else ""
-    get_prefs(context).connection_status = _health_line(health) if health else f"Failed: {error.message}"
+def _refused(scene_name: str, error: BackendError) -> str:
+    """A refusal that came back: to the panel when the operator has returned already; to the operator too."""
+    if not _wait():
+        _later(scene_name)(error.message)
+    return error.message
 
 
-def _with_health(context: bpy.types.Context, then: Callable[[dict[str, Any]], None],
-                 failed: Callable[[str], None]) -> None:
-    """Call `then(health)` with the backend's /v1/health (cached once known), or `failed(message)`."""
-    if jobs.MANAGER.health is not None:
-        then(jobs.MANAGER.health)
-        return
-    client = make_client(context, timeout=HEALTH_TIMEOUT_S)
-
-    def done(health: dict[str, Any] | None, error: BackendError | None) -> None:
-        _set_health(bpy.context, health, error)
-        if error is not None:
-            failed(error.message)
-        else:
-            then(health)
-
-    jobs.MANAGER.call(client.health, done)
-
-
-def _model_size(health: dict[str, Any]) -> tuple[int, int]:
-    model = health.get("model", {})
-    return int(model.get("width") or 720), int(model.get("height") or 480)
+def _connected(health: dict[str, Any] | None, error: BackendError | None) -> str:
+    """Keep a health answer; return the problem ("" when connected)."""
+    CONNECTION.update(health, error)
+    return error.message if error is not None else ""
 
 
 def _selected_record(context: bpy.types.Context, key: str) -> Any:
@@ -80,52 +80,12 @@ def _selected_record(context: bpy.types.Context, key: str) -> Any:
     return None
 
 
-class _Submit:
-    """Shared by extract and generate: create the record, submit in a thread, then follow the job."""
-
-    def submit(self, context: bpy.types.Context, client: BackendClient, kind: str, label: str,
-               params: dict[str, Any], send: Callable[[], dict[str, Any]]) -> set[str]:
-        """Interactive: return at once (the panel follows the job). Background: wait, then report."""
-        scene = context.scene
-        record = jobs.new_record(scene, kind, label, params)
-        scene_name, key = scene.name, record.key
-
-        def done(answer: dict[str, Any] | None, error: BackendError | None) -> None:
-            scene_now, rec = jobs.find_record(scene_name, key)
-            if rec is None:
-                return
-            if error is not None:
-                rec.status = "FAILED"
-                rec.error = error.message
-                scene_now.flexiact.last_error = error.message
-                return
-            action = answer.get("action") or {}
-            if action.get("id"):
-                rec.action_id = action["id"]
-            job = answer.get("job")
-            if job:
-                jobs.apply_job(scene_now, rec, job)
-            else:  # the same extraction was done before: the existing action is answered at once
-                rec.status = "SUCCEEDED" if action.get("status") == "ready" else "FAILED"
-                rec.progress = 1.0
-                if rec.status == "SUCCEEDED":
-                    scene_now.flexiact.action_id = rec.action_id
-            try:
-                jobs.follow(client, scene_now, rec)
-            except BackendError as exc:
-                rec.error = exc.message
-                scene_now.flexiact.last_error = exc.message
-
-        jobs.MANAGER.call(send, done)
-        if not bpy.app.background:
-            return {"FINISHED"}
-        _scene, rec = jobs.find_record(scene_name, key)
-        if rec.status != "SUCCEEDED":
-            return _fail(self, context, f"{label} {rec.status.lower()}: {rec.error or 'no reason given'}")
-        if rec.kind == "GENERATE" and not rec.imported:
-            return _fail(self, context, rec.error or "The result could not be imported.")
-        self.report({"INFO"}, f"{label}: done")
-        return {"FINISHED"}
+def _submit(context: bpy.types.Context, client: Any, kind: str, request: requests.Request) -> str | None:
+    """Submit a job; when it ran to its end (background mode) say what went wrong ("": nothing), else None."""
+    scene = context.scene
+    scene.flexiact.last_error = ""
+    key = jobs.submit(scene, client, kind, request, CONNECTION.model_size(), _wait())
+    return jobs.outcome(scene.name, key) if _wait() else None
 
 
 class FLEXIACT_OT_test_connection(bpy.types.Operator):
@@ -138,21 +98,11 @@ class FLEXIACT_OT_test_connection(bpy.types.Operator):
         try:
             client = make_client(context, timeout=HEALTH_TIMEOUT_S)
         except BackendError as exc:
-            _set_health(context, None, exc)
+            CONNECTION.update(None, exc)
             return _fail(self, context, exc.message)
-        jobs.MANAGER.health = None
-        outcome: dict[str, str] = {}
-
-        def done(health: dict[str, Any] | None, error: BackendError | None) -> None:
-            _set_health(bpy.context, health, error)
-            outcome["error"] = error.message if error else ""
-
-        jobs.MANAGER.call(client.health, done)
-        if outcome.get("error"):
-            return _fail(self, context, outcome["error"])
-        if jobs.MANAGER.health is not None:
-            self.report({"INFO"}, _health_line(jobs.MANAGER.health))
-        return {"FINISHED"}
+        CONNECTION.forget()
+        problem = runner.call(lambda: check(client), _connected, _wait())
+        return _answer(self, context, problem, CONNECTION.summary)
 
 
 class FLEXIACT_OT_backend_start(bpy.types.Operator):
@@ -172,12 +122,9 @@ class FLEXIACT_OT_backend_start(bpy.types.Operator):
             LAUNCHER.start(prefs.launcher_command, os.path.join(user_dir(), "backend.log"))
         except BackendError as exc:
             return _fail(self, context, exc.message)
-        jobs.MANAGER.health = None
-        jobs.MANAGER.call(lambda: LAUNCHER.wait_healthy(client, LAUNCH_TIMEOUT_S),
-                          lambda health, error: _set_health(bpy.context, health, error))
-        if bpy.app.background and jobs.MANAGER.health is None:
-            return _fail(self, context, jobs.MANAGER.health_error)
-        return {"FINISHED"}
+        CONNECTION.forget()
+        problem = runner.call(lambda: LAUNCHER.wait_healthy(client, LAUNCH_TIMEOUT_S), _connected, _wait())
+        return _answer(self, context, problem, CONNECTION.summary)
 
 
 class FLEXIACT_OT_backend_stop(bpy.types.Operator):
@@ -192,8 +139,8 @@ class FLEXIACT_OT_backend_stop(bpy.types.Operator):
 
     def execute(self, context: bpy.types.Context) -> set[str]:
         LAUNCHER.stop()
-        jobs.MANAGER.health = None
-        get_prefs(context).connection_status = "Local backend stopped"
+        CONNECTION.forget()
+        self.report({"INFO"}, "Local backend stopped")
         return {"FINISHED"}
 
 
@@ -202,6 +149,7 @@ class FLEXIACT_OT_capture_target(bpy.types.Operator):
 
     bl_idname = "flexiact.capture_target"
     bl_label = "Capture Target"
+    bl_options = {"REGISTER", "UNDO"}
 
     @classmethod
     def poll(cls, context: bpy.types.Context) -> bool:
@@ -212,40 +160,29 @@ class FLEXIACT_OT_capture_target(bpy.types.Operator):
 
     def execute(self, context: bpy.types.Context) -> set[str]:
         scene_name = context.scene.name
-        outcome: dict[str, str] = {}
 
-        def render(health: dict[str, Any]) -> None:
+        def render(_health: dict[str, Any]) -> str:
             scene = bpy.data.scenes[scene_name]
-            width, height = _model_size(health)
             try:
-                path = capture_target(scene, width, height, scene.flexiact.capture_engine, output_dir())
+                path = capture_target(scene, *CONNECTION.model_size(), scene.flexiact.capture_engine, output_dir())
             except CaptureError as exc:
-                failed(str(exc))
-                return
+                return str(exc)
             image = bpy.data.images.load(path)
             image.name = "FlexiAct Target"
             image.filepath = stored_path(path)
             scene.flexiact.target_image = image
             scene.flexiact.target_source = "CAPTURE"
             scene.flexiact.last_error = ""
-            outcome["path"] = path
-
-        def failed(message: str) -> None:
-            bpy.data.scenes[scene_name].flexiact.last_error = message
-            outcome["error"] = message
+            return ""
 
         try:
-            _with_health(context, render, failed)
+            problem = with_health(make_client(context, timeout=HEALTH_TIMEOUT_S), render, _wait(), _later(scene_name))
         except BackendError as exc:
             return _fail(self, context, exc.message)
-        if outcome.get("error"):
-            return _fail(self, context, outcome["error"])
-        if "path" in outcome:
-            self.report({"INFO"}, f"Captured {os.path.basename(outcome['path'])}")
-        return {"FINISHED"}
+        return _answer(self, context, problem, "Captured the target frame")
 
 
-class FLEXIACT_OT_extract_action(_Submit, bpy.types.Operator):
+class FLEXIACT_OT_extract_action(bpy.types.Operator):
     """Learn the reference clip's motion as a reusable action on the backend (a long job)"""
 
     bl_idname = "flexiact.extract_action"
@@ -260,35 +197,18 @@ class FLEXIACT_OT_extract_action(_Submit, bpy.types.Operator):
         except BackendError as exc:
             return _fail(self, context, exc.message)
         scene_name = context.scene.name
-        outcome: dict[str, Any] = {}
 
-        def start(health: dict[str, Any]) -> None:
+        def start(_health: dict[str, Any]) -> str | None:
             scene = bpy.data.scenes[scene_name]
             try:
-                ref = resolve(scene, *_model_size(health), output_dir())
+                ref = resolve(scene, *CONNECTION.model_size(), output_dir())
             except (ReferenceError, CaptureError) as exc:
-                failed(str(exc))
-                return
-            s = scene.flexiact
-            name = s.caption.strip()[:60]
-            params = {"name": name, "caption": s.caption.strip(), "start_s": round(ref.start_s, 4),
-                      "end_s": round(ref.end_s, 4), "steps": s.extract_steps, "seed": s.seed}
+                return str(exc)
+            request = requests.extraction(scene.flexiact, ref.path, ref.start_s, ref.end_s)
+            return _submit(bpy.context, client, "EXTRACT", request)
 
-            def send() -> dict[str, Any]:
-                file_id = client.upload(ref.path)["id"]
-                return client.create_action(dict(params, video=file_id))
-
-            _clear_error(bpy.context)
-            outcome["result"] = self.submit(bpy.context, client, "EXTRACT", f"Extract '{name}'", params, send)
-
-        def failed(message: str) -> None:
-            bpy.data.scenes[scene_name].flexiact.last_error = message
-            outcome["error"] = message
-
-        _with_health(context, start, failed)
-        if outcome.get("error"):
-            return _fail(self, context, outcome["error"])
-        return outcome.get("result", {"FINISHED"})
+        problem = with_health(client, start, _wait(), _later(scene_name))
+        return _answer(self, context, problem, "Extraction done")
 
 
 def _target_path(context: bpy.types.Context) -> str:
@@ -310,11 +230,12 @@ def _target_path(context: bpy.types.Context) -> str:
     return path
 
 
-class FLEXIACT_OT_generate(_Submit, bpy.types.Operator):
+class FLEXIACT_OT_generate(bpy.types.Operator):
     """Generate a clip of the target frame performing the action, and import it when done"""
 
     bl_idname = "flexiact.generate"
     bl_label = "Generate"
+    bl_options = {"REGISTER", "UNDO"}
 
     @classmethod
     def poll(cls, context: bpy.types.Context) -> bool:
@@ -332,20 +253,8 @@ class FLEXIACT_OT_generate(_Submit, bpy.types.Operator):
             client = make_client(context)
         except (ReferenceError, BackendError) as exc:
             return _fail(self, context, getattr(exc, "message", str(exc)))
-        params: dict[str, Any] = {
-            "action": s.action_id, "prompt": s.prompt.strip(), "seed": s.seed, "steps": s.steps,
-            "guidance_scale": s.guidance, "lora_weight": s.lora_weight, "reweight_scale": s.reweight_scale,
-            "high_timesteps": s.transition, "fit": "crop", "fps": round(scene_fps(context.scene), 6)}
-        stored = dict(params)
-        if jobs.MANAGER.health is not None:
-            stored["width"], stored["height"] = _model_size(jobs.MANAGER.health)
-
-        def send() -> dict[str, Any]:
-            file_id = client.upload(image_path)["id"]
-            return client.create_generation(dict(params, image=file_id))
-
-        _clear_error(context)
-        return self.submit(context, client, "GENERATE", f"Generate '{params['prompt'][:40]}'", stored, send)
+        request = requests.generation(s, image_path, scene_fps(context.scene))
+        return _answer(self, context, _submit(context, client, "GENERATE", request), "Generation done")
 
 
 class FLEXIACT_OT_import_result(bpy.types.Operator):
@@ -353,6 +262,7 @@ class FLEXIACT_OT_import_result(bpy.types.Operator):
 
     bl_idname = "flexiact.import_result"
     bl_label = "Import Result"
+    bl_options = {"REGISTER", "UNDO"}
 
     filepath: StringProperty(subtype="FILE_PATH", description="A clip to import instead of a job's result")
     key: StringProperty(description="The job whose result to import (default: the selected one)")
@@ -404,21 +314,16 @@ class FLEXIACT_OT_cancel_job(bpy.types.Operator):
         except BackendError as exc:
             return _fail(self, context, exc.message)
         scene_name, key, job_id = context.scene.name, record.key, record.job_id
-        outcome: dict[str, str] = {}
 
-        def done(job: dict[str, Any] | None, error: BackendError | None) -> None:
+        def done(answer: dict[str, Any] | None, error: BackendError | None) -> str:
             scene, rec = jobs.find_record(scene_name, key)
-            if rec is None:
-                return
             if error is not None:
-                scene.flexiact.last_error = outcome["error"] = error.message
-            else:
-                jobs.apply_job(scene, rec, job)
+                return _refused(scene_name, error)
+            if rec is not None:
+                jobs.apply_job(scene, rec, answer["job"])
+            return ""
 
-        jobs.MANAGER.call(lambda: client.cancel(job_id), done)
-        if outcome.get("error"):
-            return _fail(self, context, outcome["error"])
-        return {"FINISHED"}
+        return _answer(self, context, runner.call(lambda: client.cancel(job_id), done, _wait()))
 
 
 class FLEXIACT_OT_refresh_actions(bpy.types.Operator):
@@ -433,25 +338,21 @@ class FLEXIACT_OT_refresh_actions(bpy.types.Operator):
         except BackendError as exc:
             return _fail(self, context, exc.message)
         scene_name = context.scene.name
-        outcome: dict[str, str] = {}
 
-        def done(actions: list[dict[str, Any]] | None, error: BackendError | None) -> None:
-            settings = bpy.data.scenes[scene_name].flexiact
+        def done(actions: list[dict[str, Any]] | None, error: BackendError | None) -> str:
             if error is not None:
-                settings.last_error = outcome["error"] = error.message
-                return
+                return _refused(scene_name, error)
+            settings = bpy.data.scenes[scene_name].flexiact
             settings.actions.clear()
-            for action in actions:
+            for action in actions or ():
                 item = settings.actions.add()
                 item.name = str(action.get("name", ""))
                 item.action_id = str(action.get("id", ""))
                 item.status = str(action.get("status", ""))
                 item.progress = 1.0 if item.status == "ready" else 0.0
+            return ""
 
-        jobs.MANAGER.call(client.list_actions, done)
-        if outcome.get("error"):
-            return _fail(self, context, outcome["error"])
-        return {"FINISHED"}
+        return _answer(self, context, runner.call(client.list_actions, done, _wait()))
 
 
 class FLEXIACT_OT_import_action_file(bpy.types.Operator):
@@ -471,24 +372,15 @@ class FLEXIACT_OT_import_action_file(bpy.types.Operator):
             return _fail(self, context, exc.message)
         scene_name = context.scene.name
         name = os.path.splitext(os.path.basename(path))[0]
-        caption = settings.caption.strip() or name
-        outcome: dict[str, str] = {}
+        request = requests.action_import(path, name, settings.caption.strip() or name)
 
-        def send() -> dict[str, Any]:
-            file_id = client.upload(path)["id"]
-            return client.import_action({"name": name, "caption": caption, "file": file_id})
-
-        def done(action: dict[str, Any] | None, error: BackendError | None) -> None:
-            s = bpy.data.scenes[scene_name].flexiact
+        def done(action: dict[str, Any] | None, error: BackendError | None) -> str:
             if error is not None:
-                s.last_error = outcome["error"] = error.message
-            else:
-                s.action_id = str(action.get("id", ""))
+                return _refused(scene_name, error)
+            bpy.data.scenes[scene_name].flexiact.action_id = str(action.get("id", ""))
+            return ""
 
-        jobs.MANAGER.call(send, done)
-        if outcome.get("error"):
-            return _fail(self, context, outcome["error"])
-        return {"FINISHED"}
+        return _answer(self, context, runner.call(lambda: jobs.send(client, request), done, _wait()))
 
 
 class FLEXIACT_OT_randomize_seed(bpy.types.Operator):

@@ -6,8 +6,8 @@ from typing import Any
 
 import bpy
 
-from . import jobs
 from .client import is_loopback
+from .connection import CONNECTION
 from .preferences import get_prefs
 from .properties import ACTIVE_STATUSES
 from .reference import scene_fps, strips_of
@@ -19,11 +19,11 @@ def draw_backend(layout: Any, context: bpy.types.Context) -> None:
     prefs = get_prefs(context)
     settings = context.scene.flexiact
     row = layout.row()
-    if jobs.MANAGER.health is not None:
-        row.label(text=prefs.connection_status, icon="LINKED")
-    elif jobs.MANAGER.health_error:
+    if CONNECTION.health is not None:
+        row.label(text=CONNECTION.summary, icon="LINKED")
+    elif CONNECTION.error:
         row.label(text="Not connected", icon="UNLINKED")
-        layout.label(text=jobs.MANAGER.health_error)
+        layout.label(text=CONNECTION.error)
     else:
         row.label(text=prefs.backend_url, icon="URL")
     row.operator("flexiact.test_connection", text="", icon="FILE_REFRESH")

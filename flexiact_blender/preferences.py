@@ -8,6 +8,7 @@ import bpy
 from bpy.props import FloatProperty, StringProperty
 
 from .client import BackendClient, BackendError, is_loopback
+from .connection import CONNECTION
 from .launcher import LAUNCHER
 
 ADDON_ID = __package__
@@ -26,8 +27,6 @@ class FlexiActPreferences(bpy.types.AddonPreferences):
         name="Local Backend Command",
         description="A command line that serves the backend on the URL above, e.g. "
                     "'/path/to/python -m flexiact_backend.service --tiny --port 8765'")
-    connection_status: StringProperty(description="Result of the last connection test",
-                                      options={"SKIP_SAVE"})
 
     def draw(self, context: bpy.types.Context) -> None:
         layout = self.layout
@@ -36,8 +35,8 @@ class FlexiActPreferences(bpy.types.AddonPreferences):
         layout.prop(self, "timeout_s")
         row = layout.row()
         row.operator("flexiact.test_connection", icon="LINKED")
-        if self.connection_status:
-            row.label(text=self.connection_status)
+        if CONNECTION.summary:
+            row.label(text=CONNECTION.summary)
         if not is_loopback(self.backend_url) and not bpy.app.online_access:
             layout.label(text="A remote backend needs Online Access (Preferences › System › Network)",
                          icon="ERROR")

@@ -6,7 +6,9 @@ import bpy
 from bpy.props import (BoolProperty, CollectionProperty, EnumProperty, FloatProperty, IntProperty,
                        PointerProperty, StringProperty)
 
-EXTRACT_PRESETS = {"QUICK": 300, "STANDARD": 3000}
+from .connection import CONNECTION
+from .requests import EXTRACTION_DEFAULTS, GENERATION_DEFAULTS
+
 ACTIVE_STATUSES = {"SUBMITTING", "QUEUED", "RUNNING"}
 
 
@@ -25,6 +27,8 @@ class FlexiActJob(bpy.types.PropertyGroup):
     action_id: StringProperty()
     label: StringProperty()
     params_json: StringProperty(description="The request, stored on the imported result")
+    model_width: IntProperty(description="The model's frame width when the job was submitted")
+    model_height: IntProperty(description="The model's frame height when the job was submitted")
     video_path: StringProperty(description="The downloaded clip (blend-relative when the file is saved)")
     import_mode: StringProperty(default="STRIP")
     frame_start: IntProperty()
@@ -47,9 +51,21 @@ def _pick_action(self: "FlexiActSettings", _context: bpy.types.Context) -> None:
         self.action_id = self.actions[self.action_index].action_id
 
 
+_PRESET_ITEMS: list[tuple[str, str, str]] = []  # Blender reads the strings later: keep them referenced
+
+
+def _preset_items(_self: "FlexiActSettings", _context: bpy.types.Context | None) -> list[tuple[str, str, str]]:
+    """Custom, then the backend's own extraction presets (known once it has answered)."""
+    _PRESET_ITEMS[:] = [("CUSTOM", "Custom", "Set the number of training steps yourself")] + [
+        (name.upper(), name.title(), f"The backend's {name} preset: {steps} training steps")
+        for name, steps in CONNECTION.presets().items()]
+    return _PRESET_ITEMS
+
+
 def _apply_preset(self: "FlexiActSettings", _context: bpy.types.Context) -> None:
-    if self.extract_preset in EXTRACT_PRESETS:
-        self.extract_steps = EXTRACT_PRESETS[self.extract_preset]
+    steps = CONNECTION.presets().get(self.extract_preset.lower())
+    if steps is not None:
+        self.extract_steps = steps
 
 
 class FlexiActSettings(bpy.types.PropertyGroup):
@@ -79,11 +95,8 @@ class FlexiActSettings(bpy.types.PropertyGroup):
 
     # Action
     caption: StringProperty(name="Caption", description="What the reference clip shows")
-    extract_preset: EnumProperty(name="Preset", items=[
-        ("QUICK", "Quick", f"{EXTRACT_PRESETS['QUICK']} steps"),
-        ("STANDARD", "Standard", f"{EXTRACT_PRESETS['STANDARD']} steps"),
-        ("CUSTOM", "Custom", "")], default="STANDARD", update=_apply_preset)
-    extract_steps: IntProperty(name="Steps", min=1, max=100000, default=EXTRACT_PRESETS["STANDARD"])
+    extract_preset: EnumProperty(name="Preset", items=_preset_items, update=_apply_preset)
+    extract_steps: IntProperty(name="Steps", min=1, max=100000, default=EXTRACTION_DEFAULTS["steps"])
     action_id: StringProperty(name="Action", description="The backend action to generate with")
     actions: CollectionProperty(type=FlexiActActionItem)
     action_index: IntProperty(update=_pick_action)
@@ -92,12 +105,14 @@ class FlexiActSettings(bpy.types.PropertyGroup):
 
     # Generate
     prompt: StringProperty(name="Prompt")
-    seed: IntProperty(name="Seed", min=0, max=2**31 - 1, default=42)
-    steps: IntProperty(name="Steps", min=1, max=1000, default=50)
-    guidance: FloatProperty(name="Guidance", min=0.0, max=50.0, default=6.0)
-    lora_weight: FloatProperty(name="RefAdapter Weight", min=0.0, max=4.0, default=0.7)
-    reweight_scale: FloatProperty(name="Motion Strength", min=0.0, max=20.0, default=1.0)
-    transition: FloatProperty(name="Transition", min=0.01, max=1.0, default=0.8,
+    seed: IntProperty(name="Seed", min=0, max=2**31 - 1, default=GENERATION_DEFAULTS["seed"])
+    steps: IntProperty(name="Steps", min=1, max=1000, default=GENERATION_DEFAULTS["steps"])
+    guidance: FloatProperty(name="Guidance", min=0.0, max=50.0, default=GENERATION_DEFAULTS["guidance_scale"])
+    lora_weight: FloatProperty(name="RefAdapter Weight", min=0.0, max=4.0,
+                               default=GENERATION_DEFAULTS["lora_weight"])
+    reweight_scale: FloatProperty(name="Motion Strength", min=0.0, max=20.0,
+                                  default=GENERATION_DEFAULTS["reweight_scale"])
+    transition: FloatProperty(name="Transition", min=0.01, max=1.0, default=GENERATION_DEFAULTS["high_timesteps"],
                               description="Where the high-noise (motion) timesteps end")
 
     # Import

@@ -69,6 +69,7 @@ class Health(BaseModel):
     device: DeviceHealth
     queue: QueueHealth
     workers: list[WorkerHealth]
+    presets: dict[str, int] = Field(description="extraction presets: name → training steps")
 
 
 class FileInfo(BaseModel):

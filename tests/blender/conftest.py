@@ -43,9 +43,9 @@ def addon() -> Iterator[Any]:
     assert result == {"FINISHED"}
     mod = sys.modules[MODULE]
     yield mod
-    mod.jobs.remove_timer()
+    mod.runner.remove_timer()
     bpy.ops.preferences.addon_disable(module=MODULE)
-    assert not bpy.app.timers.is_registered(mod.jobs.timer_tick)
+    assert not bpy.app.timers.is_registered(mod.runner.timer_tick)
 
 
 def point_at_test_backend(addon: Any) -> Any:
@@ -53,7 +53,7 @@ def point_at_test_backend(addon: Any) -> Any:
     p = bpy.context.preferences.addons[MODULE].preferences
     p.backend_url = os.environ.get("FLEXIACT_TEST_BACKEND_URL", "http://127.0.0.1:9")
     p.token = os.environ.get("FLEXIACT_TEST_TOKEN", "")
-    addon.jobs.MANAGER.health = None
+    addon.connection.CONNECTION.forget()
     return p
 
 
@@ -65,7 +65,7 @@ def prefs(addon: Any) -> Iterator[Any]:
     point_at_test_backend(addon)
     yield p
     p.backend_url, p.token = saved
-    addon.jobs.MANAGER.health = None
+    addon.connection.CONNECTION.forget()
 
 
 @pytest.fixture()

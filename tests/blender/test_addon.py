@@ -91,12 +91,6 @@ def test_operators_and_settings_have_the_documented_names(addon: Any) -> None:
     assert prefs.bl_rna.properties["token"].subtype == "PASSWORD"
 
 
-def test_extract_preset_sets_steps(addon: Any) -> None:
-    s = make_scene().flexiact
-    s.extract_preset = "QUICK"
-    assert s.extract_steps == addon.properties.EXTRACT_PRESETS["QUICK"]
-
-
 def test_polls(addon: Any) -> None:
     scene = make_scene()
     assert bpy.ops.flexiact.capture_target.poll()
@@ -167,7 +161,7 @@ def test_backend_down_is_reported(prefs: Any) -> None:
     prefs.backend_url = "http://127.0.0.1:9"
     with pytest.raises(RuntimeError, match="Cannot reach the FlexiAct backend"):
         bpy.ops.flexiact.test_connection()
-    assert prefs.connection_status.startswith("Failed")
+    assert __import__(MODULE, fromlist=["connection"]).connection.CONNECTION.summary.startswith("Failed")
     assert "Cannot reach" in scene.flexiact.last_error
     assert any("Cannot reach" in t for t in draw_all().kinds("label"))
     with pytest.raises(RuntimeError, match="Cannot reach"):
@@ -209,8 +203,8 @@ def test_missing_reference_file_is_reported(prefs: Any, tmp_path: Path) -> None:
     s = scene.flexiact
     s.caption = "a wave"
     s.reference_source, s.reference_path = "FILE", str(tmp_path / "missing.mp4")
-    addon_jobs = __import__(MODULE, fromlist=["jobs"]).jobs
-    addon_jobs.MANAGER.health = {"model": {"width": 96, "height": 64}}  # as left by a successful connection
+    connection = __import__(MODULE, fromlist=["connection"]).connection
+    connection.CONNECTION.update({"model": {"width": 96, "height": 64}})  # as left by a successful connection
     with pytest.raises(RuntimeError, match="Reference video not found"):
         bpy.ops.flexiact.extract_action()
 

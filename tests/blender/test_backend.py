@@ -132,7 +132,7 @@ def _target_id(addon: Any, tmp_path: Path) -> str:
 
 def _generation(addon: Any, image: str, action: str, steps: int, fps: float) -> str:
     body = {"action": action, "image": image, "prompt": "a cube slides", "steps": steps, "fps": fps}
-    return _client(addon).create_generation(body)["job"]["id"]
+    return _client(addon).post("/v1/generations", body)["job"]["id"]
 
 
 def _record(addon: Any, scene: bpy.types.Scene, job_id: str, kind: str = "GENERATE") -> str:
@@ -153,19 +153,45 @@ def test_polling_resumes_on_reopen_with_hand_driven_timer(backend: Any, addon: A
     bpy.ops.wm.save_as_mainfile(filepath=str(tmp_path / "pending.blend"))
     bpy.ops.wm.open_mainfile(filepath=str(tmp_path / "pending.blend"))  # load_post resumes polling
 
-    jobs = addon.jobs
-    assert bpy.app.timers.is_registered(jobs.timer_tick)
-    assert jobs.MANAGER.watching(bpy.context.scene.name, key)
-    interval = jobs.TICK_S
-    while interval is not None:  # timers never fire in bpy-as-a-module: drive the callback by hand
-        time.sleep(interval)
-        interval = jobs.timer_tick()
-    jobs.remove_timer()
-    assert not bpy.app.timers.is_registered(jobs.timer_tick)
+    jobs, runner = addon.jobs, addon.runner
+    assert bpy.app.timers.is_registered(runner.timer_tick)
+    assert jobs.POLLER.watching(bpy.context.scene.name, key)
+    _drive_timer(runner)
+    assert not bpy.app.timers.is_registered(runner.timer_tick)
     _scene, record = jobs.find_record(bpy.context.scene.name, key)
     assert record.status == "SUCCEEDED" and record.imported
     assert len(_strips(bpy.context.scene)) == 1
-    assert jobs.timer_tick() is None and len(_strips(bpy.context.scene)) == 1  # imported once only
+    assert runner.timer_tick() is None and len(_strips(bpy.context.scene)) == 1  # imported once only
+
+
+def _drive_timer(runner: Any) -> None:
+    """Timers never fire in bpy-as-a-module: call the runner's tick by hand until it stops, then unregister it."""
+    interval = runner.TICK_S
+    deadline = time.monotonic() + 300
+    while interval is not None and time.monotonic() < deadline:
+        time.sleep(interval)
+        interval = runner.timer_tick()
+    runner.remove_timer()
+    assert interval is None, "the runner was still busy after 300 s"
+
+
+def test_interactive_submit_goes_through_the_runner(backend: Any, addon: Any, action_id: str,
+                                                    tmp_path: Path) -> None:
+    """Without waiting (as in the UI), submit returns at once; the timer uploads, posts, polls and imports."""
+    scene = make_scene()
+    _target_id(addon, tmp_path)
+    s = scene.flexiact
+    s.action_id, s.prompt, s.steps, s.import_mode = action_id, "a cube slides", 2, "STRIP"
+    request = addon.requests.generation(s, bpy.path.abspath(s.target_image.filepath), 24.0)
+    key = addon.jobs.submit(scene, _client(addon), "GENERATE", request, (96, 64), wait=False)
+    _scene, record = addon.jobs.find_record(scene.name, key)
+    assert record.status == "SUBMITTING" and not record.job_id
+    _drive_timer(addon.runner)
+    _scene, record = addon.jobs.find_record(scene.name, key)
+    assert record.status == "SUCCEEDED" and record.imported and record.job_id
+    assert (record.model_width, record.model_height) == (96, 64)
+    assert len(_strips(scene)) == 1
+    assert json.loads(record.params_json)["guidance_scale"] == s.guidance
 
 
 def test_failed_job_shows_backend_message(backend: Any, addon: Any, tmp_path: Path) -> None:
@@ -183,7 +209,7 @@ def test_failed_job_shows_backend_message(backend: Any, addon: Any, tmp_path: Pa
     client._json("DELETE", f"/v1/actions/{doomed}")
     client.cancel(blocker)
     _scene, record = addon.jobs.find_record(scene.name, key)
-    addon.jobs.follow(client, scene, record)
+    addon.jobs.follow(client, scene, record, wait=True)
     assert record.status == "FAILED"
     assert "deleted or is not ready" in record.error
     assert "failed" in s.last_error and record.error in s.last_error
@@ -198,9 +224,41 @@ def test_cancel_job_operator(backend: Any, addon: Any, action_id: str, tmp_path:
     assert bpy.ops.flexiact.cancel_job.poll()
     assert bpy.ops.flexiact.cancel_job(key=key) == {"FINISHED"}
     _scene, record = addon.jobs.find_record(scene.name, key)
-    addon.jobs.follow(_client(addon), scene, record)  # a running job stops within a step
+    addon.jobs.follow(_client(addon), scene, record, wait=True)  # a running job stops within a step
     assert record.status == "CANCELLED"
     assert not bpy.ops.flexiact.cancel_job.poll()
+
+
+def test_extract_presets_are_the_backends(backend: Any, addon: Any) -> None:
+    """The preset buttons are the backend's table (from /v1/health); choosing one sets the steps."""
+    s = make_scene().flexiact
+    assert bpy.ops.flexiact.test_connection() == {"FINISHED"}
+    presets = _health(backend.backend_url)["presets"]
+    with pytest.raises(TypeError):
+        s.extract_preset = "FAST"  # not a preset of the backend
+    s.extract_preset = "QUICK"
+    assert s.extract_steps == presets["quick"]
+    s.extract_preset = "STANDARD"
+    assert s.extract_steps == presets["standard"]
+
+
+def test_request_defaults_are_the_apis(backend: Any, addon: Any) -> None:
+    """The add-on's defaults are the ones the API's schema publishes, and its requests use the schema's names."""
+    with urllib.request.urlopen(backend.backend_url + "/openapi.json", timeout=10) as response:
+        schemas = json.loads(response.read())["components"]["schemas"]
+    generation = schemas["GenerationCreate"]["properties"]
+    for name, value in addon.requests.GENERATION_DEFAULTS.items():
+        assert generation[name]["default"] == value, name
+    for name, value in addon.requests.EXTRACTION_DEFAULTS.items():
+        assert schemas["ActionCreate"]["properties"][name]["default"] == value, name
+    s = make_scene().flexiact
+    body = addon.requests.generation(s, "/tmp/x.png", 24.0).with_file("0" * 64)
+    assert set(body) <= set(generation) and set(schemas["GenerationCreate"]["required"]) <= set(body)
+    assert body["guidance_scale"] == s.guidance and body["high_timesteps"] == s.transition
+    s.caption = "a wave"
+    body = addon.requests.extraction(s, "/tmp/x.mp4", 0.0, 1.0).with_file("0" * 64)
+    assert set(body) <= set(schemas["ActionCreate"]["properties"])
+    assert set(schemas["ActionCreate"]["required"]) <= set(body)
 
 
 def test_wrong_token_is_explained(backend: Any) -> None:
@@ -222,9 +280,10 @@ def test_reference_too_short_is_explained(backend: Any, tmp_path: Path) -> None:
         bpy.ops.flexiact.extract_action()
 
 
-def test_test_connection_reports_model(backend: Any) -> None:
+def test_test_connection_reports_model(backend: Any, addon: Any) -> None:
     assert bpy.ops.flexiact.test_connection() == {"FINISHED"}
-    assert backend.connection_status.startswith("Connected") and "tiny" in backend.connection_status
+    summary = addon.connection.CONNECTION.summary
+    assert summary.startswith("Connected") and "tiny" in summary
 
 
 def test_local_backend_launcher_starts_and_stops(addon: Any, prefs: Any) -> None:
@@ -239,7 +298,7 @@ def test_local_backend_launcher_starts_and_stops(addon: Any, prefs: Any) -> None
     try:
         assert bpy.ops.flexiact.backend_start() == {"FINISHED"}
         assert addon.launcher.LAUNCHER.running()
-        assert prefs.connection_status.startswith("Connected")
+        assert addon.connection.CONNECTION.summary.startswith("Connected")
         log = Path(addon.launcher.LAUNCHER.log_path)
         assert log.is_file() and Path(addon.preferences.user_dir()) in log.parents
         assert bpy.ops.flexiact.backend_stop() == {"FINISHED"}

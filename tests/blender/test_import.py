@@ -61,7 +61,7 @@ def test_import_both_lasts_model_duration_and_survives_reopen(addon: Any, tmp_pa
     assert all(r.imported for r in scene.flexiact.jobs)
     assert len(_strips(scene)) == 2  # reopening never imports again
     assert scene.flexiact.jobs[0].plane_name in bpy.data.objects
-    assert not addon.jobs.MANAGER.busy()
+    assert not addon.runner.busy()
 
 
 def test_import_missing_file_is_reported(addon: Any, tmp_path: Path) -> None:

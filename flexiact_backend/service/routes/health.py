@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from ... import __version__
+from ...extraction import PRESETS
 from ..context import Svc
 from ..errors import ERROR_RESPONSES
 from ..schemas import Health
@@ -22,4 +23,5 @@ def health(svc: Svc) -> dict:
             "model": {"id": i.id, "tiny": i.tiny, "loaded": loaded, "width": i.width, "height": i.height,
                       "frames": i.frames, "fps": i.fps,
                       "error": svc.redact(svc.pool.load_error) if svc.pool.load_error else None},
-            "device": svc.pool.device_health(), "queue": svc.db.queue_counts(), "workers": svc.pool.workers_health()}
+            "device": svc.pool.device_health(), "queue": svc.db.queue_counts(), "workers": svc.pool.workers_health(),
+            "presets": PRESETS}

@@ -1,0 +1,73 @@
+"""The backend's health, kept in this one place: what the panels show and what renders are sized by."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from . import runner
+from .client import BackendClient, BackendError
+
+HEALTH_TIMEOUT_S = 5.0
+
+
+class Connection:
+    """The last /v1/health answer, or why there is none."""
+
+    def __init__(self) -> None:
+        self.health: dict[str, Any] | None = None
+        self.error = ""
+
+    def update(self, health: dict[str, Any] | None, error: BackendError | None = None) -> None:
+        self.health = health
+        self.error = error.message if error is not None else ""
+
+    def forget(self) -> None:
+        """The backend changed (URL, token, started or stopped): ask again next time."""
+        self.update(None)
+
+    @property
+    def summary(self) -> str:
+        if self.health is not None:
+            model, device = self.health.get("model", {}), self.health.get("device", {})
+            queue = self.health.get("queue", {})
+            return (f"Connected · {model.get('id', '?')}{' (tiny)' if model.get('tiny') else ''} · "
+                    f"{device.get('type', '?')} · queue {queue.get('running', 0)} running, "
+                    f"{queue.get('queued', 0)} queued")
+        return f"Failed: {self.error}" if self.error else ""
+
+    def model_size(self) -> tuple[int, int]:
+        """(width, height) the model generates at; 0 × 0 before the health is known."""
+        model = (self.health or {}).get("model", {})
+        return int(model.get("width") or 0), int(model.get("height") or 0)
+
+    def presets(self) -> dict[str, int]:
+        """The backend's extraction presets (name → training steps); empty before the health is known."""
+        return {str(k): int(v) for k, v in ((self.health or {}).get("presets") or {}).items()}
+
+
+CONNECTION = Connection()
+
+
+def check(client: BackendClient) -> dict[str, Any]:
+    """The backend's health (run off the main thread)."""
+    return client.health()
+
+
+def with_health(client: BackendClient, then: Callable[[dict[str, Any]], str], wait: bool,
+                failed: Callable[[str], None]) -> str | None:
+    """Run `then(health)` now if the health is known, else once it has been fetched.
+
+    `then` returns "" or a problem. When it runs now (known health, or wait=True) its problem is returned to the
+    caller; when it runs later, the problem goes to `failed`.
+    """
+    if CONNECTION.health is not None:
+        return then(CONNECTION.health)
+
+    def done(health: dict[str, Any] | None, error: BackendError | None) -> str:
+        CONNECTION.update(health, error)
+        problem = error.message if error is not None else then(health or {})
+        if problem and not wait:
+            failed(problem)
+        return problem
+
+    return runner.call(lambda: check(client), done, wait)

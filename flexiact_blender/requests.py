@@ -1,0 +1,57 @@
+"""The requests the add-on sends, built from `scene.flexiact` in this one place with the API's own field names.
+
+The defaults are the API's (`GenerationCreate`/`ActionCreate` in /openapi.json; a test compares them); the
+extraction presets are the backend's, read from /v1/health.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import bpy
+
+#: GenerationCreate's defaults, as the backend's /openapi.json publishes them.
+GENERATION_DEFAULTS: dict[str, Any] = {"seed": 42, "steps": 50, "guidance_scale": 6.0, "lora_weight": 0.7,
+                                       "reweight_scale": 1.0, "high_timesteps": 0.8}
+#: ActionCreate's defaults (its steps are the backend's "standard" preset).
+EXTRACTION_DEFAULTS: dict[str, Any] = {"seed": 0, "steps": 3000}
+
+
+@dataclass(frozen=True)
+class Request:
+    """One POST: its route and body, and the local file whose uploaded id goes into `file_field`."""
+
+    route: str
+    body: dict[str, Any]
+    file_path: str
+    file_field: str
+    #: How the job list names it.
+    label: str = ""
+
+    def with_file(self, file_id: str) -> dict[str, Any]:
+        return {**self.body, self.file_field: file_id}
+
+
+def extraction(settings: bpy.types.PropertyGroup, video_path: str, start_s: float, end_s: float) -> Request:
+    """POST /v1/actions: learn the reference clip's motion between `start_s` and `end_s`."""
+    caption = settings.caption.strip()
+    name = caption[:60]
+    body = {"name": name, "caption": caption, "start_s": round(start_s, 4), "end_s": round(end_s, 4),
+            "steps": settings.extract_steps, "seed": settings.seed}
+    return Request("/v1/actions", body, video_path, "video", f"Extract '{name}'")
+
+
+def generation(settings: bpy.types.PropertyGroup, image_path: str, fps: float) -> Request:
+    """POST /v1/generations: the target frame performing the chosen action, at the scene's frame rate."""
+    prompt = settings.prompt.strip()
+    body = {"action": settings.action_id, "prompt": prompt, "seed": settings.seed, "steps": settings.steps,
+            "guidance_scale": settings.guidance, "lora_weight": settings.lora_weight,
+            "reweight_scale": settings.reweight_scale, "high_timesteps": settings.transition, "fit": "crop",
+            "fps": round(fps, 6)}
+    return Request("/v1/generations", body, image_path, "image", f"Generate '{prompt[:40]}'")
+
+
+def action_import(file_path: str, name: str, caption: str) -> Request:
+    """POST /v1/actions/import: a published action file, ready at once."""
+    return Request("/v1/actions/import", {"name": name, "caption": caption}, file_path, "file", f"Import '{name}'")
