@@ -244,8 +244,7 @@ def test_extract_presets_are_the_backends(backend: Any, addon: Any) -> None:
 
 def test_request_defaults_are_the_apis(backend: Any, addon: Any) -> None:
     """The add-on's defaults are the ones the API's schema publishes, and its requests use the schema's names."""
-    with urllib.request.urlopen(backend.backend_url + "/openapi.json", timeout=10) as response:
-        schemas = json.loads(response.read())["components"]["schemas"]
+    schemas = _client(addon)._json("GET", "/openapi.json")["components"]["schemas"]
     generation = schemas["GenerationCreate"]["properties"]
     for name, value in addon.requests.GENERATION_DEFAULTS.items():
         assert generation[name]["default"] == value, name
