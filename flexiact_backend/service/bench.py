@@ -173,3 +173,76 @@ def format_table(report: dict) -> str:
         lines.append(f"{name:<10}{p['n']:>7}{p['p50'] or 0:>10.1f}{p['p95'] or 0:>10.1f}{p['max'] or 0:>10.1f}")
     lines.append(f"errors: {report['errors']}   clients: {report['clients']}   wall: {report['seconds']} s")
     return "\n".join(lines)
+
+
+def bench_cluster(*, address: str | None = None, workers: int = 2, jobs: int = 8, steps: int = 4) -> dict:
+    """Studio mode's throughput: a queue of `jobs` tiny generations drained by 1 worker, then by `workers`.
+
+    Each variant is a fresh tiny server on the same Ray cluster (`address`, or a one-node local cluster with
+    `workers` CPUs started here), its actors loaded before the clock starts; the clock runs from the first
+    submission to the last job's end.
+    """
+    from .process import LocalRayCluster
+
+    cluster = None
+    if address is None:
+        cluster = LocalRayCluster()
+        cluster.add_node(num_cpus=workers)
+        address = cluster.address
+    try:
+        rows = [_drain_queue(address, n, jobs, steps) for n in sorted({1, workers})]
+    finally:
+        if cluster is not None:
+            cluster.stop()
+    base = rows[0]["jobs_per_min"]
+    for row in rows:
+        row["speedup"] = round(row["jobs_per_min"] / base, 2) if base else None
+    return {"bench": "serve --ray", "jobs": jobs, "steps": steps, "address": address, "results": rows}
+
+
+def _drain_queue(address: str, workers: int, jobs: int, steps: int) -> dict:
+    extra = ("--ray", address, "--ray-workers", str(workers))
+    with tempfile.TemporaryDirectory(prefix="flexiact-bench-") as d, ServerProcess(Path(d), extra_args=extra) as s:
+        client = Client(s.url)
+        deadline = time.monotonic() + 600
+        while sum(w["state"] == "idle" for w in client.request("GET", "/v1/health")[1]["workers"]) < workers:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{workers} Ray workers not ready after 600 s; see {s.log_path}")
+            time.sleep(0.2)
+        status, image = client.upload(png_bytes(0), "image/png", "bench-target.png")
+        if status != 201:
+            raise RuntimeError(f"upload failed: {status} {image}")
+        started = time.perf_counter()
+        ids = []
+        for i in range(jobs):
+            status, r = client.request("POST", "/v1/generations",
+                                       json_body={"image": image["id"], "prompt": "a figure waves", "steps": steps,
+                                                  "seed": i})
+            if status != 202:
+                raise RuntimeError(f"generation refused: {status} {r}")
+            ids.append(r["job"]["id"])
+        finished: dict[str, dict] = {}
+        while len(finished) < jobs:
+            if time.perf_counter() - started > 1800:
+                raise RuntimeError(f"the queue was not drained after 1800 s; see {s.log_path}")
+            for job_id in ids:
+                if job_id not in finished:
+                    status, j = client.request("GET", f"/v1/jobs/{job_id}")
+                    if status == 200 and j["status"] in TERMINAL:
+                        finished[job_id] = j
+            time.sleep(0.1)
+        wall = time.perf_counter() - started
+        failed = [j["error"] for j in finished.values() if j["status"] != "succeeded"]
+        if failed:
+            raise RuntimeError(f"{len(failed)} jobs failed, e.g. {failed[0]}")
+        return {"workers": workers, "wall_s": round(wall, 2), "jobs_per_min": round(jobs / wall * 60, 2),
+                "workers_used": len({j["worker"] for j in finished.values()})}
+
+
+def format_cluster_table(report: dict) -> str:
+    lines = [f"{report['jobs']} generations of {report['steps']} steps on the Ray cluster at {report['address']}",
+             f"{'workers':>8}{'used':>6}{'wall s':>10}{'jobs/min':>10}{'speedup':>9}"]
+    for r in report["results"]:
+        lines.append(f"{r['workers']:>8}{r['workers_used']:>6}{r['wall_s']:>10.2f}{r['jobs_per_min']:>10.2f}"
+                     f"{r['speedup']:>9.2f}")
+    return "\n".join(lines)

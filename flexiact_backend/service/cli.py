@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -43,6 +44,9 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--body-timeout", type=float, default=30.0, help="seconds a client may pause while sending "
                    "a request body")
     p.add_argument("--access-log", action="store_true", help="log every request")
+    p.add_argument("--ray", metavar="ADDRESS", help="studio mode: run the workers as actors of the Ray cluster at "
+                   "ADDRESS (host:port of its head), one per GPU; needs pip install 'flexiact-backend[cluster]'")
+    p.add_argument("--ray-workers", type=int, metavar="N", help="with --ray on a cluster without GPUs: N CPU workers")
     p.set_defaults(func=run_serve)
     return p
 
@@ -51,6 +55,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from .auth import check_bind
 
     check_bind(args.host, args.token)  # before the slow imports: a refusal should be instant
+    check_ray_args(args)
     import uvicorn
 
     from .app import create_app
@@ -64,7 +69,8 @@ def run_serve(args: argparse.Namespace) -> int:
     config = ServiceConfig(data_dir=args.data_dir, model_dir=args.model, tiny=args.tiny, token=args.token,
                            limits=limits, devices=tuple(args.device), checkpoint_every=args.checkpoint_every,
                            max_job_restarts=args.max_job_restarts, host=args.host, allowed_hosts=tuple(args.allowed_host), public_docs=args.public_docs,
-                           header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout)
+                           header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
+                           ray_address=args.ray, ray_workers=args.ray_workers)
     os.umask(0o077)  # the database, uploads and results are readable by the service's user only
     check_data_dir(args.data_dir)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -87,6 +93,20 @@ def check_data_dir(data_dir: Path) -> None:
                          "its permissions.") from None
 
 
+def check_ray_args(args: argparse.Namespace) -> None:
+    """Refuse a studio-mode command line that cannot work, before anything loads."""
+    if args.ray is None:
+        if args.ray_workers is not None:
+            raise SystemExit("--ray-workers needs --ray ADDRESS (the Ray cluster to start the workers on)")
+        return
+    if args.device:
+        raise SystemExit("--device chooses local devices; with --ray every GPU of the cluster gets a worker")
+    if args.ray_workers is not None and args.ray_workers < 1:
+        raise SystemExit(f"--ray-workers must be at least 1, not {args.ray_workers}")
+    if importlib.util.find_spec("ray") is None:
+        raise SystemExit("--ray needs Ray, which is not installed: pip install 'flexiact-backend[cluster]'")
+
+
 def add_bench_serve(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register `serve` under `bench` (sets `func=run_bench_serve`)."""
     p = subparsers.add_parser("serve", help="poll latency with concurrent clients while a job runs",
@@ -97,21 +117,38 @@ def add_bench_serve(subparsers: argparse._SubParsersAction) -> argparse.Argument
     p.add_argument("--rounds", type=int, default=50, help="polls per client")
     p.add_argument("--upload-every", type=int, default=5, help="each client uploads an image every N polls")
     p.add_argument("--json", type=Path, help="also write the JSON report here")
+    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="instead: throughput of a queue of tiny jobs with 1 worker vs --ray-workers, on the Ray "
+                        "cluster at ADDRESS (default: a local one-node cluster started for the purpose)")
+    p.add_argument("--ray-workers", type=int, default=2, metavar="N", help="workers of the --ray variant (default 2)")
+    p.add_argument("--jobs", type=int, default=8, help="--ray: generations in the queue (default 8)")
+    p.add_argument("--steps", type=int, default=4, help="--ray: denoising steps per generation (default 4)")
     p.set_defaults(func=run_bench_serve)
     return p
 
 
 def run_bench_serve(args: argparse.Namespace) -> int:
-    from .bench import bench_serve, format_table
+    from .bench import bench_cluster, bench_serve, format_cluster_table, format_table
 
+    if args.ray is not None:
+        if importlib.util.find_spec("ray") is None:
+            raise SystemExit("--ray needs Ray, which is not installed: pip install 'flexiact-backend[cluster]'")
+        report = bench_cluster(address=None if args.ray == "local" else args.ray, workers=args.ray_workers,
+                               jobs=args.jobs, steps=args.steps)
+        _print_report(report, format_cluster_table(report), args.json)
+        return 0
     report = bench_serve(url=args.url, token=args.token, clients=args.clients, rounds=args.rounds,
                          upload_every=args.upload_every)
+    _print_report(report, format_table(report), args.json)
+    return 0 if report["errors"] == 0 else 1
+
+
+def _print_report(report: dict, table: str, json_path: Path | None) -> None:
     text = json.dumps(report, indent=2)
     print(text)
-    print(format_table(report))
-    if args.json:
-        args.json.write_text(text)
-    return 0 if report["errors"] == 0 else 1
+    print(table)
+    if json_path:
+        json_path.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:

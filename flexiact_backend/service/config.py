@@ -46,6 +46,10 @@ class ServiceConfig:
     #: a connection that sends no complete request head, or stalls mid-body, this long is closed
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
+    #: Studio mode: the Ray cluster's address (workers become Ray actors) and, on a cluster without GPUs,
+    #: how many CPU actors to start; None: one machine, one worker thread per local device.
+    ray_address: str | None = None
+    ray_workers: int | None = None
 
     def host_names(self) -> frozenset[str]:
         """The Host header names this server answers to (lower case, IPv6 without brackets)."""

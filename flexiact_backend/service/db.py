@@ -105,10 +105,7 @@ class Database:
         fails instead, so that one input that kills the process cannot crash-loop the service forever.
         """
         now = time.time()
-        err = json.dumps({"code": "crash_loop", "message": (
-            f"this job was running each of the {max_restarts + 1} times the service stopped unexpectedly (a crash "
-            f"or a kill); after {max_restarts} retries it is not run again. Check the server log, then submit "
-            "it again, perhaps with a smaller input or fewer steps.")})
+        err = _crash_loop_error(max_restarts)
         with self._lock:
             n = self._conn.execute("SELECT COUNT(*) FROM jobs WHERE status='running'").fetchone()[0]
             self._tx([
@@ -273,6 +270,20 @@ class Database:
         self._tx([("UPDATE jobs SET status='queued', phase=?, eta_s=NULL, version=version+1 "
                    "WHERE id=? AND status='running'", (phase, job_id))])
 
+    def requeue_lost(self, job_id: str, max_restarts: int) -> None:
+        """A job whose worker process died under it: back to the queue, or failed past `max_restarts` (as in
+        `recover`, which counts the same deaths of the whole service)."""
+        now, err = time.time(), _crash_loop_error(max_restarts)
+        self._tx([
+            ("UPDATE jobs SET attempts=attempts+1 WHERE id=? AND status='running'", (job_id,)),
+            ("UPDATE jobs SET status='failed', phase='failed', eta_s=NULL, finished_at=?, error=?, "
+             "version=version+1 WHERE id=? AND status='running' AND attempts>?", (now, err, job_id, max_restarts)),
+            ("UPDATE actions SET status='failed', error=? WHERE job=? AND status='pending' AND "
+             "(SELECT status FROM jobs WHERE id=?)='failed'", (err, job_id, job_id)),
+            ("UPDATE jobs SET status='queued', phase='requeued', eta_s=NULL, version=version+1 "
+             "WHERE id=? AND status='running'", (job_id,)),
+        ])
+
     def finish_job(self, job_id: str, result: dict, action_update: dict | None = None) -> None:
         stmts = [("UPDATE jobs SET status='succeeded', phase='done', progress=1.0, step=total_steps, eta_s=0, "
                   "finished_at=?, result=?, version=version+1 WHERE id=?", (time.time(), json.dumps(result), job_id))]
@@ -318,6 +329,13 @@ class Database:
                 return job, False
             self._tx(self._cancel_statements(job_id))
             return self.get_job(job_id), True
+
+
+def _crash_loop_error(max_restarts: int) -> str:
+    return json.dumps({"code": "crash_loop", "message": (
+        f"this job was running each of the {max_restarts + 1} times its worker stopped unexpectedly (a crash "
+        f"or a kill of the service or of a cluster worker); after {max_restarts} retries it is not run again. "
+        "Check the server log, then submit it again, perhaps with a smaller input or fewer steps.")})
 
 
 def _loads(value: str | None) -> Any:

@@ -1,16 +1,18 @@
-"""Run the service as a separate process on loopback: used by `bench serve` and by the service tests.
+"""Run the service (and a local Ray cluster) as separate processes on loopback: for `bench serve` and the tests.
 
-Why a real process: the fault tests kill it with SIGKILL and start it again on the same data dir.
+Why real processes: the fault tests kill them with SIGKILL and start them again on the same data dir.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -90,6 +92,68 @@ class ServerProcess:
 
     def __enter__(self) -> ServerProcess:
         return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+#: A safety net for a node that never comes up; never a performance bound.
+RAY_START_S = 120.0
+
+
+class LocalRayCluster:
+    """A real Ray cluster on this machine, every node a `ray start --block` child of ours, on loopback only.
+
+    Ray rewrites 127.0.0.1 to the machine's routable address, so the nodes take other loopback addresses
+    (127.0.0.2, 127.0.0.3, ...), which it keeps. Stopping a node signals only the `ray start` we spawned,
+    which takes its own Ray processes down with it. Each node has `num_cpus` CPUs and a small object store.
+    """
+
+    def __init__(self) -> None:
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="fr-", dir="/tmp"))  # short: Ray's socket paths have a limit
+        self.port = free_port()
+        self.address = f"127.0.0.2:{self.port}"
+        self.nodes: list[subprocess.Popen] = []
+        self.ray = str(Path(sys.executable).with_name("ray"))
+
+    def add_node(self, num_cpus: int = 1) -> subprocess.Popen:
+        """Start the next node and wait until it has joined."""
+        ip = f"127.0.0.{len(self.nodes) + 2}"
+        cmd = [self.ray, "start", "--block", "--disable-usage-stats", f"--node-ip-address={ip}", f"--num-cpus={num_cpus}",
+               "--num-gpus=0", "--object-store-memory=80000000"]
+        if self.nodes:
+            cmd.append(f"--address={self.address}")
+        else:
+            cmd += ["--head", f"--port={self.port}", "--include-dashboard=false", f"--temp-dir={self.temp_dir}"]
+        log_path = self.temp_dir / f"node-{len(self.nodes)}.log"
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                    env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+        self.nodes.append(proc)
+        deadline = time.monotonic() + RAY_START_S
+        while b"Ray runtime started" not in log_path.read_bytes():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"Ray node {ip} did not start:\n{log_path.read_text(errors='replace')[-3000:]}")
+            time.sleep(0.2)
+        return proc
+
+    def remove_node(self, proc: subprocess.Popen, timeout_s: float = 30.0) -> None:
+        """SIGTERM our `ray start --block`, which stops its node's processes; SIGKILL its group if it hangs."""
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+    def stop(self) -> None:
+        for proc in reversed(self.nodes):
+            self.remove_node(proc)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def __enter__(self) -> LocalRayCluster:
+        return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

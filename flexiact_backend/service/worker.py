@@ -40,6 +40,8 @@ CUDA_MESSAGE = ("The GPU reported an error ({error}); the job failed and its wor
                 "again; if it fails the same way, check the GPU with `nvidia-smi` and `flexiact-backend doctor`.")
 #: The database is written at most this often per job (and always on a phase change or the last step).
 PROGRESS_INTERVAL_S = 0.2
+#: How often studio mode looks for GPUs that joined the cluster.
+GROW_EVERY_S = 2.0
 
 WorkerState = Literal["loading", "idle", "busy", "dead"]
 
@@ -127,8 +129,16 @@ class WorkerPool:
         self._wake = threading.Condition()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._cluster = None
 
     def start(self) -> None:
+        if self.config.ray_address:
+            from .cluster import RayCluster  # Ray is imported only by those who asked for it
+
+            self._cluster = RayCluster(self.config, self.model_dir, refadapter=self.refadapter,
+                                       memory_saving=self.memory_saving)
+            self._spawn(self._grow, "flexiact-ray-nodes")
+            return
         for device in resolve_devices(self.config.devices):
             self.add_worker(LocalExecutor(device, self.model_dir, checkpoint_every=self.config.checkpoint_every,
                                           refadapter=self.refadapter, memory_saving=self.memory_saving))
@@ -138,6 +148,8 @@ class WorkerPool:
         self.wake()
         for t in self._threads:
             t.join(timeout)
+        if self._cluster is not None:
+            self._cluster.shutdown()
 
     def add_worker(self, executor: Executor) -> Worker:
         worker = Worker(f"worker-{len(self.workers)}", executor)
@@ -149,6 +161,16 @@ class WorkerPool:
         t = threading.Thread(target=target, name=name, daemon=True)
         t.start()
         self._threads.append(t)
+
+    def _grow(self) -> None:
+        """Studio mode: give every GPU that joins the cluster an actor, without restarting the service."""
+        while not self._stop.is_set():
+            try:
+                for executor in self._cluster.new_executors(len(self.workers)):  # type: ignore[union-attr]
+                    self.add_worker(executor)
+            except Exception:  # the cluster may be briefly unreachable; the next look may succeed
+                log.exception("looking for new Ray nodes failed")
+            self._stop.wait(GROW_EVERY_S)
 
     def wake(self) -> None:
         """Tell idle workers that a job was queued."""
@@ -220,7 +242,7 @@ class WorkerPool:
         except WorkerLost as exc:
             log.warning("%s lost while running job %s (%s); the job goes back to the queue", worker.id, job_id, exc)
             worker.state = "dead"
-            self.db.requeue(job_id, "requeued")
+            self.db.requeue_lost(job_id, self.config.max_job_restarts)
             self.wake()
         except Paused:
             self.db.requeue(job_id, "paused")

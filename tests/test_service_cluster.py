@@ -1,0 +1,125 @@
+"""Studio mode on a real two-node Ray cluster (loopback): workers as actors, a killed actor, a node that leaves."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("ray", reason="studio mode needs the [cluster] extra (make setup installs it)")
+
+from flexiact_backend.service.process import LocalRayCluster  # noqa: E402
+from service_helpers import (Client, ServerProcess, assert_monotonic, clip_bytes, png_bytes, upload,  # noqa: E402
+                             wait_job)
+
+pytestmark = pytest.mark.cluster
+
+CHECKPOINT_EVERY = 5
+EXTRACT_STEPS = 150
+#: A safety net for worker states to change; never a performance bound.
+STATE_WAIT_S = 180.0
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with LocalRayCluster() as c:
+        c.add_node()
+        c.add_node()
+        yield c
+
+
+@pytest.fixture(scope="module")
+def server(cluster: LocalRayCluster, tmp_path_factory: pytest.TempPathFactory):
+    with ServerProcess(tmp_path_factory.mktemp("studio"), extra_args=(
+            "--ray", cluster.address, "--ray-workers", "2", "--checkpoint-every", str(CHECKPOINT_EVERY))) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerProcess) -> Client:
+    return Client(server.url)
+
+
+def workers(client: Client) -> list[dict]:
+    return client.request("GET", "/v1/health")[1]["workers"]
+
+
+def wait_workers(client: Client, ok, what: str) -> list[dict]:
+    """Poll /v1/health until `ok(workers)` holds."""
+    deadline = time.monotonic() + STATE_WAIT_S
+    while time.monotonic() < deadline:
+        ws = workers(client)
+        if ok(ws):
+            return ws
+        time.sleep(0.2)
+    raise TimeoutError(f"workers never {what}: {workers(client)}")
+
+
+def test_two_actors_then_kill_minus_9_mid_extraction_resumes_from_checkpoint(
+        client: Client, server: ServerProcess, tmp_path: Path) -> None:
+    ws = wait_workers(client, lambda ws: [w["state"] for w in ws] == ["idle", "idle"], "both idle")
+    assert len({w["node"] for w in ws}) == 2, ws  # one actor per node (SPREAD, one CPU each)
+    assert server.proc.pid not in {w["pid"] for w in ws}  # the workers are other processes
+    clip = upload(client, clip_bytes(tmp_path / "clip.mp4"), "video/mp4", "clip.mp4")
+    image = upload(client, png_bytes(3, (80, 60)), "image/png", "target.png")
+    status, body = client.request("POST", "/v1/actions", json_body={
+        "name": "slide", "caption": "a square slides", "video": clip["id"], "start_s": 0, "end_s": 2,
+        "steps": EXTRACT_STEPS})
+    assert status == 202, body
+    action, extraction = body["action"], body["job"]
+    history: list[dict] = []
+    wait_job(client, extraction["id"], ("running",), min_step=1, history=history)
+
+    # a generation runs beside the extraction, on the other actor: the extraction does not pause for it
+    status, body = client.request("POST", "/v1/generations",
+                                  json_body={"image": image["id"], "prompt": "p", "steps": 20})
+    generation = body["job"]
+    both = wait_workers(client, lambda ws: {w["job"] for w in ws} == {extraction["id"], generation["id"]},
+                        "busy with both jobs at once")
+    assert [w["state"] for w in both] == ["busy", "busy"]
+    done = wait_job(client, generation["id"])
+    assert done["status"] == "succeeded", done
+    ext = client.request("GET", f"/v1/jobs/{extraction['id']}")[1]
+    assert done["worker"] != ext["worker"] and ext["status"] == "running", (done, ext)
+
+    # kill -9 the actor process running the extraction once a checkpoint has reached the service
+    checkpoint = server.data_dir / "work" / action["id"] / "train" / "checkpoint.pt"
+    before = wait_job(client, extraction["id"], ("running",), min_step=2 * CHECKPOINT_EVERY + 1, history=history)
+    assert before["step"] < EXTRACT_STEPS and checkpoint.is_file()
+    victim = next(w for w in workers(client) if w["job"] == extraction["id"])
+    os.kill(victim["pid"], signal.SIGKILL)
+
+    final = wait_job(client, extraction["id"], history=history)
+    assert final["status"] == "succeeded", final
+    assert_monotonic(history)
+    resumed_from = final["result"]["resumed_from"]
+    assert resumed_from >= 2 * CHECKPOINT_EVERY and resumed_from % CHECKPOINT_EVERY == 0, final["result"]
+    action = client.request("GET", f"/v1/actions/{action['id']}")[1]
+    assert action["status"] == "ready" and action["meta"]["steps"] == EXTRACT_STEPS
+    status, raw = client.request("GET", f"/v1/actions/{action['id']}/file")
+    assert status == 200 and hashlib.sha256(raw).hexdigest() == action["file"]
+    # Ray restarts the killed actor: it comes back as a new process with the pipeline loaded again
+    back = wait_workers(client, lambda ws: all(w["state"] == "idle" for w in ws)
+                        and victim["pid"] not in {w["pid"] for w in ws}, "back after the kill")
+    assert {w["id"] for w in back} == {"worker-0", "worker-1"}
+
+
+def test_a_node_removed_while_idle_leaves_the_service_serving(client: Client, cluster: LocalRayCluster) -> None:
+    ws = wait_workers(client, lambda ws: all(w["state"] == "idle" for w in ws), "idle")
+    assert sorted(w["node"] for w in ws) == ["127.0.0.2", "127.0.0.3"], ws
+    cluster.remove_node(cluster.nodes[1])  # the node at 127.0.0.3 leaves the cluster
+    image = upload(client, png_bytes(4, (80, 60)), "image/png", "target2.png")
+    for _ in range(2):  # two in a row: whichever worker claims one, both must finish
+        status, body = client.request("POST", "/v1/generations",
+                                      json_body={"image": image["id"], "prompt": "p", "steps": 2})
+        assert status == 202, body
+        done = wait_job(client, body["job"]["id"])
+        assert done["status"] == "succeeded", done
+    after = wait_workers(client, lambda ws: {w["node"]: w["state"] for w in ws} == {
+        "127.0.0.2": "idle", "127.0.0.3": "dead"}, "dead on the removed node only")
+    assert next(w for w in after if w["node"] == "127.0.0.2")["id"] == done["worker"]
+    assert client.request("GET", "/v1/health")[1]["status"] == "ok"
