@@ -208,6 +208,8 @@ def apply_job(scene: bpy.types.Scene, record: Any, job: dict[str, Any], video: s
     record.progress = float(job.get("progress") or 0.0)
     eta = job.get("eta_s")
     record.eta_s = float(eta) if eta is not None else -1.0
+    record.queue_position = int(job.get("queue_position") or 0)
+    record.worker = str(job.get("worker") or "")
     err = job.get("error")
     record.error = str(err.get("message", err)) if isinstance(err, dict) else (str(err) if err else "")
     if record.status == "FAILED":

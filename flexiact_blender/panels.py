@@ -128,6 +128,16 @@ def _eta(seconds: float) -> str:
     return f" · ETA {minutes}:{secs:02d}"
 
 
+def _status(record: Any) -> str:
+    """'Queued · #2 in queue · …' or 'Running on worker-1 · training · ETA 1:15': where the job stands."""
+    text = record.status.title()
+    if record.status == "QUEUED" and record.queue_position > 0:
+        text += f" · #{record.queue_position} in queue"
+    elif record.status == "RUNNING" and record.worker:
+        text += f" on {record.worker}"
+    return f"{text} · {record.phase}{_eta(record.eta_s)}"
+
+
 def draw_jobs(layout: Any, context: bpy.types.Context) -> None:
     records = list(context.scene.flexiact.jobs)[-MAX_JOBS_SHOWN:]
     if not records:
@@ -141,8 +151,7 @@ def draw_jobs(layout: Any, context: bpy.types.Context) -> None:
         if record.status in ACTIVE_STATUSES and record.job_id:
             row.operator("flexiact.cancel_job", text="", icon="X").key = record.key
         if record.status in ACTIVE_STATUSES:
-            box.progress(factor=record.progress, type="BAR",
-                         text=f"{record.status.title()} · {record.phase}{_eta(record.eta_s)}")
+            box.progress(factor=record.progress, type="BAR", text=_status(record))
         elif record.status == "FAILED":
             box.label(text=record.error or "Failed", icon="ERROR")
             box.operator("flexiact.copy_report", icon="COPYDOWN").key = record.key

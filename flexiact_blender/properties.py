@@ -23,6 +23,8 @@ class FlexiActJob(bpy.types.PropertyGroup):
     phase: StringProperty()
     progress: FloatProperty(min=0.0, max=1.0, subtype="FACTOR")
     eta_s: FloatProperty(default=-1.0)
+    queue_position: IntProperty(description="While queued: 1 starts next; 0 when not queued")
+    worker: StringProperty(description="The backend worker that runs the job (one per GPU)")
     error: StringProperty()
     action_id: StringProperty()
     label: StringProperty()

@@ -127,12 +127,18 @@ def test_panels_draw_every_state(addon: Any, tmp_path: Path, space: str) -> None
     running = addon.jobs.new_record(scene, "EXTRACT", "Extract 'wave'", {})
     running.status, running.job_id, running.phase, running.progress, running.eta_s = \
         "RUNNING", "job-1", "training", 0.25, 75
+    queued = addon.jobs.new_record(scene, "GENERATE", "Generate 'y'", {})
+    addon.jobs.apply_job(scene, queued, {"id": "job-2", "status": "queued", "phase": "queued", "progress": 0,
+                                         "eta_s": None, "queue_position": 2, "worker": None})
+    addon.jobs.apply_job(scene, running, {"id": "job-1", "status": "running", "phase": "training",
+                                          "progress": 0.25, "eta_s": 75, "queue_position": None, "worker": "worker-1"})
     failed = addon.jobs.new_record(scene, "GENERATE", "Generate 'x'", {})
     failed.status, failed.error = "FAILED", "the action was deleted"
     s.last_error = "Generate 'x' failed: the action was deleted"
     s.target_source, s.import_mode = "FILE", "BOTH"
     rec = draw_all(space)
-    assert (0.25, "Running · training · ETA 1:15") in rec.kinds("progress")
+    assert (0.25, "Running on worker-1 · training · ETA 1:15") in rec.kinds("progress")
+    assert (0.0, "Queued · #2 in queue · queued") in rec.kinds("progress")
     assert "flexiact.cancel_job" in rec.kinds("operator")
     assert "flexiact.copy_report" in rec.kinds("operator")
     assert "the action was deleted" in rec.kinds("label")
