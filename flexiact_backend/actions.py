@@ -58,6 +58,20 @@ def read_action_metadata(path: str | Path) -> dict:
     return json.loads(raw) if raw else {}
 
 
+def motion_duration_s(metadata: Mapping[str, object], model_duration_s: float) -> float:
+    """How long the action's motion lasts in its reference: recorded at extraction, else the model's clip length.
+
+    Actions extracted before `duration_s` was recorded learned their whole trim resampled to the model's frames,
+    so their trim's length is their duration; published actions (no metadata) count as the model's clip.
+    """
+    if metadata.get("duration_s"):
+        return float(metadata["duration_s"])  # type: ignore[arg-type]
+    trim = metadata.get("trim")
+    if metadata.get("source") == "extracted" and isinstance(trim, list) and len(trim) == 2:
+        return float(trim[1]) - float(trim[0])
+    return float(model_duration_s)
+
+
 def read_action(path: str | Path) -> tuple[StateDict, dict]:
     """Tokens and metadata of an action file (the project's safetensors or a published `.pt`)."""
     tensors = read_state_dict(path)
@@ -77,8 +91,12 @@ def import_published_action(
     out: str | Path,
     base_model: str = "THUDM/CogVideoX-5b-I2V",
     expected: Mapping[str, torch.Size] | None = None,
+    model_duration_s: float | None = None,
 ) -> dict:
-    """Convert a published FAE `.pt` (or re-label a project action) into an action file; returns its metadata."""
+    """Convert a published FAE `.pt` (or re-label a project action) into an action file; returns its metadata.
+
+    `model_duration_s` (the model's clip length) becomes the `duration_s` of an action that records none.
+    """
     tensors, previous = read_action(src)
     check_action_tokens(tensors, expected)
     shape = next(iter(tensors.values())).shape
@@ -92,6 +110,8 @@ def import_published_action(
         "num_motion_tokens": int(shape[1]),
         "width": int(shape[2]),
     }
+    if model_duration_s is not None:
+        metadata["duration_s"] = motion_duration_s(previous, model_duration_s)
     metadata.pop("created", None)
     write_action(out, tensors, metadata)
     return read_action_metadata(out)

@@ -11,7 +11,8 @@ from tqdm import tqdm
 
 from .doctor import add_doctor_command
 from .errors import FlexiActError
-from .extraction import PRESETS
+from .presets import PRESETS
+from .generation import TEMPOS
 from .hub import add_download_command
 from .service.cli import add_bench_serve, add_serve_command
 
@@ -48,10 +49,12 @@ def run_generate(args: argparse.Namespace) -> int:
         result = generator.generate(
             image, args.prompt, action=args.action, seed=args.seed, steps=args.steps, guidance_scale=args.guidance,
             lora_weight=args.lora_weight, reweight_scale=None if args.no_reweight else args.reweight_scale,
-            transition=args.transition, fit=args.fit, progress=lambda step, total, elapsed: bar.update(step - bar.n),
+            transition=args.transition, fit=args.fit, tempo=args.tempo,
+            progress=lambda step, total, elapsed: bar.update(step - bar.n),
         )
     path = result.write_mp4(args.out, fps=args.fps)
-    print(f"wrote {path} ({len(result.frames)} frames at {result.fps:g} fps, re-timed to {args.fps or result.fps:g} fps) in {result.seconds:.1f}s")
+    print(f"wrote {path} ({len(result.frames)} frames made at {result.fps:g} fps, playing {result.duration_s:.3f} s at "
+          f"{args.fps or result.fps:g} fps) in {result.seconds:.1f}s")
     return 0
 
 
@@ -113,11 +116,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--guidance", type=float, default=6.0)
     p.add_argument("--lora-weight", type=float, default=0.7, help="RefAdapter weight")
-    p.add_argument("--reweight-scale", type=float, default=1.0, help="motion strength: bias on motion tokens at high timesteps")
-    p.add_argument("--no-reweight", action="store_true", help="no frequency-aware reweighting")
+    p.add_argument("--reweight-scale", type=float, default=1.0,
+                   help="motion strength: bias on motion tokens at high timesteps (the paper's reweighting)")
+    p.add_argument("--no-reweight", action="store_true",
+                   help="no frequency-aware reweighting, as the authors' released inference script runs")
     p.add_argument("--transition", type=float, default=0.8, help="fraction of 1000 where the bias starts to decay")
     p.add_argument("--fit", choices=("crop", "pad"), default="crop")
-    p.add_argument("--fps", type=float, help="frame rate of the mp4 (the clip keeps its duration)")
+    p.add_argument("--fps", type=float, help="frame rate of the mp4 (its duration does not depend on it)")
+    p.add_argument("--tempo", choices=TEMPOS, default="reference",
+                   help="reference: the clip lasts as long as the action's motion did in its reference; "
+                        "model: the model's clip length (every generated frame once at the model's fps)")
     p.set_defaults(func=run_generate)
 
     p = sub.add_parser("extract", help="train an action (FAE motion tokens) on a reference clip")

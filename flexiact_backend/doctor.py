@@ -101,6 +101,10 @@ def check_weights(model_dir: Path) -> list[Check]:
         return [Check("weights", "FAIL", f"{model_dir / 'transformer'} holds no weights", f"re-run (it resumes): {fix}")]
     checks = [Check("weights", "OK", f"{info.id}: {info.width}x{info.height}, {info.frames} frames at {info.fps:g} fps"
                     + (" (tiny random model)" if info.tiny else ""))]
+    named = json.loads((model_dir / "scheduler" / "scheduler_config.json").read_text()).get("_class_name", "?")
+    checks.append(Check("sampling", "OK", f"the folder names {named}; generation samples with CogVideoXDPMScheduler "
+                        "from its config, as the authors do. Reweighting: the paper's motion bias by default; "
+                        "reweight_scale=null (--no-reweight) runs as the authors' released script, without it"))
     refadapter = next((n for n in REFADAPTER_FILES if (model_dir / n).is_file()), None)
     if refadapter:
         checks.append(Check("refadapter", "OK", str(model_dir / refadapter)))

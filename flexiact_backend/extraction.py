@@ -2,14 +2,17 @@
 
 The objective is FLEXIACT.md's: v-prediction turned into x0, `w(t) = 1/(1 - alphas_cumprod[t])` weighted MSE,
 plus the temporal term (ratio 1.0) on `sqrt(2)*x[i+1] - x[i]` of a random latent frame pair; uniform timesteps,
-image-latent dropout 0.05, RefAdapter off, AdamW (3e-3, betas 0.9/0.95, wd 1e-4), grad-norm clip 1.0.
-The 12 crops' VAE latents and the caption's T5 embedding are computed once and cached on disk; only the tokens
-train, checkpoints are atomic and carry the RNG state, so a resumed run ends with the same tokens.
+image-latent dropout 0.05, caption dropout 0.1, RefAdapter off, AdamW (3e-3, betas 0.9/0.95, wd 1e-4),
+grad-norm clip 1.0. The trim is taken at the model's frame rate (`augmentation`): each step trains on one of a
+bounded set of model-length windows of one of 12 aspect-preserving crops. Their VAE latents and the caption's
+(and the empty caption's) T5 embeddings are computed once and cached on disk; only the tokens train, checkpoints
+are atomic and carry the RNG state, so a resumed run ends with the same tokens.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -19,17 +22,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .actions import write_action
 from .atomic import write_atomically
+from .augmentation import crop_boxes, crop_frames, plan_sampling, window_starts
 from .errors import Cancelled, Paused
 from .generation import FlexiActGenerator
-from .media import crop_params, probe_video, random_crops, read_clip
+from .media import check_trim, probe_video, read_clip
+from .presets import PRESETS
 
-PRESETS = {"quick": 600, "standard": 3000}
 CHECKPOINT_NAME = "checkpoint.pt"
+#: Bumped whenever what the latent cache holds changes, so an older cache is never read as a newer one.
+CACHE_RECIPE = "windows-v2"
 
 ProgressFn = Callable[[dict], None]
 StopFn = Callable[[], bool]
@@ -39,7 +46,7 @@ StopFn = Callable[[], bool]
 class ExtractionConfig:
     """FLEXIACT.md's training recipe; every field is recorded in the action's metadata."""
 
-    steps: int = 3000
+    steps: int = PRESETS["standard"]
     seed: int = 0
     lr: float = 3e-3
     betas: tuple[float, float] = (0.9, 0.95)
@@ -47,18 +54,35 @@ class ExtractionConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     image_dropout: float = 0.05
+    caption_dropout: float = 0.1
     temporal_ratio: float = 1.0
     num_crops: int = 12
+    windows_per_crop: int = 4
     checkpoint_every: int = 500
 
 
 @dataclass
 class TrainingData:
-    """Cached inputs: per-crop latents and image latents [crops, F, C, h, w], and the caption's T5 embedding."""
+    """Cached inputs: latents [crops, windows, F, C, h, w], each window's first-frame latent [crops, windows, 1,
+    C, h, w], and the T5 embeddings of the caption and of the empty caption (for caption dropout)."""
 
     latents: torch.Tensor
     image_latents: torch.Tensor
     prompt_embeds: torch.Tensor
+    empty_prompt_embeds: torch.Tensor
+
+
+@dataclass(frozen=True)
+class StepDraw:
+    """The random choices of one training step, drawn in a fixed order from the trainer's generator."""
+
+    crop: int
+    window: int
+    timestep: int
+    noise: torch.Tensor
+    drop_image: bool
+    drop_caption: bool
+    frame: int
 
 
 def file_sha256(path: str | Path) -> str:
@@ -83,47 +107,62 @@ def off_device(*modules: nn.Module) -> Iterator[None]:
 
 
 def encode_video(generator: FlexiActGenerator, crop: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """VAE latents of one crop [F, C, h, w] and of its frame 0 placed in latent frame 0, zero elsewhere."""
-    pipe = generator.pipe
-    vae = pipe.vae
+    """VAE latents of one clip [F, C, h, w] and of its frame 0 [1, C, h, w] (the conditioning image)."""
+    vae = generator.pipe.vae
     pixels = torch.from_numpy(crop).to(generator.device, vae.dtype).permute(3, 0, 1, 2).unsqueeze(0) / 127.5 - 1.0
     with torch.no_grad():
         latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
         image = vae.encode(pixels[:, :, :1]).latent_dist.sample() * vae.config.scaling_factor
-    latents = latents.permute(0, 2, 1, 3, 4)[0]
-    image = image.permute(0, 2, 1, 3, 4)[0]
-    padded = torch.cat([image, image.new_zeros(latents.shape[0] - 1, *image.shape[1:])], dim=0)
-    return latents.float().cpu(), padded.float().cpu()
+    return latents.permute(0, 2, 1, 3, 4)[0].float().cpu(), image.permute(0, 2, 1, 3, 4)[0].float().cpu()
 
 
 def prepare_training_data(
     generator: FlexiActGenerator, *, video: Path, clip_sha256: str, start_s: float, end_s: float, caption: str,
-    seed: int, num_crops: int, cache_dir: Path, progress: ProgressFn | None = None,
+    seed: int, num_crops: int, windows_per_crop: int, cache_dir: Path, progress: ProgressFn | None = None,
 ) -> tuple[TrainingData, dict]:
-    """Latents of the crops and the caption embedding, from the cache when this clip/trim/seed/model was seen."""
+    """Latents of the crops' windows and the caption embeddings, from the cache when this input was seen.
+
+    Returns the data and what was sampled: `duration_s` of the motion, `sampled_frames`, the crop boxes and
+    each crop's window start times (seconds from the trim start).
+    """
     info = generator.info
-    key = hashlib.sha256(repr((clip_sha256, round(start_s, 6), round(end_s, 6), seed, num_crops, info.id, info.width,
-                               info.height, info.frames, caption)).encode()).hexdigest()[:32]
+    start, end = check_trim(probe_video(video), start_s, end_s)
+    sampling = plan_sampling(start, end, info.frames, info.fps)
+    key = hashlib.sha256(repr((CACHE_RECIPE, clip_sha256, sampling, seed, num_crops, windows_per_crop, info.id,
+                               info.width, info.height, info.frames, info.fps, caption)).encode()).hexdigest()[:32]
     cache = cache_dir / f"{key}.safetensors"
     if cache.is_file():
-        tensors = load_file(str(cache))
-        video_info = probe_video(video)
-        boxes = crop_params((video_info.width, video_info.height), num_crops, (info.width, info.height), seed)
-        data = TrainingData(tensors["latents"], tensors["image_latents"], tensors["prompt_embeds"])
-        return data, {"cache": key, "cache_hit": True, "crops": [asdict(b) for b in boxes]}
+        with safe_open(str(cache), framework="pt") as f:
+            described = json.loads(f.metadata()["sampled"])
+        return TrainingData(**load_file(str(cache))), {"cache": key, "cache_hit": True, **described}
     if progress:
         progress({"phase": "decoding"})
-    frames = read_clip(video, start_s, end_s, info.frames)
-    crops, boxes = random_crops(frames, num_crops, (info.width, info.height), seed)
+    # Crops are at least sqrt(MIN_CROP_AREA) of the frame's side before the resize to the model's size, so
+    # decoding at twice the model's longest side loses nothing and bounds the memory of long 4K trims.
+    frames = read_clip(video, sampling.start_s, sampling.end_s, sampling.num_frames, max_side=2 * max(info.width, info.height))
+    size = (info.width, info.height)
+    boxes = crop_boxes((frames.shape[2], frames.shape[1]), num_crops, size, seed)
+    rng = np.random.default_rng([seed, 1])
+    starts = [window_starts(len(frames), info.frames, windows_per_crop, rng) for _ in boxes]
     if progress:
         progress({"phase": "encoding"})
     torch.manual_seed(seed)
-    encoded = [encode_video(generator, crop) for crop in crops]
+    latents, images = [], []
+    for box, crop_starts in zip(boxes, starts):  # every crop has as many windows: min(windows_per_crop, positions)
+        encoded = [encode_video(generator, crop_frames(frames[s : s + info.frames], box, size)) for s in crop_starts]
+        latents.append(torch.stack([e[0] for e in encoded]))
+        images.append(torch.stack([e[1] for e in encoded]))
     with torch.no_grad():
-        prompt_embeds, _ = generator.pipe.encode_prompt(caption, do_classifier_free_guidance=False, max_sequence_length=info.text_length, device=generator.device)
-    data = TrainingData(torch.stack([e[0] for e in encoded]), torch.stack([e[1] for e in encoded]), prompt_embeds.float().cpu())
-    write_atomically(cache, lambda tmp: save_file({k: v.contiguous() for k, v in asdict(data).items()}, tmp))
-    return data, {"cache": key, "cache_hit": False, "crops": [asdict(b) for b in boxes]}
+        embeds = [generator.pipe.encode_prompt(text, do_classifier_free_guidance=False, max_sequence_length=info.text_length,
+                                               device=generator.device)[0].float().cpu() for text in (caption, "")]
+    data = TrainingData(torch.stack(latents), torch.stack(images), *embeds)
+    period = (sampling.end_s - sampling.start_s) / sampling.num_frames
+    described = {"duration_s": sampling.duration_s, "sampled_frames": sampling.num_frames, "windowed": sampling.windowed,
+                 "frame_size": [int(frames.shape[2]), int(frames.shape[1])], "crops": [asdict(b) for b in boxes],
+                 "windows": [[round(s * period, 6) for s in crop_starts] for crop_starts in starts]}
+    write_atomically(cache, lambda tmp: save_file({k: v.contiguous() for k, v in asdict(data).items()}, tmp,
+                                                  metadata={"sampled": json.dumps(described)}))
+    return data, {"cache": key, "cache_hit": False, **described}
 
 
 class FAETrainer:
@@ -142,7 +181,7 @@ class FAETrainer:
         scheduler = generator.pipe.scheduler
         self.alphas_cumprod = scheduler.alphas_cumprod.to(self.device, torch.float32)
         self.num_train_timesteps = scheduler.config.num_train_timesteps
-        frames, _, h, w = data.latents.shape[1:]
+        frames, _, h, w = data.latents.shape[2:]
         height, width = h * generator.pipe.vae_scale_factor_spatial, w * generator.pipe.vae_scale_factor_spatial
         use_rope = generator.pipe.transformer.config.use_rotary_positional_embeddings
         self.rotary = generator.pipe._prepare_rotary_positional_embeddings(height, width, frames, self.device) if use_rope else None
@@ -171,32 +210,42 @@ class FAETrainer:
         self.losses = [float(x) for x in state["losses"]]
 
     # ---- one step ----------------------------------------------------------------------------------------------
-    def loss(self) -> torch.Tensor:
-        """FLEXIACT.md's objective on one random crop at one uniform random timestep."""
-        cfg, data = self.config, self.data
-        crop = int(torch.randint(len(data.latents), (1,), generator=self.rng))
-        t = int(torch.randint(self.num_train_timesteps, (1,), generator=self.rng))
-        noise = torch.randn(data.latents.shape[1:], generator=self.rng).unsqueeze(0)
-        drop_image = bool(torch.rand((), generator=self.rng) < cfg.image_dropout)
-        frame = int(torch.randint(data.latents.shape[1] - 1, (1,), generator=self.rng))
+    def draw(self) -> StepDraw:
+        """One step's random choices: crop, window, timestep, noise, image and caption dropout, temporal pair."""
+        cfg, shape = self.config, self.data.latents.shape  # [crops, windows, F, C, h, w]
+        return StepDraw(
+            crop=int(torch.randint(shape[0], (1,), generator=self.rng)),
+            window=int(torch.randint(shape[1], (1,), generator=self.rng)),
+            timestep=int(torch.randint(self.num_train_timesteps, (1,), generator=self.rng)),
+            noise=torch.randn(shape[2:], generator=self.rng).unsqueeze(0),
+            drop_image=bool(torch.rand((), generator=self.rng) < cfg.image_dropout),
+            drop_caption=bool(torch.rand((), generator=self.rng) < cfg.caption_dropout),
+            frame=int(torch.randint(shape[2] - 1, (1,), generator=self.rng)),
+        )
 
-        x0 = data.latents[crop : crop + 1].to(self.device, torch.float32)
-        image = data.image_latents[crop : crop + 1].to(self.device, self.dtype)
-        if drop_image:
+    def loss(self) -> torch.Tensor:
+        """FLEXIACT.md's objective on one random window of one random crop at one uniform random timestep."""
+        cfg, data, d = self.config, self.data, self.draw()
+        x0 = data.latents[d.crop, d.window].unsqueeze(0).to(self.device, torch.float32)
+        image = data.image_latents[d.crop, d.window].unsqueeze(0).to(self.device, self.dtype)
+        # The conditioning image sits in latent frame 0; the other frames are zeros (or all of it, dropped).
+        image = torch.cat([image, image.new_zeros(1, x0.shape[1] - 1, *image.shape[2:])], dim=1)
+        if d.drop_image:
             image = torch.zeros_like(image)
-        a = self.alphas_cumprod[t]
-        noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise.to(self.device)
+        text = data.empty_prompt_embeds if d.drop_caption else data.prompt_embeds
+        a = self.alphas_cumprod[d.timestep]
+        noisy = a.sqrt() * x0 + (1 - a).sqrt() * d.noise.to(self.device)
         v = self.generator.pipe.transformer(
             hidden_states=torch.cat([noisy.to(self.dtype), image], dim=2),
-            encoder_hidden_states=data.prompt_embeds.to(self.device, self.dtype),
-            timestep=torch.tensor([t], device=self.device),
+            encoder_hidden_states=text.to(self.device, self.dtype),
+            timestep=torch.tensor([d.timestep], device=self.device),
             image_rotary_emb=self.rotary,
             return_dict=False,
         )[0].float()
         x0_pred = a.sqrt() * noisy - (1 - a).sqrt() * v
         loss = torch.mean((x0_pred - x0) ** 2) / (1 - a)
         if cfg.temporal_ratio:
-            diff = lambda x: math.sqrt(2) * x[:, frame + 1] - x[:, frame]  # noqa: E731
+            diff = lambda x: math.sqrt(2) * x[:, d.frame + 1] - x[:, d.frame]  # noqa: E731
             loss = loss + cfg.temporal_ratio * torch.mean((diff(x0_pred) - diff(x0)) ** 2)
         return loss
 
@@ -222,7 +271,7 @@ def extract_action(
     name: str,
     out: str | Path,
     work_dir: str | Path,
-    steps: int = 3000,
+    steps: int = PRESETS["standard"],
     seed: int = 0,
     checkpoint_every: int = 500,
     cache_dir: str | Path | None = None,
@@ -231,6 +280,9 @@ def extract_action(
     pause: StopFn | None = None,
 ) -> dict:
     """Train an action on `video[start_s:end_s]` and write it to `out`; returns the action's metadata.
+
+    The metadata's `duration_s` is how long the learned motion lasts: the trim's length when it is shorter than
+    the model's clip, else the model's clip length (the action is learned from windows of that length).
 
     A checkpoint in `work_dir` is resumed from automatically. `cancel()` is checked between steps (raises
     Cancelled, the last checkpoint kept); `pause()` right after each checkpoint (raises Paused; call again
@@ -245,7 +297,8 @@ def extract_action(
     with generator.lock:
         data, data_info = prepare_training_data(
             generator, video=video, clip_sha256=clip_sha, start_s=start_s, end_s=end_s, caption=caption, seed=seed,
-            num_crops=config.num_crops, cache_dir=Path(cache_dir) if cache_dir else work_dir / "cache", progress=report,
+            num_crops=config.num_crops, windows_per_crop=config.windows_per_crop,
+            cache_dir=Path(cache_dir) if cache_dir else work_dir / "cache", progress=report,
         )
         adapter = generator.adapter
         adapter.reset_action()
@@ -287,7 +340,8 @@ def extract_action(
         metadata = {
             "name": name, "caption": caption, "clip_sha256": clip_sha, "trim": [start_s, end_s], "steps": config.steps,
             "seed": seed, "final_loss": float(np.mean(tail)) if tail else None, "base_model": generator.info.id,
-            "source": "extracted", "config": asdict(config), "crops": data_info.get("crops"),
+            "source": "extracted", "config": asdict(config), "duration_s": data_info["duration_s"],
+            "sampling": {k: data_info[k] for k in ("sampled_frames", "windowed", "frame_size", "crops", "windows")},
         }
         write_action(out, adapter.action_state_dict(), metadata)
         return {**metadata, "losses": trainer.losses}

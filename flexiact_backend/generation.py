@@ -19,13 +19,18 @@ import torch
 from diffusers import CogVideoXDPMScheduler, CogVideoXImageToVideoPipeline
 from PIL import Image
 
-from .errors import Cancelled
+from .actions import motion_duration_s, read_action_metadata
+from .errors import Cancelled, CheckpointError
 from .media import FitMapping, fit_target_image, retime_frames, write_mp4
 from .model import FlexiActAdapter, attach_flexiact, reweight_schedule
 from .model_info import ModelInfo, read_model_info
 
 #: Where a pipeline folder may carry its RefAdapter (the published file name, or the project's safetensors).
 REFADAPTER_FILES = ("refadapter.safetensors", "refnetlora_step40000_model.pt")
+
+#: How long the generated clip plays: as long as the action's motion lasted in its reference (the default),
+#: or the model's own clip length (every generated frame shown once at the model's fps).
+TEMPOS = ("reference", "model")
 
 ProgressFn = Callable[[int, int, float], None]
 CancelFn = Callable[[], bool]
@@ -43,23 +48,28 @@ class GenerationSettings:
     reweight_scale: float | None = 1.0
     transition: float = 0.8
     fit: str = "crop"
+    tempo: str = "reference"
 
 
 @dataclass
 class GenerationResult:
-    """Frames as uint8 [T, H, W, 3] at the model's fps, and how the target image was fitted."""
+    """Frames as uint8 [T, H, W, 3] (made at the model's `fps`), the seconds they play, how the image was fitted.
+
+    `duration_s` is the action's motion duration (tempo "reference") or the model's clip length (tempo "model").
+    """
 
     frames: np.ndarray
     fps: float
     fit: FitMapping
     settings: GenerationSettings
+    duration_s: float
     reweights: list[float | None] = field(default_factory=list)
     seconds: float = 0.0
 
     def write_mp4(self, path: str | Path, fps: float | None = None) -> Path:
-        """Write an H.264 mp4 at `fps` (default the model's), keeping the clip's duration at any frame rate."""
+        """Write an H.264 mp4 at `fps` (default the model's) lasting `duration_s` at any frame rate."""
         fps = self.fps if fps is None else float(fps)
-        write_mp4(path, retime_frames(self.frames, self.fps, fps), fps)
+        write_mp4(path, retime_frames(self.frames, len(self.frames) / self.duration_s, fps), fps)
         return Path(path)
 
 
@@ -134,11 +144,25 @@ class FlexiActGenerator:
         reweight_scale: float | None = 1.0,
         transition: float = 0.8,
         fit: str = "crop",
+        tempo: str = "reference",
         progress: ProgressFn | None = None,
         cancel: CancelFn | None = None,
     ) -> GenerationResult:
-        """Generate the target `image` performing the `action` (motion tokens; None means zero tokens)."""
-        settings = GenerationSettings(prompt, seed, steps, guidance_scale, lora_weight, reweight_scale, transition, fit)
+        """Generate the target `image` performing the `action` (motion tokens; None means zero tokens).
+
+        `reweight_scale=None` turns the frequency-aware bias off: the authors' released inference script, which
+        never applies it. `tempo` (see TEMPOS) sets how long the result plays.
+        """
+        if tempo not in TEMPOS:
+            raise ValueError(f"tempo must be one of {TEMPOS}, got {tempo!r}")
+        settings = GenerationSettings(prompt, seed, steps, guidance_scale, lora_weight, reweight_scale, transition, fit, tempo)
+        duration_s = self.info.duration_s
+        if tempo == "reference" and isinstance(action, (str, Path)):
+            try:
+                metadata = read_action_metadata(action)
+            except CheckpointError:  # a published .pt: no metadata
+                metadata = {}
+            duration_s = motion_duration_s(metadata, self.info.duration_s)
         target, mapping = fit_target_image(image, (self.info.width, self.info.height), fit)
         timesteps = self.scheduled_timesteps(steps)
         reweights = reweight_schedule(timesteps, reweight_scale, transition)
@@ -181,4 +205,4 @@ class FlexiActGenerator:
             finally:
                 self.adapter.set_reweight(None)
         frames = (np.clip(video, 0.0, 1.0) * 255.0).round().astype(np.uint8)
-        return GenerationResult(frames, self.info.fps, mapping, settings, reweights, time.monotonic() - started)
+        return GenerationResult(frames, self.info.fps, mapping, settings, duration_s, reweights, time.monotonic() - started)

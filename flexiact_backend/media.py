@@ -64,16 +64,6 @@ class VideoInfo:
 
 
 @dataclass(frozen=True)
-class CropParams:
-    """One spatial crop of a clip, in source (decoded, upright) pixels."""
-
-    x: int
-    y: int
-    w: int
-    h: int
-
-
-@dataclass(frozen=True)
 class FitMapping:
     """How `fit_target_image` mapped the source image onto the model canvas, so it can be undone.
 
@@ -433,54 +423,6 @@ def read_clip(
             "the file may be damaged, export it again."
         )
     return np.stack(chosen)  # type: ignore[arg-type]
-
-
-# --------------------------------------------------------------------------------------------
-# Spatial crops
-
-
-def crop_params(frame_size: tuple[int, int], count: int, size: tuple[int, int], seed: int) -> list[CropParams]:
-    """The crop boxes of `random_crops`, pure and seeded.
-
-    For each crop: aspect ``r = (W/H of the model) * U(0.85, 1.15)``; the largest box of aspect
-    ``r`` that fits the frame is shrunk to an area fraction ``U(0.6, 1.0)`` (side factor sqrt),
-    clipped to the frame, and placed uniformly at random. `frame_size` and `size` are (w, h).
-    """
-    fw, fh = frame_size
-    aspect = size[0] / size[1]
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(count):
-        r = aspect * rng.uniform(0.85, 1.15)
-        side = math.sqrt(rng.uniform(0.6, 1.0))
-        w0 = min(fw, fh * r)
-        w = min(fw, max(1, round(w0 * side)))
-        h = min(fh, max(1, round(w0 / r * side)))
-        x = int(rng.integers(0, fw - w + 1))
-        y = int(rng.integers(0, fh - h + 1))
-        out.append(CropParams(x=x, y=y, w=w, h=h))
-    return out
-
-
-def random_crops(
-    frames: np.ndarray, count: int, size: tuple[int, int], seed: int
-) -> tuple[list[np.ndarray], list[CropParams]]:
-    """`count` random crops of a clip (same box on every frame), each resized to `size` (w, h).
-
-    Scale and aspect jitter keep the action embedding from memorising the reference layout
-    (FLEXIACT.md). Deterministic per `seed`; boxes come from `crop_params`. Returns uint8
-    ``[T, size[1], size[0], 3]`` arrays and the boxes used.
-    """
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-        raise ValueError(f"frames must be uint8 [T, H, W, 3], got {frames.dtype} {frames.shape}")
-    params = crop_params((frames.shape[2], frames.shape[1]), count, size, seed)
-    crops = []
-    for c in params:
-        crops.append(np.stack([
-            np.asarray(Image.fromarray(f[c.y:c.y + c.h, c.x:c.x + c.w]).resize(size, Image.LANCZOS))
-            for f in frames
-        ]))
-    return crops, params
 
 
 # --------------------------------------------------------------------------------------------

@@ -23,6 +23,8 @@ def test_tiny_model_machine_passes(tiny_model: Path, tmp_path: Path, capsys: pyt
     assert code == 0, out
     assert "[OK  ] weights: flexiact/tiny-random-cogvideox-i2v: 96x64, 9 frames at 8 fps" in out
     assert "[OK  ] ffmpeg: ffmpeg version" in out
+    assert "[OK  ] sampling: the folder names CogVideoXDPMScheduler; generation samples with CogVideoXDPMScheduler" in out
+    assert "reweight_scale=null (--no-reweight) runs as the authors' released script" in out
     assert "is free for `flexiact-backend serve`" in out
     assert "all checks passed" in out
 

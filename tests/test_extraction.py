@@ -11,7 +11,8 @@ import torch
 from flexiact_backend.actions import import_published_action, read_action
 from flexiact_backend.cli import main
 from flexiact_backend.errors import Cancelled, CheckpointError, MediaError, Paused
-from flexiact_backend.extraction import CHECKPOINT_NAME, extract_action
+from flexiact_backend.extraction import CHECKPOINT_NAME, ExtractionConfig, FAETrainer, extract_action, prepare_training_data
+from flexiact_backend.media import probe_video, write_mp4
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,7 @@ def test_training_learns_and_moves_tokens(run, tiny_generator, tmp_path, target_
     assert max(t.abs().max().item() for t in tokens.values()) > 1e-3
     assert stored["name"] == "learn" and stored["steps"] == 200 and stored["clip_sha256"] == meta["clip_sha256"]
     assert stored["trim"] == [0.0, 2.0] and stored["base_model"] == tiny_generator.info.id and stored["format_version"] == 1
-    assert len(stored["crops"]) == 12
+    assert len(stored["sampling"]["crops"]) == 12 and stored["duration_s"] == pytest.approx(1.125)
     with_action = tiny_generator.generate(target_image, "a block slides", steps=4, action=tmp_path / "learn.safetensors")
     without = tiny_generator.generate(target_image, "a block slides", steps=4)
     assert not np.array_equal(with_action.frames, without.frames)
@@ -75,9 +76,9 @@ def test_only_motion_tokens_get_gradients(run, tiny_generator, tmp_path) -> None
 
 
 def test_vae_encodes_each_crop_once_and_cache_is_reused(run, tiny_generator, tmp_path, count_vae_encodes) -> None:
-    run("first", steps=15, cache_dir=tmp_path / "own-cache")
+    run("first", steps=15, end_s=1.0, cache_dir=tmp_path / "own-cache")
     assert len(count_vae_encodes) == 2 * 12  # each crop's clip and its frame 0, once per extraction
-    run("second", steps=15, cache_dir=tmp_path / "own-cache")
+    run("second", steps=15, end_s=1.0, cache_dir=tmp_path / "own-cache")
     assert len(count_vae_encodes) == 2 * 12  # same clip, trim, seed, model: latents come from the cache
 
 
@@ -143,7 +144,99 @@ def test_cli_extract_import_generate(tiny_model_dir, motion_clip, tmp_path, targ
     out = tmp_path / "video.mp4"
     assert main(["generate", "--model", str(tiny_model_dir), "--device", "cpu", "--action", str(tmp_path / "imp.safetensors"),
                  "--image", str(image), "--prompt", "a block slides", "--steps", "3", "--fps", "24", "--out", str(out)]) == 0
-    from flexiact_backend.media import probe_video
-
     assert probe_video(out).frames == 27
     assert main(["generate", "--model", str(tiny_model_dir), "--image", str(tmp_path / "missing.png"), "--prompt", "p", "--out", str(out)]) == 2
+
+
+@pytest.fixture(scope="module")
+def long_clip(tmp_path_factory) -> Path:
+    """Four seconds at 24 fps of a block crossing the frame once: every window of it shows another stretch."""
+    frames = np.zeros((96, 64, 96, 3), np.uint8)
+    for i in range(96):
+        frames[i, 20:40, i * 76 // 95 : i * 76 // 95 + 20] = 255
+    path = tmp_path_factory.mktemp("long") / "cross.mp4"
+    write_mp4(path, frames, 24)
+    return path
+
+
+def test_short_trim_keeps_its_duration_long_trim_trains_from_windows(run, tiny_generator, long_clip, tmp_path,
+                                                                   count_vae_encodes) -> None:
+    """0.5 s (shorter than the tiny model's 1.125 s clip) is resampled and recorded as 0.5 s; 3 s is taken at
+    8 fps and learned from a bounded set of 1.125 s windows per crop, each encoded once."""
+    short = run("short", end_s=0.5, steps=2)
+    assert short["duration_s"] == pytest.approx(0.5)
+    assert short["sampling"]["windowed"] is False and short["sampling"]["sampled_frames"] == 9
+    assert short["sampling"]["windows"] == [[0.0]] * 12
+    assert read_action(tmp_path / "short.safetensors")[1]["duration_s"] == pytest.approx(0.5)
+
+    count_vae_encodes.clear()
+    long = run("long", video=long_clip, start_s=0.5, end_s=3.5, steps=2, cache_dir=tmp_path / "long-cache")
+    assert long["duration_s"] == pytest.approx(1.125)
+    sampling = long["sampling"]
+    assert sampling["windowed"] is True and sampling["sampled_frames"] == 24  # 3 s at the model's 8 fps
+    windows = sampling["windows"]
+    assert len(windows) == 12 and all(len(w) == 4 == len(set(w)) for w in windows)
+    assert all(0 <= s <= 3.0 - 1.125 and (s * 8) == pytest.approx(round(s * 8)) for w in windows for s in w)
+    assert len({s for w in windows for s in w}) > 4  # crops draw their own windows
+    assert len(count_vae_encodes) == 2 * 12 * 4  # each window of each crop once, then never again
+    assert all(shape[2] == 9 for shape in count_vae_encodes[::2])  # windows of the model's 9 frames
+
+    data, _ = prepare_training_data(
+        tiny_generator, video=long_clip, clip_sha256=long["clip_sha256"], start_s=0.5, end_s=3.5,
+        caption="a block slides", seed=3, num_crops=12, windows_per_crop=4, cache_dir=tmp_path / "long-cache")
+    assert len(count_vae_encodes) == 2 * 12 * 4
+    assert data.latents.shape[:3] == (12, 4, 3) and data.image_latents.shape[:3] == (12, 4, 1)
+    assert not torch.equal(data.latents[0, 0], data.latents[0, 3])  # the windows show different stretches
+    trainer = FAETrainer(tiny_generator, data, ExtractionConfig(seed=1))
+    assert {trainer.draw().window for _ in range(100)} == {0, 1, 2, 3}
+
+
+def test_each_step_trains_on_its_drawn_window_and_caption(run, tiny_generator, long_clip, tmp_path) -> None:
+    """What the transformer receives is the drawn window of the drawn crop, noised, and the caption embedding
+    or (caption dropout) the empty one; caption dropout happens in about 10% of steps."""
+    data, _ = prepare_training_data(
+        tiny_generator, video=long_clip, clip_sha256="windows", start_s=0.5, end_s=3.5, caption="a block slides",
+        seed=3, num_crops=12, windows_per_crop=4, cache_dir=tmp_path)
+    assert not torch.equal(data.prompt_embeds, data.empty_prompt_embeds)
+    trainer = FAETrainer(tiny_generator, data, ExtractionConfig(seed=11))
+    dropped = [trainer.draw().drop_caption for _ in range(4000)]
+    assert 0.085 <= np.mean(dropped) <= 0.115
+
+    seen = []
+    hook = tiny_generator.pipe.transformer.register_forward_pre_hook(
+        lambda m, a, kw: seen.append((kw["hidden_states"].detach(), kw["encoder_hidden_states"].detach())), with_kwargs=True)
+    try:
+        captions = set()
+        for _ in range(40):
+            state = trainer.rng.get_state()
+            d = trainer.draw()
+            trainer.rng.set_state(state)
+            with torch.no_grad():
+                trainer.loss()
+            hidden, text = seen[-1]
+            a = trainer.alphas_cumprod[d.timestep]
+            expected = a.sqrt() * data.latents[d.crop, d.window] + (1 - a).sqrt() * d.noise[0]
+            assert torch.allclose(hidden[0, :, :4], expected, atol=1e-5)
+            assert torch.equal(text[0], (data.empty_prompt_embeds if d.drop_caption else data.prompt_embeds)[0])
+            captions.add(d.drop_caption)
+        assert captions == {True, False}
+    finally:
+        hook.remove()
+
+
+def test_generation_with_a_short_action_lasts_its_duration(run, tiny_generator, target_image, tmp_path) -> None:
+    """The 0.5 s action's clip plays 0.5 s at 24 and 29.97 fps; tempo "model" and published actions: 1.125 s."""
+    run("brief", end_s=0.5, steps=2)
+    action = tmp_path / "brief.safetensors"
+    result = tiny_generator.generate(target_image, "a block slides", steps=2, action=action)
+    assert result.duration_s == pytest.approx(0.5)
+    for fps, frames in ((24.0, 12), (30000 / 1001, 15)):
+        info = probe_video(result.write_mp4(tmp_path / f"brief-{fps:.2f}.mp4", fps=fps))
+        assert info.frames == frames and info.duration_s == pytest.approx(0.5, abs=0.5 / fps)
+    model = tiny_generator.generate(target_image, "a block slides", steps=2, action=action, tempo="model")
+    assert model.duration_s == pytest.approx(1.125) and np.array_equal(model.frames, result.frames)
+    assert probe_video(model.write_mp4(tmp_path / "model.mp4", fps=24)).frames == 27
+    torch.save(dict(read_action(action)[0]), tmp_path / "published.pt")
+    assert tiny_generator.generate(target_image, "x", steps=1, action=tmp_path / "published.pt").duration_s == pytest.approx(1.125)
+    with pytest.raises(ValueError, match="tempo"):
+        tiny_generator.generate(target_image, "x", steps=1, tempo="slow")

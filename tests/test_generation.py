@@ -165,3 +165,30 @@ def test_folder_naming_ddim_generates_with_dpm(tiny_model_dir, tiny_generator: F
     generator.pipe.scheduler = CogVideoXDDIMScheduler.from_config(REAL_SCHEDULER_CONFIG)
     ddim = generator.generate(target_image, "a dog runs", steps=10, seed=5)
     assert not np.array_equal(result.frames, ddim.frames)
+
+
+def test_reweight_null_is_the_released_script(tiny_generator: FlexiActGenerator, target_image) -> None:
+    """`reweight_scale=None` never biases attention: the authors' released script, plain softmax at every step,
+    the same as a bias of 0. The paper's default bias changes what the transformer predicts at high timesteps."""
+    g = torch.Generator().manual_seed(4)
+    action = {k: torch.randn(v.shape, generator=g) * 3 for k, v in tiny_generator.adapter.action_state_dict().items()}
+    transformer = tiny_generator.pipe.transformer
+
+    def first_prediction(scale: float | None) -> tuple[torch.Tensor, list[float | None], list[float | None]]:
+        outputs, held = [], []
+        hooks = [transformer.register_forward_pre_hook(lambda m, a: held.append(tiny_generator.adapter.reweight)),
+                 transformer.register_forward_hook(lambda m, a, out: outputs.append(out[0].detach().clone()))]
+        try:
+            result = tiny_generator.generate(target_image, "a dog runs", steps=3, action=action, reweight_scale=scale)
+        finally:
+            for h in hooks:
+                h.remove()
+        return outputs[0], held, result.reweights
+
+    released, held, reweights = first_prediction(None)
+    assert held == [None] * 3 and reweights == [None] * 3
+    zero_bias, _, reweights = first_prediction(0.0)
+    assert reweights[0] == 0.0 and torch.allclose(zero_bias, released, atol=1e-5)
+    paper, held, reweights = first_prediction(1.0)
+    assert held[0] == reweights[0] == 1.0
+    assert (paper - released).abs().max() > 100 * (zero_bias - released).abs().max() + 1e-4

@@ -16,12 +16,9 @@ from PIL import Image
 
 from flexiact_backend.errors import MediaError
 from flexiact_backend.media import (
-    CropParams,
     VideoInfo,
-    crop_params,
     fit_target_image,
     probe_video,
-    random_crops,
     read_clip,
     read_image_info,
     retime_frames,
@@ -215,54 +212,6 @@ def test_read_clip_rejects_bad_files(clips: dict[str, Path], name: str) -> None:
     with pytest.raises(MediaError):
         read_clip(clips[name], 0.0, 1.0, 8)
     assert sorted(clips[name].parent.iterdir()) == before
-
-
-# --------------------------------------------------------------------------------------------
-# Crops
-
-
-def _moving_clip() -> np.ndarray:
-    rng = np.random.default_rng(0)
-    return rng.integers(0, 256, size=(5, 90, 160, 3), dtype=np.uint8)
-
-
-def test_random_crops_deterministic_per_seed() -> None:
-    """Same seed, same crops; another seed, other boxes. Boxes are recorded and in bounds."""
-    frames = _moving_clip()
-    crops_a, params_a = random_crops(frames, 12, (72, 48), seed=7)
-    crops_b, params_b = random_crops(frames, 12, (72, 48), seed=7)
-    _, params_c = random_crops(frames, 12, (72, 48), seed=8)
-    assert params_a == params_b and params_a != params_c
-    assert len(crops_a) == 12 and all(np.array_equal(a, b) for a, b in zip(crops_a, crops_b))
-    assert all(c.shape == (5, 48, 72, 3) and c.dtype == np.uint8 for c in crops_a)
-    assert len(set(params_a)) == 12
-
-
-def test_random_crops_jitter_bounds_and_content() -> None:
-    """Aspect within +-15% of the model's, area 60-100% of the largest fitting box, same box per frame."""
-    frames = _moving_clip()
-    aspect = 72 / 48
-    params = crop_params((160, 90), 200, (72, 48), seed=3)
-    for p in params:
-        assert 0 <= p.x and p.x + p.w <= 160 and 0 <= p.y and p.y + p.h <= 90
-        r = p.w / p.h
-        assert aspect * 0.85 - 0.05 <= r <= aspect * 1.15 + 0.05
-        full_w = min(160, 90 * r)
-        assert 0.6 * full_w * (full_w / r) * 0.95 <= p.w * p.h <= full_w * (full_w / r) * 1.05
-    ratios = [p.w / p.h / aspect for p in params]
-    assert min(ratios) < 0.9 and max(ratios) > 1.1  # the jitter really spans its range
-    crops, used = random_crops(frames, 2, (72, 48), seed=3)
-    assert used == params[:2]
-    p = used[1]
-    for t in range(len(frames)):
-        ref = Image.fromarray(frames[t, p.y:p.y + p.h, p.x:p.x + p.w]).resize((72, 48), Image.LANCZOS)
-        assert np.array_equal(crops[1][t], np.asarray(ref))
-
-
-def test_crop_params_type() -> None:
-    """Recorded parameters are plain ints so they serialise into the action metadata."""
-    p = crop_params((64, 48), 1, (72, 48), seed=0)[0]
-    assert isinstance(p, CropParams) and all(type(v) is int for v in (p.x, p.y, p.w, p.h))
 
 
 # --------------------------------------------------------------------------------------------

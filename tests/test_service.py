@@ -95,6 +95,7 @@ def test_round_trip_extract_then_generate_at_scene_rates(client: Client, server:
     assert_monotonic(history)
     status, action = client.request("GET", f"/v1/actions/{action['id']}")
     assert status == 200 and action["status"] == "ready" and action["meta"]["steps"] == 6
+    assert action["duration_s"] == pytest.approx(model["frames"] / model["fps"])  # 2 s trim: model-length windows
     status, raw = client.request("GET", f"/v1/actions/{action['id']}/file")
     assert status == 200 and hashlib.sha256(raw).hexdigest() == action["file"]
     assert any(a["id"] == action["id"] for a in client.request("GET", "/v1/actions")[1]["actions"])
@@ -220,6 +221,33 @@ def test_import_published_checkpoint(client: Client, tmp_path: Path) -> None:
     status, action = client.request("POST", "/v1/actions/import", json_body={"name": "pub", "caption": "c",
                                                                               "file": file["id"]})
     assert status == 201 and action["status"] == "ready" and action["source"] == "import", action
+    assert action["duration_s"] == pytest.approx(9 / 8)  # no metadata: the model's clip length
+
+
+def test_short_action_plays_at_reference_speed_unless_tempo_model(client: Client, clip: dict, image: dict,
+                                                                  model: dict, tmp_path: Path) -> None:
+    """A 0.5 s trim records duration_s 0.5; its generation lasts 0.5 s, or the model's clip with tempo "model"."""
+    action, job = _extract(client, clip, start_s=1.0, end_s=1.5, steps=2, seed=5)
+    assert wait_job(client, job["id"])["status"] == "succeeded"
+    action = client.request("GET", f"/v1/actions/{action['id']}")[1]
+    assert action["duration_s"] == pytest.approx(0.5) and action["meta"]["duration_s"] == pytest.approx(0.5)
+    for tempo, seconds in ((None, 0.5), ("model", model["frames"] / model["fps"])):
+        fields = {"tempo": tempo} if tempo else {}
+        done = wait_job(client, _generate(client, image, action=action["id"], steps=2, fps=24, **fields)["id"])
+        assert done["status"] == "succeeded", done
+        path = tmp_path / f"tempo-{tempo}.mp4"
+        path.write_bytes(client.request("GET", f"/v1/jobs/{done['id']}/video")[1])
+        assert decode_mp4(path)[0] == round(seconds * 24) == done["result"]["frames"]
+        assert done["result"]["duration_s"] == pytest.approx(seconds, abs=1 / 24)
+    _error(client.request("POST", "/v1/generations", json_body={"image": image["id"], "prompt": "p", "tempo": "slow"}),
+           422)
+
+
+def test_health_serves_the_extraction_presets(client: Client) -> None:
+    from flexiact_backend.presets import PRESETS
+
+    presets = client.request("GET", "/v1/health")[1]["presets"]
+    assert presets == PRESETS and presets["standard"] == 3000 and 0 < presets["quick"] < presets["standard"]
 
 
 def test_failing_job_reports_why_and_the_next_job_runs(client: Client, image: dict, tmp_path: Path) -> None:

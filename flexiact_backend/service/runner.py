@@ -86,12 +86,13 @@ class JobRunner:
         result = self.generator.generate(
             image, p["prompt"], action=action_path, seed=p["seed"], steps=p["steps"],
             guidance_scale=p["guidance_scale"], lora_weight=p["lora_weight"], reweight_scale=p["reweight_scale"],
-            transition=p["transition"], fit=p["fit"], progress=progress, cancel=hooks.cancel)
+            transition=p["transition"], fit=p["fit"], tempo=p.get("tempo", "reference"), progress=progress,
+            cancel=hooks.cancel)
         hooks.progress(phase="encoding", progress=0.95, step=None, total=1, eta_s=None)
         fps = p["fps"] or result.fps
         result.write_mp4(out, fps=fps)
         return {"requested_fps": fps, "model_fps": result.fps, "model_frames": int(result.frames.shape[0]),
-                "fit": result.fit.to_dict(), "seconds": result.seconds}
+                "tempo": result.settings.tempo, "fit": result.fit.to_dict(), "seconds": result.seconds}
 
     def extract(self, p: dict, video_path: Path, work_dir: Path, out: Path, hooks: Hooks) -> dict:
         """Train the action into `out`, resuming from a checkpoint in `work_dir`; returns its metadata."""

@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import Path as PathParam
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, computed_field
+
+from ..presets import PRESETS
 
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 UUID_PATTERN = r"^[0-9a-f]{32}$"
@@ -69,7 +71,7 @@ class Health(BaseModel):
     device: DeviceHealth
     queue: QueueHealth
     workers: list[WorkerHealth]
-    presets: dict[str, int] = Field(description="extraction presets: name → training steps")
+    presets: dict[str, int] = Field(description="extraction steps per preset name; clients show these, not their own")
 
 
 class FileInfo(BaseModel):
@@ -86,7 +88,7 @@ class ActionCreate(_Request):
     video: str = Field(pattern=SHA256_PATTERN, description="id of an uploaded video")
     start_s: float = Field(ge=0, le=MAX_CLIP_S)
     end_s: float = Field(gt=0, le=MAX_CLIP_S)
-    steps: int = Field(3000, ge=1, le=100_000)
+    steps: int = Field(PRESETS["standard"], ge=1, le=100_000)
     seed: int = Field(0, ge=0, le=2**31 - 1)
 
 
@@ -114,6 +116,14 @@ class Action(BaseModel):
     error: ErrorBody | None
     created_at: float = Field(description="seconds since the Unix epoch")
 
+    @computed_field(description="seconds the learned motion lasts in its reference (a trim shorter than the model's "
+                                "clip keeps its own length; longer trims and published actions: the model's clip "
+                                "length); generations with this action last as long. null until the action is ready")
+    @property
+    def duration_s(self) -> float | None:
+        value = self.meta.get("duration_s")
+        return float(value) if isinstance(value, (int, float)) else None
+
 
 class ActionList(BaseModel):
     actions: list[Action]
@@ -127,13 +137,18 @@ class GenerationCreate(_Request):
     steps: int = Field(50, ge=1, le=1000)
     guidance_scale: float = Field(6.0, ge=0, le=50)
     lora_weight: float = Field(0.7, ge=0, le=4)
-    reweight_scale: float | None = Field(1.0, ge=0, le=20, description="null switches the reweighting off")
+    reweight_scale: float | None = Field(1.0, ge=0, le=20, description="bias on the motion tokens at high-noise "
+                                         "steps, as the paper describes; null switches it off, as the authors' "
+                                         "released inference script runs")
     high_timesteps: float = Field(
         0.8, gt=0, le=1000,
         description="where the high-noise (motion) timesteps end: a fraction of 1000 (0.8) or a timestep (800)")
     fit: Literal["crop", "pad"] = "crop"
-    fps: float | None = Field(None, ge=1, le=240, description="frame rate of the returned video; the duration "
-                              "stays the model's; null: the model's own fps")
+    fps: float | None = Field(None, ge=1, le=240, description="frame rate of the returned video (its duration "
+                              "does not depend on it); null: the model's own fps")
+    tempo: Literal["reference", "model"] = Field(
+        "reference", description="reference: the video lasts the action's duration_s, so the motion plays at the "
+        "reference's speed; model: the model's clip length (frames/fps of /v1/health), every generated frame shown")
 
 
 class Job(BaseModel):

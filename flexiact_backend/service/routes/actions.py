@@ -36,7 +36,7 @@ def import_action(svc: Svc, body: ActionImport) -> dict:
     out = svc.store.tmp_path(".safetensors")
     try:
         meta = import_published_action(svc.store.path(src["path"]), name=body.name, caption=body.caption,
-                                       base_model=svc.info.id, out=out)
+                                       base_model=svc.info.id, out=out, model_duration_s=svc.info.duration_s)
         sha, _rel, _size = svc.store.adopt(out)
     finally:
         out.unlink(missing_ok=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from ... import __version__
-from ...extraction import PRESETS
+from ...presets import PRESETS
 from ..context import Svc
 from ..errors import ERROR_RESPONSES
 from ..schemas import Health
