@@ -34,7 +34,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def server(cluster: LocalRayCluster, tmp_path_factory: pytest.TempPathFactory):
-    with ServerProcess(tmp_path_factory.mktemp("studio"), extra_args=(
+    with ServerProcess(tmp_path_factory.mktemp("studio"), env=cluster.env, extra_args=(
             "--ray", cluster.address, "--ray-workers", "2", "--checkpoint-every", str(CHECKPOINT_EVERY))) as s:
         yield s
 
@@ -123,3 +123,25 @@ def test_a_node_removed_while_idle_leaves_the_service_serving(client: Client, cl
         "127.0.0.2": "idle", "127.0.0.3": "dead"}, "dead on the removed node only")
     assert next(w for w in after if w["node"] == "127.0.0.2")["id"] == done["worker"]
     assert client.request("GET", "/v1/health")[1]["status"] == "ok"
+
+
+def test_one_actor_left_extraction_yields_to_a_generation_and_cancel_reaches_it(
+        client: Client, tmp_path: Path) -> None:
+    """With no actor free, the extraction pauses at a checkpoint for the generation; cancel stops it on the actor."""
+    wait_workers(client, lambda ws: sorted(w["state"] for w in ws) == ["dead", "idle"], "one idle")
+    clip = upload(client, clip_bytes(tmp_path / "clip.mp4", seconds=2.5), "video/mp4", "clip2.mp4")
+    image = upload(client, png_bytes(5, (80, 60)), "image/png", "target3.png")
+    status, body = client.request("POST", "/v1/actions", json_body={
+        "name": "long", "caption": "a square slides", "video": clip["id"], "start_s": 0, "end_s": 2.5,
+        "steps": 5000})
+    extraction = body["job"]
+    wait_job(client, extraction["id"], ("running",), min_step=3)
+    status, body = client.request("POST", "/v1/generations",
+                                  json_body={"image": image["id"], "prompt": "p", "steps": 2})
+    assert wait_job(client, body["job"]["id"])["status"] == "succeeded"
+    ext = client.request("GET", f"/v1/jobs/{extraction['id']}")[1]
+    assert ext["status"] in ("queued", "running") and 0 < ext["step"] < 5000, ext  # paused, then resumed
+    assert client.request("POST", f"/v1/jobs/{extraction['id']}/cancel")[0] == 200
+    final = wait_job(client, extraction["id"])
+    assert final["status"] == "cancelled" and final["step"] < 5000, final
+    wait_workers(client, lambda ws: sorted(w["state"] for w in ws) == ["dead", "idle"], "idle again")

@@ -190,7 +190,8 @@ def bench_cluster(*, address: str | None = None, workers: int = 2, jobs: int = 8
         cluster.add_node(num_cpus=workers)
         address = cluster.address
     try:
-        rows = [_drain_queue(address, n, jobs, steps) for n in sorted({1, workers})]
+        env = cluster.env if cluster is not None else None
+        rows = [_drain_queue(address, n, jobs, steps, env) for n in sorted({1, workers})]
     finally:
         if cluster is not None:
             cluster.stop()
@@ -200,9 +201,10 @@ def bench_cluster(*, address: str | None = None, workers: int = 2, jobs: int = 8
     return {"bench": "serve --ray", "jobs": jobs, "steps": steps, "address": address, "results": rows}
 
 
-def _drain_queue(address: str, workers: int, jobs: int, steps: int) -> dict:
+def _drain_queue(address: str, workers: int, jobs: int, steps: int, env: dict[str, str] | None) -> dict:
     extra = ("--ray", address, "--ray-workers", str(workers))
-    with tempfile.TemporaryDirectory(prefix="flexiact-bench-") as d, ServerProcess(Path(d), extra_args=extra) as s:
+    with tempfile.TemporaryDirectory(prefix="flexiact-bench-") as d, \
+            ServerProcess(Path(d), extra_args=extra, env=env) as s:
         client = Client(s.url)
         deadline = time.monotonic() + 600
         while sum(w["state"] == "idle" for w in client.request("GET", "/v1/health")[1]["workers"]) < workers:

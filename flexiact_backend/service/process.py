@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -107,6 +108,8 @@ class LocalRayCluster:
     Ray rewrites 127.0.0.1 to the machine's routable address, so the nodes take other loopback addresses
     (127.0.0.2, 127.0.0.3, ...), which it keeps. Stopping a node signals only the `ray start` we spawned,
     which takes its own Ray processes down with it. Each node has `num_cpus` CPUs and a small object store.
+    Ray's token authentication is on, with a token of this cluster's own: pass `env` to every process that
+    joins it (the service); nothing is read from or written to ~/.ray.
     """
 
     def __init__(self) -> None:
@@ -114,6 +117,7 @@ class LocalRayCluster:
         self.port = free_port()
         self.address = f"127.0.0.2:{self.port}"
         self.nodes: list[subprocess.Popen] = []
+        self.env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_USAGE_STATS_ENABLED": "0"}
         self.ray = str(Path(sys.executable).with_name("ray"))
 
     def add_node(self, num_cpus: int = 1) -> subprocess.Popen:
@@ -128,7 +132,7 @@ class LocalRayCluster:
         log_path = self.temp_dir / f"node-{len(self.nodes)}.log"
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                    env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+                                    env={**os.environ, **self.env})
         self.nodes.append(proc)
         deadline = time.monotonic() + RAY_START_S
         while b"Ray runtime started" not in log_path.read_bytes():
