@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -276,7 +277,10 @@ class RayCluster:
 
     def __init__(self, config: ServiceConfig, model_dir: Path, *, refadapter: Path | None,
                  memory_saving: bool) -> None:
+        on_sigterm = signal.getsignal(signal.SIGTERM)
         ray.init(address=config.ray_address, namespace="flexiact", logging_level=logging.WARNING)
+        if threading.current_thread() is threading.main_thread():  # ray.init took SIGTERM for a bare exit:
+            signal.signal(signal.SIGTERM, on_sigterm)  # give it back to uvicorn's graceful shutdown
         self.cpu_workers = config.ray_workers
         self.actor_class = ray.remote(JobActor)
         self.args = (None if config.tiny else str(model_dir), config.checkpoint_every,
