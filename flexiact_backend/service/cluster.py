@@ -252,10 +252,11 @@ class RayExecutor:
             raise WorkerLost(str(exc).strip().splitlines()[0]) from None
 
     def _apply(self, answer: dict, work_dir: Path | None, hooks: Hooks) -> None:
-        for event in answer["events"]:
-            hooks.progress(**event)
+        """Work files first, then progress: progress never runs ahead of the checkpoints stored here."""
         if work_dir is not None and answer["work"]:
             write_work(work_dir, answer["work"])
+        for event in answer["events"]:
+            hooks.progress(**event)
 
     def _error(self, error: dict) -> Exception:
         code, message = error["code"], error["message"]
