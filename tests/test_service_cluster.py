@@ -5,16 +5,15 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-pytest.importorskip("ray", reason="studio mode needs the [cluster] extra (make setup installs it)")
-
-from flexiact_backend.service.process import LocalRayCluster  # noqa: E402
-from service_helpers import (Client, ServerProcess, assert_monotonic, clip_bytes, png_bytes, upload,  # noqa: E402
-                             wait_job)
+from flexiact_backend.service.process import LocalRayCluster
+from service_helpers import Client, ServerProcess, assert_monotonic, clip_bytes, png_bytes, upload, wait_job
 
 pytestmark = pytest.mark.cluster
 
@@ -26,6 +25,7 @@ STATE_WAIT_S = 180.0
 
 @pytest.fixture(scope="module")
 def cluster():
+    pytest.importorskip("ray", reason="studio mode needs the [cluster] extra (make setup installs it)")
     with LocalRayCluster() as c:
         c.add_node()
         c.add_node()
@@ -42,6 +42,19 @@ def server(cluster: LocalRayCluster, tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="module")
 def client(server: ServerProcess) -> Client:
     return Client(server.url)
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--ray-workers", "2"), "--ray-workers needs --ray ADDRESS"),
+    (("--ray", "127.0.0.2:1", "--device", "cpu"), "--device chooses local devices"),
+    (("--ray", "127.0.0.2:1", "--ray-workers", "0"), "--ray-workers must be at least 1, not 0"),
+])
+def test_studio_flags_that_cannot_work_are_refused_before_anything_starts(
+        args: tuple[str, ...], message: str, tmp_path: Path) -> None:
+    run = subprocess.run([sys.executable, "-m", "flexiact_backend.service", "serve", "--tiny", "--data-dir",
+                          str(tmp_path), *args], capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and message in run.stderr, run.stderr
+    assert not (tmp_path / "state.sqlite3").exists()
 
 
 def workers(client: Client) -> list[dict]:
