@@ -1,4 +1,4 @@
-"""`flexiact-backend bench {attention,extract,generate}`: speed and memory as JSON plus a table.
+"""`flexiact-backend bench {attention,extract,generate,media}`: speed and memory as JSON plus a table.
 
 Ratios measured in one run are what to compare: the machines are shared and noisy.
 """
@@ -168,6 +168,30 @@ def bench_generate(args: argparse.Namespace) -> dict:
             "results": results}
 
 
+def bench_media(args: argparse.Namespace) -> dict:
+    """Probe and trim-decode of a long clip: a trim at the end should cost about what one at the start does."""
+    import subprocess
+
+    import imageio_ffmpeg
+
+    from .media import probe_video, read_clip
+
+    with tempfile.TemporaryDirectory() as tmp:
+        clip = Path(tmp) / "clip.mp4"
+        subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i",
+                        f"testsrc2=size={args.width}x{args.height}:rate={args.fps}:duration={args.seconds}",
+                        "-c:v", "libx264", "-preset", "ultrafast", "-g", str(2 * args.fps), "-pix_fmt", "yuv420p",
+                        str(clip)], check=True)
+        end = float(args.seconds)
+        cpu = torch.device("cpu")
+        results = {"probe": _timed(lambda: probe_video(clip), cpu, args.repeats)}
+        for label, start in (("trim_at_start", 0.0), ("trim_at_end", end - 2.0)):
+            results[f"read_clip_{label}"] = _timed(
+                lambda: read_clip(clip, start, start + 2.0, args.frames, max_side=args.max_side), cpu, args.repeats)
+    return {"benchmark": "media", "clip": f"{args.width}x{args.height} {args.fps} fps {args.seconds} s H.264",
+            "trim_s": 2.0, "frames": args.frames, "max_side": args.max_side, "results": results}
+
+
 def format_table(report: dict) -> str:
     """The results as aligned columns; a variant without some measurement shows a blank there."""
     keys = list(dict.fromkeys(k for r in report["results"].values() for k in r))
@@ -186,6 +210,8 @@ def run_benchmarks(args: argparse.Namespace) -> int:
         report = bench_attention(args.tokens, args.heads, args.head_dim, args.motion, args.text, dtype, device, args.repeats)
     elif args.bench == "extract":
         report = bench_extract(args)
+    elif args.bench == "media":
+        report = bench_media(args)
     else:
         report = bench_generate(args)
     text = json.dumps(report, indent=2)
@@ -208,6 +234,16 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--device")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json", type=Path)
+    p.set_defaults(func=run_benchmarks)
+    p = sub.add_parser("media", help="probe and trim-decode time at the start and the end of a long clip")
+    p.add_argument("--width", type=int, default=3840)
+    p.add_argument("--height", type=int, default=2160)
+    p.add_argument("--fps", type=int, default=30)
+    p.add_argument("--seconds", type=int, default=10)
+    p.add_argument("--frames", type=int, default=49, help="frames the trim is resampled to")
+    p.add_argument("--max-side", type=int, default=720, help="largest side decoded frames are scaled to")
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", type=Path)
     p.set_defaults(func=run_benchmarks)
     for name, helptext in (("extract", "training step: cached latents vs re-encoding each step"),
