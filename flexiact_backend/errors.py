@@ -22,6 +22,12 @@ class MediaError(FlexiActError):
     code = "bad_media"
 
 
+class MediaTooLarge(MediaError):
+    """A video or image over a size limit (pixels, duration, frame count): refused before it is decoded."""
+
+    code = "too_large"
+
+
 class Cancelled(FlexiActError):
     """The caller asked to stop; raised between steps. Extraction keeps its last checkpoint."""
 

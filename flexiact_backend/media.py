@@ -1,38 +1,48 @@
 """Reference clips in, generated clips out: everything that touches video and image files.
 
-All video work goes through imageio-ffmpeg's bundled ffmpeg binary (no ffprobe is shipped, so
-`probe_video` reads ffmpeg's own stream listing and a stream-copy packet dump, which costs no
-decoding). Times are handled as exact `Fraction`s of the stream time base so that a trim typed
-as ``0.3`` selects the frame at exactly 0.3 s on a 10 fps clip instead of the one before it.
+Video is read with PyAV (FFmpeg's libraries): streams, timestamps, rotation, pixel aspect, colour tags and
+alpha come from the demuxer and decoder, not from parsing a log. Only local files are opened, through
+FFmpeg's `file` protocol alone, and only containers on an allow-list recognised from the file's first bytes
+(never from its name): a playlist, a concat list, an image2 pattern or a URL is refused before FFmpeg sees it.
+Writing stays with imageio-ffmpeg's bundled binary, the simplest H.264 writer.
 
-Frame selection rule (see `trim_frame_indices`): for a trim ``[start, end)`` resampled to ``N``
-frames, output frame ``i`` shows the source frame that is on screen at time
-``t_i = start + i * (end - start) / N``, i.e. the last frame whose presentation timestamp is
-``<= t_i`` (the first frame if ``t_i`` lies before it). On a constant-rate clip at ``fps`` whose
-first frame is at 0 this is ``floor(t_i * fps)``; on a variable-rate clip it follows the real
-timestamps.
+What a decoded frame becomes (the same for every clip, so the model always sees display-referred BT.709 SDR):
+the colour matrix and range the clip declares are honoured (an undeclared matrix is BT.709 from 720 lines up,
+BT.601 below, as players assume); HLG and PQ are tone-mapped to BT.709 SDR (see `colour`); non-square pixels
+are stretched to square; frames flagged interlaced are deinterlaced (bwdif); rotation metadata is applied;
+alpha is composited over `BACKGROUND`. Decoding seeks to the keyframe before the trim and scales each chosen
+frame down while converting it, so a trim at the end of a long 4K clip costs about what one at its start does.
+
+Times are exact `Fraction`s of the stream time base so that a trim typed as ``0.3`` selects the frame at
+exactly 0.3 s on a 10 fps clip instead of the one before it. Frame selection rule (see `trim_frame_indices`):
+for a trim ``[start, end)`` resampled to ``N`` frames, output frame ``i`` shows the source frame that is on
+screen at ``t_i = start + i * (end - start) / N``, i.e. the last frame whose presentation timestamp is
+``<= t_i`` (the first frame if ``t_i`` lies before it). Times count from the video stream's first frame.
 """
 
 from __future__ import annotations
 
 import bisect
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+import io
 import math
 import os
-import queue
-import re
-import subprocess
-import threading
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
+import av
 import imageio_ffmpeg
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from av.video.reformatter import ColorRange, Colorspace, Interpolation, VideoReformatter
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
-from flexiact_backend.errors import MediaError
+from flexiact_backend.colour import bt2100_to_sdr, composite, srgb_decode, srgb_encode, to_uint8
+from flexiact_backend.errors import MediaError, MediaTooLarge
 
 MIN_SEGMENT_S = 0.5
 """Shortest trim accepted: below this there is too little motion to learn an action from."""
@@ -40,27 +50,42 @@ MIN_SEGMENT_S = 0.5
 END_TOLERANCE_S = 0.05
 """A trim end this far past the clip end is clamped to the end (players round the duration)."""
 
+BACKGROUND = (0, 0, 0)
+"""Colour that transparent pixels of videos, images and image sequences are composited over (black, like the
+letterbox bars of `fit_target_image`)."""
+
 _STANDARD_FPS = (Fraction(24000, 1001), Fraction(24), Fraction(25), Fraction(30000, 1001), Fraction(30),
                  Fraction(48), Fraction(50), Fraction(60000, 1001), Fraction(60))
 """A measured average snaps to the nearest of these within 0.3% (millisecond time bases blur them)."""
 
-_IMAGE_DEMUXERS = ("image2", "_pipe", "apng")  # ffmpeg demuxers that read still images
-_TEXT_DEMUXERS = ("tty",)  # ffmpeg renders any text file as "ANSI art" video; that is not a clip
+IMAGE_FORMATS = ("PNG", "JPEG", "TIFF", "WEBP", "BMP", "GIF")
+"""Pillow decoders an image may be read with (EXR is read by FFmpeg); nothing that shells out (EPS)."""
+
+_CONVERT_THREADS = min(4, os.cpu_count() or 1)
+"""Threads scaling and converting chosen frames while the decoder (itself threaded) goes on."""
 
 PathLike = str | os.PathLike[str]
 
 
 @dataclass(frozen=True)
 class VideoInfo:
-    """What a user sees of a video file; width/height are after the rotation is applied."""
+    """What a user sees of a video file; width/height are after pixel aspect and rotation are applied."""
 
     width: int
     height: int
     fps: float  # average rate: frames / (span from first frame to end of last frame)
-    duration_s: float  # end of the last frame, measured from the start of the file
+    duration_s: float  # end of the last frame, measured from the first frame
     frames: int
     rotation: int  # degrees (0/90/180/270) the stored picture is turned counter-clockwise for display
     has_audio: bool
+    container: str = ""  # detected from the content: mp4, mov, mkv, webm, avi, ts, mpg, mxf, gif
+    colour: str = "sdr"  # sdr, bt2020 (SDR, wide gamut), hlg or pq: all converted to BT.709 SDR when decoded
+    alpha: bool = False  # transparent pixels are composited over BACKGROUND when decoded
+    interlaced: bool = False  # deinterlaced when decoded
+
+    def to_meta(self) -> dict:
+        """The plain dict a service stores for an upload."""
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -102,10 +127,6 @@ class FitMapping:
 # Helpers
 
 
-def _ffmpeg() -> str:
-    return imageio_ffmpeg.get_ffmpeg_exe()
-
-
 def _exact(x: float | Fraction) -> Fraction:
     """A float as the decimal the user typed (0.3 -> 3/10, not 0.29999...), Fractions unchanged."""
     if isinstance(x, Fraction):
@@ -116,26 +137,131 @@ def _exact(x: float | Fraction) -> Fraction:
 def _existing_file(path: PathLike) -> Path:
     p = Path(path)
     if not p.is_file():
-        raise MediaError(f"{p}: no such file; check the path.")
+        raise MediaError(f"{p.name}: no such file; check the path.")
     if p.stat().st_size == 0:
-        raise MediaError(f"{p}: the file is empty (0 bytes); export or copy it again.")
+        raise MediaError(f"{p.name}: the file is empty (0 bytes); export or copy it again.")
     return p
 
 
-def _last_lines(text: str, n: int = 2) -> str:
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    return " / ".join(lines[-n:])
+def _av_reason(exc: av.FFmpegError) -> str:
+    """FFmpeg's reason without the file name or path it quotes."""
+    return (exc.strerror or type(exc).__name__).rstrip(".")
+
+
+# --------------------------------------------------------------------------------------------
+# What a file is, from its first bytes
+
+
+def _mp4_suffix(head: bytes) -> str:
+    brand = head[8:12]
+    return "mov" if brand == b"qt  " or head[4:8] != b"ftyp" else ("3gp" if brand.startswith(b"3g") else "mp4")
+
+
+def sniff(head: bytes) -> tuple[str, str] | None:
+    """(kind, format) of a file from its first 1 KiB: kind is video, image or zip; None when unknown.
+
+    Video formats are the allow-listed FFmpeg demuxers (with the file suffix they are stored under); nothing
+    that names other files (HLS/DASH playlists, concat lists, SDP) or reads a pattern is recognised.
+    """
+    if head[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip", b"pnot"):
+        return "video", _mp4_suffix(head)
+    if head.startswith(b"\x1a\x45\xdf\xa3"):
+        return "video", "webm" if b"webm" in head[:64] else "mkv"
+    if head.startswith(b"RIFF") and head[8:12] in (b"AVI ", b"AVIX"):
+        return "video", "avi"
+    if len(head) >= 565 and all(head[i * 188] == 0x47 for i in range(3)):
+        return "video", "ts"
+    if len(head) >= 580 and all(head[4 + i * 192] == 0x47 for i in range(3)):
+        return "video", "m2ts"
+    if head.startswith(b"\x00\x00\x01\xba"):
+        return "video", "mpg"
+    if head.startswith(b"\x06\x0e\x2b\x34\x02\x05\x01\x01\x0d\x01\x02\x01\x01\x02"):
+        return "video", "mxf"
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return "image", "gif"  # a GIF with more than one frame is a video: see `classify`
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image", "png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "image", "jpg"
+    if head.startswith((b"II*\x00", b"MM\x00*")):
+        return "image", "tif"
+    if head.startswith(b"\x76\x2f\x31\x01"):
+        return "image", "exr"
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return "image", "webp"
+    if head.startswith(b"BM"):
+        return "image", "bmp"
+    if head.startswith(b"PK\x03\x04"):
+        return "zip", "zip"
+    return None
+
+
+_DEMUXERS = {"mp4": "mov", "mov": "mov", "3gp": "mov", "mkv": "matroska", "webm": "matroska", "avi": "avi",
+             "ts": "mpegts", "m2ts": "mpegts", "mpg": "mpeg", "mxf": "mxf", "gif": "gif"}
+
+
+def _head(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(1024)
+
+
+def classify(path: PathLike) -> tuple[str, str] | None:
+    """(kind, format) of a file judged by its content: kind is video, image or zip (an image sequence or a
+    checkpoint); None for anything else. A GIF with more than one frame is a video."""
+    p = _existing_file(path)
+    found = sniff(_head(p))
+    if found == ("image", "gif"):
+        try:
+            with Image.open(p, formats=["GIF"]) as img:
+                frames = getattr(img, "n_frames", 1)
+        except (OSError, Image.DecompressionBombError):
+            return found
+        return ("video", "gif") if frames > 1 else found
+    return found
+
+
+def _video_format(p: Path) -> str:
+    """The allow-listed container of a video file, or a MediaError saying what the file is instead."""
+    found = classify(p)
+    if found is not None and found[0] == "video":
+        return found[1]
+    if found is not None and found[0] == "image":
+        raise MediaError(f"{p.name}: this is a still image, not a video; choose a video clip "
+                         "(or use it as the target image).")
+    head = _head(p)
+    if head and all(b in b"\t\n\r" or 32 <= b < 127 for b in head[:512]):
+        raise MediaError(f"{p.name}: this is a text file, not a video (playlists and lists of files are not "
+                         "accepted); choose a video clip.")
+    raise MediaError(f"{p.name}: not a video file that can be read; use an mp4, mov, mkv, webm, avi, mxf, "
+                     "MPEG-TS (mts/m2ts) or animated GIF file, or a folder of numbered frames.")
+
+
+def _open(p: Path, fmt: str) -> av.container.InputContainer:
+    """Open a local file with the detected demuxer, through the file protocol only."""
+    try:
+        return av.open("file:" + str(p.resolve()), format=_DEMUXERS[fmt],
+                       options={"protocol_whitelist": "file", "enable_drefs": "0"})
+    except av.FFmpegError as exc:
+        raise MediaError(f"{p.name}: the file is incomplete or damaged ({_av_reason(exc)}); copy or export it "
+                         "again.") from None
 
 
 # --------------------------------------------------------------------------------------------
 # Probing
 
+_AVCOL_TO_SWS = {1: Colorspace.ITU709, 4: Colorspace.FCC, 5: Colorspace.ITU601, 6: Colorspace.ITU601,
+                 7: Colorspace.SMPTE240M, 9: Colorspace.BT2020, 10: Colorspace.BT2020}
+_TRC_HLG, _TRC_PQ, _PRI_BT2020 = 18, 16, 9
 
-_STREAM_RE = re.compile(r"^\s*Stream #\d+:(\d+)\S*: (Video|Audio|Subtitle|Data|Attachment): (.*)$")
-_SIZE_RE = re.compile(r"(?:^|[ ,])(\d{1,5})x(\d{1,5})(?=[ ,\[]|$)")
-_ROT_RE = re.compile(r"(?:display ?matrix): rotation of (-?[\d.]+) degrees", re.IGNORECASE)
-_INPUT_RE = re.compile(r"^Input #0, ([^ ]+), from")
-_TB_RE = re.compile(r"^#tb 0: (\d+)/(\d+)")
+
+@dataclass(frozen=True)
+class _Probed:
+    info: VideoInfo
+    fmt: str
+    end: Fraction  # exact end of the last frame, from the first frame
+    origin: Fraction  # presentation time of the first frame, in stream seconds
+    index: int  # of the video stream
+    storage_size: tuple[int, int]  # (w, h) decoded frames are converted to: square pixels, before rotation
 
 
 def _snap_fps(measured: Fraction) -> float:
@@ -143,95 +269,118 @@ def _snap_fps(measured: Fraction) -> float:
     return float(nearest if abs(measured - nearest) <= nearest * Fraction(3, 1000) else measured)
 
 
+def _video_stream(c: av.container.InputContainer, p: Path) -> av.VideoStream:
+    streams = [s for s in c.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
+    if streams:
+        return streams[0]
+    if c.streams.audio:
+        raise MediaError(f"{p.name}: the file has audio only (a picture in it is cover art, not video); choose "
+                         "a file with video in it.")
+    raise MediaError(f"{p.name}: the file has no video stream; choose a file with video in it.")
+
+
+def _colour(frame: av.VideoFrame, cc: av.codec.context.CodecContext) -> str:
+    trc = frame.color_trc if frame.color_trc not in (0, 2) else cc.color_trc
+    if trc == _TRC_HLG:
+        return "hlg"
+    if trc == _TRC_PQ:
+        return "pq"
+    primaries = frame.color_primaries if frame.color_primaries not in (0, 2) else cc.color_primaries
+    return "bt2020" if primaries == _PRI_BT2020 else "sdr"
+
+
+def _has_alpha(frame: av.VideoFrame) -> bool:
+    return any(c.is_alpha for c in frame.format.components) or (
+        frame.format.name == "pal8")  # GIF/QuickTime palettes may hold transparent entries
+
+
 def probe_video(path: PathLike) -> VideoInfo:
-    """Describe the first video stream without decoding it (one stream-copy pass over packets).
+    """Describe the first video stream: one pass over its packets and one decoded frame.
 
-    Raises MediaError for a missing, empty, unreadable or non-video file and for a video stream
-    without frames.
+    Raises MediaError for a missing, empty, unreadable, incomplete or non-video file (saying what it is
+    instead), for a video stream without frames and for a single-frame video (use it as the target image).
     """
-    return _probe(path)[0]
+    info = _probe(path).info
+    if info.frames == 1:
+        raise MediaError(f"{Path(path).name}: the video has a single frame, too little to show an action; use it "
+                         "as the target image instead, or choose a longer clip.")
+    return info
 
 
-def _probe(path: PathLike) -> tuple[VideoInfo, Fraction]:
-    """`probe_video` plus the exact end time, which trims must be compared against."""
+def _probe(path: PathLike) -> _Probed:
     p = _existing_file(path)
-    cmd = [_ffmpeg(), "-hide_banner", "-nostdin", "-nostats", "-i", str(p),
-           "-map", "0:v:0?", "-c", "copy", "-f", "framemd5", "-"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
-    err = proc.stderr
-    demuxer = None
-    for line in err.splitlines():
-        m = _INPUT_RE.match(line)
-        if m:
-            demuxer = m.group(1)
-            break
-    if demuxer is None:
-        raise MediaError(
-            f"{p.name}: not a video file ffmpeg can read ({_last_lines(err, 1)}); "
-            "use an mp4, mov, webm, mkv or avi file."
-        )
-    if demuxer in _TEXT_DEMUXERS:
-        raise MediaError(f"{p.name}: this is a text file, not a video; choose a video clip.")
-    if any(d in demuxer for d in _IMAGE_DEMUXERS):
-        raise MediaError(f"{p.name}: this is a still image, not a video; choose a video clip.")
-
-    width = height = None
-    rotation = 0
-    has_audio = False
-    in_video = False
-    for line in err.splitlines():
-        m = _STREAM_RE.match(line)
-        if m:
-            kind = m.group(2)
-            has_audio = has_audio or kind == "Audio"
-            in_video = kind == "Video" and width is None
-            if in_video:
-                size = _SIZE_RE.search(m.group(3))
-                if size:
-                    width, height = int(size.group(1)), int(size.group(2))
-            continue
-        if line.startswith(("Output #", "Stream mapping")):
-            in_video = False
-        rot = _ROT_RE.search(line)
-        if rot and in_video:
-            rotation = round(float(rot.group(1))) % 360
-    if width is None or height is None:
-        raise MediaError(f"{p.name}: the file has no video stream; choose a file with video in it.")
-
-    tb = None
-    pts: list[int] = []
-    durs: list[int] = []
-    for line in proc.stdout.splitlines():
-        m = _TB_RE.match(line)
-        if m:
-            tb = Fraction(int(m.group(1)), int(m.group(2)))
-        elif line.startswith("0,"):
-            fields = [f.strip() for f in line.split(",")]
-            pts.append(int(fields[2]))
-            durs.append(int(fields[3]))
-    if proc.returncode != 0 and not pts:
-        raise MediaError(f"{p.name}: the video could not be read ({_last_lines(err)}).")
-    if tb is None or not pts:
-        raise MediaError(f"{p.name}: the video stream has no frames; export the clip again.")
-    order = sorted(range(len(pts)), key=pts.__getitem__)
-    spts = [pts[i] for i in order]
-    last_dur = durs[order[-1]]
+    fmt = _video_format(p)
+    size = p.stat().st_size
+    with _open(p, fmt) as c:
+        vs = _video_stream(c, p)
+        tb = vs.time_base
+        pts: list[int] = []
+        last_dur = 0
+        first: av.VideoFrame | None = None
+        try:
+            for pkt in c.demux(vs):
+                if pkt.size == 0:
+                    continue
+                t = pkt.pts if pkt.pts is not None else pkt.dts
+                if t is None:
+                    raise MediaError(f"{p.name}: the video has frames without timestamps; remux or re-export it "
+                                     "(e.g. to mp4) and try again.")
+                if pkt.pos is not None and pkt.pos + pkt.size > size:
+                    raise MediaError(f"{p.name}: the file is incomplete (it ends inside its video data); copy or "
+                                     "export it again.")
+                pts.append(t)
+                last_dur = pkt.duration or 0
+                if first is None:
+                    first = next(iter(vs.decode(pkt)), None)
+            if first is None and pts:
+                first = next(iter(vs.decode(None)), None)
+        except av.FFmpegError as exc:
+            raise MediaError(f"{p.name}: the file is incomplete or damaged ({_av_reason(exc)}); copy or export "
+                             "it again.") from None
+        if not pts or first is None:
+            raise MediaError(f"{p.name}: the video stream has no frames that can be decoded; export the clip "
+                             "again.")
+        has_audio = bool(c.streams.audio)
+        cc = vs.codec_context
+        interlaced = first.interlaced_frame or (cc.field_order or 0) > 1
+        sar = vs.sample_aspect_ratio or Fraction(1)
+        index = vs.index
+    pts.sort()
     if last_dur <= 0:
-        deltas = np.diff(spts)
+        deltas = np.diff(pts)
         last_dur = int(np.median(deltas)) if len(deltas) else 0
-    end = (spts[-1] + last_dur) * tb
-    span = end - spts[0] * tb
-    if rotation in (90, 270):
-        width, height = height, width
-    return VideoInfo(
-        width=width,
-        height=height,
-        fps=_snap_fps(Fraction(len(spts)) / span) if span > 0 else 0.0,
+    origin = pts[0] * tb
+    end = (pts[-1] + last_dur) * tb - origin
+    w = max(1, round(first.width * sar)) if sar > 0 else first.width
+    h = first.height
+    rotation = first.rotation % 360
+    info = VideoInfo(
+        width=h if rotation in (90, 270) else w,
+        height=w if rotation in (90, 270) else h,
+        fps=_snap_fps(Fraction(len(pts)) / end) if end > 0 else 0.0,
         duration_s=float(end),
-        frames=len(spts),
+        frames=len(pts),
         rotation=rotation,
         has_audio=has_audio,
-    ), end
+        container=fmt,
+        colour=_colour(first, cc),
+        alpha=_has_alpha(first),
+        interlaced=bool(interlaced),
+    )
+    return _Probed(info, fmt, end, origin, index, (w, h))
+
+
+def check_video_limits(info: VideoInfo, max_pixels: int, max_seconds: float, max_frames: int) -> None:
+    """Refuse a clip over the service's limits before anything of it is decoded (MediaTooLarge)."""
+    if info.width * info.height > max_pixels:
+        raise MediaTooLarge(f"the video is {info.width}x{info.height} = {info.width * info.height / 1e6:.1f} "
+                            f"megapixels a frame; the limit is {max_pixels / 1e6:g} megapixels. Scale it down.")
+    if info.duration_s > max_seconds:
+        raise MediaTooLarge(f"the video is {info.duration_s:.1f} s long; the limit is {max_seconds:g} s. Cut out "
+                            "the part with the action.")
+    if info.frames > max_frames:
+        raise MediaTooLarge(f"the video has {info.frames} frames; the limit is {max_frames}. Cut out the part "
+                            "with the action.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -308,37 +457,94 @@ def trim_frame_indices(
 # Decoding
 
 
-_SHOWINFO_TB_RE = re.compile(r"config in time_base: (\d+)/(\d+)")
-_SHOWINFO_PTS_RE = re.compile(r"\] n: *\d+ pts: *(\S+) ")
-
-
-def _stderr_reader(stream: Iterable[str], out: queue.Queue, log: list[str]) -> None:
-    """Turn showinfo's per-frame lines into exact timestamps, in frame order; keep the rest.
-
-    A frame without a timestamp (NOPTS) is queued as None so the reader stays in step with the
-    frames and the decoder can refuse the clip; the end of the stream is queued as EOFError.
-    """
-    tb: Fraction | None = None
-    for line in stream:
-        m = _SHOWINFO_PTS_RE.search(line)
-        if m and tb is not None:
-            raw = m.group(1)
-            out.put(int(raw) * tb if raw.lstrip("-").isdigit() else None)
-            continue
-        m = _SHOWINFO_TB_RE.search(line)
-        if m:
-            tb = Fraction(int(m.group(1)), int(m.group(2)))
-            continue
-        log.append(line)
-    out.put(EOFError)
-
-
-def _decode_size(info: VideoInfo, max_side: int | None) -> tuple[int, int]:
-    w, h = info.width, info.height
+def _decode_size(p: _Probed, max_side: int | None) -> tuple[int, int]:
+    """(w, h) before rotation that decoded frames are converted to: square pixels, within max_side."""
+    w, h = p.storage_size
     if max_side is None or max(w, h) <= max_side:
         return w, h
     s = max_side / max(w, h)
     return max(2, round(w * s / 2) * 2), max(2, round(h * s / 2) * 2)
+
+
+def _matrix(frame: av.VideoFrame) -> Colorspace:
+    declared = _AVCOL_TO_SWS.get(frame.colorspace)
+    if declared is not None:
+        return declared
+    return Colorspace.ITU709 if frame.height >= 720 else Colorspace.ITU601
+
+
+def _range(frame: av.VideoFrame) -> ColorRange:
+    if frame.color_range in (ColorRange.MPEG, ColorRange.JPEG):
+        return ColorRange(frame.color_range)
+    name = frame.format.name
+    return ColorRange.JPEG if name.startswith("yuvj") or frame.format.is_rgb or "gray" in name else ColorRange.MPEG
+
+
+def frame_to_rgb(frame: av.VideoFrame, size: tuple[int, int], colour: str, rotation: int,
+                 background: tuple[int, int, int] = BACKGROUND, scaler: VideoReformatter | None = None) -> np.ndarray:
+    """One decoded frame as upright uint8 RGB of `size` (w, h, before rotation): matrix, range, HDR, alpha.
+
+    Pass one `scaler` for all frames of a clip: it keeps swscale's set-up between frames (one thread: the
+    decoder's threads are busy meanwhile)."""
+    scaler = scaler or VideoReformatter()
+    kwargs = {"width": size[0], "height": size[1], "interpolation": Interpolation.AREA, "threads": 1,
+              "src_colorspace": _matrix(frame), "src_color_range": _range(frame), "dst_color_range": ColorRange.JPEG}
+    if colour != "sdr":
+        rgb = bt2100_to_sdr(scaler.reformat(frame, format="rgb48le", **kwargs).to_ndarray() / 65535.0, colour)
+    elif _has_alpha(frame):
+        rgb = composite(scaler.reformat(frame, format="rgba", **kwargs).to_ndarray(), background)
+    else:
+        rgb = scaler.reformat(frame, format="rgb24", **kwargs).to_ndarray()
+    return np.ascontiguousarray(np.rot90(rgb, rotation // 90)) if rotation else rgb
+
+
+def _deinterlaced(frames: Iterator[av.VideoFrame], stream: av.VideoStream) -> Iterator[av.VideoFrame]:
+    """bwdif over the frames flagged interlaced (one output frame per input frame, timestamps kept)."""
+    graph = av.filter.Graph()
+    src = graph.add_buffer(template=stream)
+    bwdif = graph.add("bwdif", "mode=send_frame:parity=auto:deint=interlaced")
+    sink = graph.add("buffersink")
+    src.link_to(bwdif)
+    bwdif.link_to(sink)
+    graph.configure()
+
+    def drain() -> Iterator[av.VideoFrame]:
+        while True:
+            try:
+                yield graph.pull()
+            except (BlockingIOError, av.EOFError):
+                return
+
+    for frame in frames:
+        graph.push(frame)
+        yield from drain()
+    graph.push(None)
+    yield from drain()
+
+
+def _frames_from(p: Path, probed: _Probed, start: Fraction) -> Iterator[tuple[Fraction, av.VideoFrame]]:
+    """(time from the first frame, frame) in presentation order, starting at the keyframe at or before `start`."""
+    with _open(p, probed.fmt) as c:
+        vs = c.streams[probed.index]
+        vs.thread_type = "AUTO"
+        tb = vs.time_base
+        seeked = start > 0
+        if seeked:
+            c.seek(math.floor((probed.origin + start) / tb), stream=vs, backward=True, any_frame=False)
+        frames: Iterator[av.VideoFrame] = c.decode(vs)
+        if probed.info.interlaced:
+            frames = _deinterlaced(frames, vs)
+        first = True
+        for frame in frames:
+            if frame.pts is None:
+                raise MediaError(f"{p.name}: the video has frames without timestamps; remux or re-export it "
+                                 "(e.g. to mp4) and try again.")
+            t = frame.pts * tb - probed.origin
+            if first and seeked and t > start:  # the seek overshot (a container without an index): from the top
+                yield from _frames_from(p, probed, Fraction(0))
+                return
+            first = False
+            yield t, frame
 
 
 def read_clip(
@@ -350,92 +556,113 @@ def read_clip(
 ) -> np.ndarray:
     """Decode the trim ``[start_s, end_s)`` of a clip resampled to `num_frames` upright RGB frames.
 
-    Returns uint8 ``[num_frames, H, W, 3]``. Frames are chosen by their real timestamps with the
-    rule of `trim_frame_indices` (so variable frame rate works), rotation metadata is applied
-    (ffmpeg autorotate), and decoding streams: only the previous frame and the chosen ones are
-    kept, and ffmpeg is stopped once the last needed frame is in. `max_side` optionally
-    downscales (even sizes, aspect kept) so that long 4K clips do not fill memory.
-    `end_s=None` means the end of the clip. Raises MediaError for bad files and bad trims.
+    Returns uint8 ``[num_frames, H, W, 3]``. Frames are chosen by their real timestamps with the rule of
+    `trim_frame_indices` (so variable frame rate works). Decoding starts at the keyframe before the trim and
+    stops after its last needed frame; only chosen frames are converted, straight to the output size.
+    `max_side` optionally bounds that size (even sizes, aspect kept). `end_s=None` means the end of the clip.
+    Raises MediaError for bad files and bad trims.
     """
-    info, duration = _probe(path)
-    start, end = _check_trim(duration, start_s, end_s)
+    p = Path(path)
+    probed = _probe(p)
+    start, end = _check_trim(probed.end, start_s, end_s)
     targets = _target_times(start, end, num_frames)
-    w, h = _decode_size(info, max_side)
-    vf = "showinfo" if (w, h) == (info.width, info.height) else f"scale={w}:{h}:flags=area,showinfo"
-    cmd = [_ffmpeg(), "-hide_banner", "-nostdin", "-nostats", "-loglevel", "info",
-           "-i", str(path), "-map", "0:v:0", "-an", "-sn", "-dn", "-vf", vf,
-           "-fps_mode", "passthrough", "-f", "rawvideo", "-pix_fmt", "rgb24", "-"]
-    frame_bytes = w * h * 3
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    stamps: queue.Queue = queue.Queue()
-    log: list[str] = []
-    reader = threading.Thread(
-        target=_stderr_reader,
-        args=((ln.decode("utf-8", "replace") for ln in iter(proc.stderr.readline, b"")),  # type: ignore[union-attr]
-              stamps, log),
-        daemon=True,
-    )
-    reader.start()
-    chosen: list[np.ndarray | None] = [None] * num_frames
-    nxt = 0
-    prev: np.ndarray | None = None
-    decoded = 0
-    stopped_early = False
-    try:
-        while nxt < num_frames:
-            buf = proc.stdout.read(frame_bytes)  # type: ignore[union-attr]
-            if len(buf) < frame_bytes:
-                break
-            pts = stamps.get(timeout=60)
-            if pts is EOFError:
-                raise MediaError(f"{Path(path).name}: lost track of frame timestamps while decoding.")
-            if pts is None:
-                raise MediaError(
-                    f"{Path(path).name}: the video has frames without timestamps; "
-                    "remux or re-export it (e.g. to mp4) and try again."
-                )
-            frame = np.frombuffer(buf, dtype=np.uint8).reshape(h, w, 3)
-            decoded += 1
-            on_screen = frame if prev is None else prev  # times before the first frame take it
-            while nxt < num_frames and targets[nxt] < pts:
-                chosen[nxt] = on_screen
-                nxt += 1
-            prev = frame
-        else:
-            stopped_early = True
-        if nxt < num_frames and prev is not None:
-            chosen[nxt:] = [prev] * (num_frames - nxt)  # targets after the last frame's timestamp
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.stdout.close()  # type: ignore[union-attr]
-        rc = proc.wait()
-        reader.join(timeout=10)
-        proc.stderr.close()  # type: ignore[union-attr]
-    if decoded == 0:
-        raise MediaError(
-            f"{Path(path).name}: no frame could be decoded ({_last_lines(''.join(log))}); "
-            "the file may be damaged, export it again."
-        )
-    if rc != 0 and not stopped_early:
-        raise MediaError(
-            f"{Path(path).name}: decoding failed ({_last_lines(''.join(log))}); "
-            "the file may be damaged, export it again."
-        )
-    return np.stack(chosen)  # type: ignore[arg-type]
+    size = _decode_size(probed, max_side)
+    info = probed.info
+    local = threading.local()  # one swscale set-up per converting thread, kept between its frames
+
+    def convert(frame: av.VideoFrame) -> np.ndarray:
+        if not hasattr(local, "scaler"):
+            local.scaler = VideoReformatter()
+        return frame_to_rgb(frame, size, info.colour, info.rotation, scaler=local.scaler)
+
+    cache: list = [None, None]  # the last frame submitted and its conversion, reused while it stays on screen
+    chosen: list[Future] = []
+    prev: av.VideoFrame | None = None
+    with ThreadPoolExecutor(max_workers=_CONVERT_THREADS) as pool:  # swscale runs beside the decoder
+
+        def rgb(frame: av.VideoFrame) -> Future:
+            if cache[0] is not frame:
+                cache[:] = [frame, pool.submit(convert, frame)]
+            return cache[1]
+
+        try:
+            for t, frame in _frames_from(p, probed, start):
+                on_screen = prev if prev is not None else frame  # times before the first frame take it
+                while len(chosen) < num_frames and targets[len(chosen)] < t:
+                    chosen.append(rgb(on_screen))
+                if len(chosen) == num_frames:
+                    break
+                prev = frame
+        except av.FFmpegError as exc:
+            raise MediaError(f"{p.name}: decoding failed ({_av_reason(exc)}); the file may be incomplete or "
+                             "damaged, export it again.") from None
+        if prev is None:
+            raise MediaError(f"{p.name}: no frame could be decoded; the file may be damaged, export it again.")
+        if len(chosen) < num_frames:  # targets after the last frame's timestamp
+            chosen += [rgb(prev)] * (num_frames - len(chosen))
+        return np.stack([f.result() for f in chosen])
 
 
 # --------------------------------------------------------------------------------------------
 # Images
 
 
-def open_image(path: PathLike) -> Image.Image:
-    p = _existing_file(path)
+def _too_many_pixels(name: str, w: int, h: int, limit: int) -> MediaTooLarge:
+    return MediaTooLarge(f"{name}: the image is {w}x{h} = {w * h / 1e6:.1f} megapixels; the limit is "
+                         f"{limit / 1e6:g} megapixels. Scale it down.")
+
+
+def _exr_image(data: Path | io.BytesIO, name: str, max_pixels: int) -> Image.Image:
+    """A scene-linear OpenEXR frame as display sRGB: linear values clipped to [0, 1], sRGB curve, alpha
+    (premultiplied, as EXR stores it) composited over BACKGROUND in linear light."""
+    src = "file:" + str(Path(data).resolve()) if isinstance(data, Path) else data
     try:
-        img = Image.open(p)
+        with av.open(src, format="exr_pipe", options={"protocol_whitelist": "file"}) as c:
+            cc = c.streams.video[0].codec_context
+            if cc.width * cc.height > max_pixels:
+                raise _too_many_pixels(name, cc.width, cc.height, max_pixels)
+            frame = next(c.decode(video=0))
+            has_alpha = _has_alpha(frame)
+            arr = frame.reformat(format="gbrapf32le" if has_alpha else "gbrpf32le").to_ndarray()
+    except (av.FFmpegError, StopIteration) as exc:
+        reason = _av_reason(exc) if isinstance(exc, av.FFmpegError) else "no image in it"
+        raise MediaError(f"{name}: the EXR file cannot be read ({reason}); save it again.") from None
+    arr = np.moveaxis(arr, 0, -1) if arr.shape[0] in (3, 4) and arr.shape[-1] not in (3, 4) else arr
+    linear = arr[..., :3]
+    if has_alpha:
+        bg_linear = srgb_decode(np.asarray(BACKGROUND, np.float32) / 255.0)
+        linear = linear + (1 - np.clip(arr[..., 3:4], 0, 1)) * bg_linear
+    return Image.fromarray(to_uint8(srgb_encode(linear)), "RGB")
+
+
+def open_image(path: PathLike | io.BytesIO, max_pixels: int = 178_956_970, name: str | None = None) -> Image.Image:
+    """An image file (PNG, JPEG, TIFF, WebP, BMP, GIF or OpenEXR, judged by content) loaded in full.
+
+    Over `max_pixels` it is refused with MediaTooLarge before it is decoded (the default is Pillow's own
+    bomb limit; the service passes its configured one).
+    """
+    if isinstance(path, io.BytesIO):
+        label, head = name or "image", path.getvalue()[:1024]
+    else:
+        p = _existing_file(path)
+        label, head = name or p.name, _head(p)
+    found = sniff(head)
+    if found == ("image", "exr"):
+        return _exr_image(path if isinstance(path, io.BytesIO) else p, label, max_pixels)
+    if found is not None and found[0] == "video":
+        raise MediaError(f"{label}: this is a video, not an image; choose a still image (PNG or JPEG).")
+    try:
+        img = Image.open(path if isinstance(path, io.BytesIO) else p, formats=list(IMAGE_FORMATS))
+        w, h = img.size
+        if w * h > max_pixels:
+            raise _too_many_pixels(label, w, h, max_pixels)
         img.load()
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
-        raise MediaError(f"{p.name}: not an image file that can be read ({exc}); use PNG or JPEG.") from exc
+    except Image.DecompressionBombError:
+        raise _too_many_pixels(label, w, h, max_pixels) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        reason = "not an image" if isinstance(exc, UnidentifiedImageError) else "incomplete or damaged"
+        raise MediaError(f"{label}: not an image file that can be read ({reason}); use PNG, JPEG, TIFF or "
+                         "EXR.") from None
     return img
 
 
@@ -445,16 +672,36 @@ def read_image_info(path: PathLike) -> tuple[int, int]:
     return ImageOps.exif_transpose(img).size
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """RGB with transparency composited onto black, so alpha renders look like the letterbox bars."""
+_SRGB = ImageCms.createProfile("sRGB")
+
+
+def _to_rgb(image: Image.Image, background: tuple[int, int, int] = BACKGROUND) -> Image.Image:
+    """Upright RGB: EXIF orientation, embedded ICC profile (CMYK, Display P3 ...) to sRGB, 16-bit and float
+    grey scaled to 8 bits, transparency (RGBA, LA, PA, palette) composited over `background`."""
     image = ImageOps.exif_transpose(image)
+    icc = image.info.get("icc_profile")
+    if icc and image.mode in ("RGB", "RGBA", "CMYK"):
+        try:
+            out_mode = "RGBA" if image.mode == "RGBA" else "RGB"
+            image = ImageCms.profileToProfile(image, io.BytesIO(icc), _SRGB, outputMode=out_mode)
+        except (ImageCms.PyCMSError, OSError):
+            pass  # a broken profile: the pixels are used as they are, like browsers do
     if image.mode == "RGB":
         return image
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        grey = np.asarray(image, dtype=np.float64)
+        scale = 257.0 if image.mode != "I" or grey.max() > 255 else 1.0
+        return Image.fromarray(to_uint8(grey / scale / 255.0)).convert("RGB")
+    if image.mode == "F":
+        return Image.fromarray(to_uint8(np.asarray(image, dtype=np.float32))).convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (image.mode == "P" and "transparency" in image.info):
+        return Image.fromarray(composite(np.asarray(image.convert("RGBA")), background), "RGB")
     return image.convert("RGB")
+
+
+def image_rgb(path: PathLike | io.BytesIO, max_pixels: int = 178_956_970, name: str | None = None) -> np.ndarray:
+    """An image file as upright uint8 RGB ``[H, W, 3]`` (see `open_image` and `_to_rgb`)."""
+    return np.asarray(_to_rgb(open_image(path, max_pixels, name)))
 
 
 def fit_target_image(
@@ -536,7 +783,7 @@ def write_mp4(path: PathLike, frames: np.ndarray, fps: float) -> None:
         # imageio-ffmpeg does not always report a failed encoder (e.g. an unwritable folder),
         # so check what landed on disk before it replaces anything
         try:
-            written = probe_video(tmp).frames
+            written = _probe(tmp).info.frames
         except MediaError:
             written = 0
         if written != len(frames):

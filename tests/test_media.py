@@ -100,14 +100,14 @@ def test_probe_vfr_and_rotation(clips: dict[str, Path]) -> None:
     # the last frame starts at 35/12 s; mp4 stores its length as the encoder's 1/24 s
     assert vfr.duration_s == pytest.approx(35 / 12 + 1 / 24)
     assert vfr.fps == pytest.approx(48 / vfr.duration_s)
-    assert probe_video(clips["rot90"]) == VideoInfo(H, W, 24.0, 2.0, 48, 90, True)
+    assert probe_video(clips["rot90"]) == VideoInfo(H, W, 24.0, 2.0, 48, 90, True, container="mp4")
     assert probe_video(clips["rot270"]).rotation == 270
 
 
 @pytest.mark.parametrize(
     "name, fragment",
     [("text", "text file, not a video"), ("empty", "empty"), ("image", "still image"),
-     ("audio_only", "no video stream"), ("zero_frames", "no frames"), ("truncated", "not a video")],
+     ("audio_only", "audio only"), ("zero_frames", "no frames"), ("truncated", "incomplete")],
 )
 def test_probe_rejects_bad_files(clips: dict[str, Path], name: str, fragment: str) -> None:
     """Each kind of unusable file gets a MediaError naming the problem."""
