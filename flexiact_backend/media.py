@@ -28,6 +28,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import io
 import math
 import os
+import re
 import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -340,6 +341,9 @@ def _probe(path: PathLike) -> _Probed:
         if not pts or first is None:
             raise MediaError(f"{p.name}: the video stream has no frames that can be decoded; export the clip "
                              "again.")
+        if vs.frames and len(pts) < vs.frames:  # the index lists frames whose data is not in the file
+            raise MediaError(f"{p.name}: the file is incomplete ({len(pts)} of {vs.frames} frames are in it); copy "
+                             "or export it again.")
         has_audio = bool(c.streams.audio)
         cc = vs.codec_context
         interlaced = first.interlaced_frame or (cc.field_order or 0) > 1
@@ -657,8 +661,10 @@ def open_image(path: PathLike | io.BytesIO, max_pixels: int = 178_956_970, name:
         if w * h > max_pixels:
             raise _too_many_pixels(label, w, h, max_pixels)
         img.load()
-    except Image.DecompressionBombError:
-        raise _too_many_pixels(label, w, h, max_pixels) from None
+    except Image.DecompressionBombError as exc:  # over twice Pillow's own limit: it refuses to open it at all
+        pixels = re.search(r"\((\d+) pixels\)", str(exc))
+        raise MediaTooLarge(f"{label}: the image is {int(pixels[1]) / 1e6 if pixels else math.inf:.1f} megapixels; "
+                            f"the limit is {max_pixels / 1e6:g} megapixels. Scale it down.") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         reason = "not an image" if isinstance(exc, UnidentifiedImageError) else "incomplete or damaged"
         raise MediaError(f"{label}: not an image file that can be read ({reason}); use PNG, JPEG, TIFF or "
