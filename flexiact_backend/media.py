@@ -65,6 +65,9 @@ IMAGE_FORMATS = ("PNG", "JPEG", "TIFF", "WEBP", "BMP", "GIF")
 _CONVERT_THREADS = min(4, os.cpu_count() or 1)
 """Threads scaling and converting chosen frames while the decoder (itself threaded) goes on."""
 
+MAX_IMAGE_PIXELS = 178_956_970
+"""Default pixel limit of one image (Pillow's own decompression-bomb limit); the service passes its own."""
+
 PathLike = str | os.PathLike[str]
 
 
@@ -639,7 +642,7 @@ def _exr_image(data: Path | io.BytesIO, name: str, max_pixels: int) -> Image.Ima
     return Image.fromarray(to_uint8(srgb_encode(linear)), "RGB")
 
 
-def open_image(path: PathLike | io.BytesIO, max_pixels: int = 178_956_970, name: str | None = None) -> Image.Image:
+def open_image(path: PathLike | io.BytesIO, max_pixels: int = MAX_IMAGE_PIXELS, name: str | None = None) -> Image.Image:
     """An image file (PNG, JPEG, TIFF, WebP, BMP, GIF or OpenEXR, judged by content) loaded in full.
 
     Over `max_pixels` it is refused with MediaTooLarge before it is decoded (the default is Pillow's own
@@ -672,9 +675,10 @@ def open_image(path: PathLike | io.BytesIO, max_pixels: int = 178_956_970, name:
     return img
 
 
-def read_image_info(path: PathLike) -> tuple[int, int]:
-    """(width, height) of an image as displayed (EXIF orientation applied). MediaError if not an image."""
-    img = open_image(path)
+def read_image_info(path: PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[int, int]:
+    """(width, height) of an image as displayed (EXIF orientation applied). MediaError if not an image,
+    MediaTooLarge over `max_pixels`."""
+    img = open_image(path, max_pixels)
     return ImageOps.exif_transpose(img).size
 
 
@@ -705,7 +709,7 @@ def _to_rgb(image: Image.Image, background: tuple[int, int, int] = BACKGROUND) -
     return image.convert("RGB")
 
 
-def image_rgb(path: PathLike | io.BytesIO, max_pixels: int = 178_956_970, name: str | None = None) -> np.ndarray:
+def image_rgb(path: PathLike | io.BytesIO, max_pixels: int = MAX_IMAGE_PIXELS, name: str | None = None) -> np.ndarray:
     """An image file as upright uint8 RGB ``[H, W, 3]`` (see `open_image` and `_to_rgb`)."""
     return np.asarray(_to_rgb(open_image(path, max_pixels, name)))
 

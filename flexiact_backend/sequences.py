@@ -25,7 +25,7 @@ import av
 import numpy as np
 
 from .errors import MediaError, MediaTooLarge
-from .media import PathLike, VideoInfo, _fps_fraction, _probe, image_rgb
+from .media import MAX_IMAGE_PIXELS, PathLike, VideoInfo, _fps_fraction, _probe, image_rgb
 
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".exr")
 _NUMBERED = re.compile(r"^(?P<prefix>.*?)(?P<number>\d+)(?P<suffix>\.[A-Za-z]+)$")
@@ -141,7 +141,7 @@ def _read_frames(frames: Frames, max_pixels: int) -> Iterator[tuple[str, np.ndar
             yield name, image_rgb(io.BytesIO(z.read(info)), max_pixels, os.path.basename(name))
 
 
-def encode_sequence(spec: PathLike, fps: float, dest: PathLike, max_pixels: int = 178_956_970,
+def encode_sequence(spec: PathLike, fps: float, dest: PathLike, max_pixels: int = MAX_IMAGE_PIXELS,
                     max_frames: int | None = None) -> VideoInfo:
     """Write the sequence `spec` names as a lossless FFV1 AVI clip at `fps` to `dest` (atomically); its VideoInfo.
 
