@@ -40,9 +40,19 @@ def run_make_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_paths(args: argparse.Namespace) -> None:
+    """Mistakes in the file arguments, reported before the model takes a minute to load."""
+    action = getattr(args, "action", None)
+    if action is not None and not Path(action).is_file():
+        raise FlexiActError(f"--action {action}: no such file; check the path.")
+    if not Path(args.out).parent.is_dir():
+        raise FlexiActError(f"--out {args.out}: the folder {Path(args.out).parent} does not exist; create it first.")
+
+
 def run_generate(args: argparse.Namespace) -> int:
     from .media import open_image
 
+    _check_paths(args)
     image = open_image(args.image)
     generator = _load_generator(args)
     with tqdm(total=args.steps, desc="generate", unit="step", file=sys.stderr) as bar:
@@ -58,15 +68,37 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reference_clip(args: argparse.Namespace, work_dir: Path) -> Path:
+    """The reference as a clip, its trim checked, before the model loads. An image sequence (a folder or a
+    pattern such as shot_####.png) is written once to a lossless clip at --fps in the work dir."""
+    from .media import check_trim, probe_video
+    from .sequences import encode_sequence, looks_like_sequence
+
+    video = Path(args.video)
+    if looks_like_sequence(video):
+        if args.fps is None:
+            raise FlexiActError(f"--video {video} is an image sequence: give the frame rate it was rendered at "
+                                "with --fps (e.g. --fps 24).")
+        work_dir.mkdir(parents=True, exist_ok=True)
+        video = work_dir / "reference.avi"
+        encode_sequence(args.video, args.fps, video)
+    elif args.fps is not None:
+        raise FlexiActError("--fps is the frame rate of an image sequence; a video file has its own.")
+    check_trim(probe_video(video), args.start, args.end)
+    return video
+
+
 def run_extract(args: argparse.Namespace) -> int:
     from .extraction import extract_action
 
     steps = args.steps or PRESETS[args.preset]
-    generator = _load_generator(args)
     out = Path(args.out)
+    _check_paths(args)
     work_dir = args.work_dir or out.with_name(out.name + ".work")
     if not args.resume and (work_dir / "checkpoint.pt").exists():
         raise FlexiActError(f"{work_dir} holds a checkpoint of an earlier run: pass --resume to continue it, or remove it")
+    video = _reference_clip(args, work_dir)
+    generator = _load_generator(args)
     with tqdm(total=steps, desc="extract", unit="step", file=sys.stderr) as bar:
         def progress(update: dict) -> None:
             if "step" in update:
@@ -76,7 +108,7 @@ def run_extract(args: argparse.Namespace) -> int:
             else:
                 bar.set_description(update["phase"])
 
-        meta = extract_action(generator, video=args.video, start_s=args.start, end_s=args.end, caption=args.caption,
+        meta = extract_action(generator, video=video, start_s=args.start, end_s=args.end, caption=args.caption,
                               name=args.name or out.stem, out=out, work_dir=work_dir, steps=steps, seed=args.seed,
                               checkpoint_every=args.checkpoint_every, progress=progress)
     print(f"wrote {out} after {meta['steps']} steps, final loss {meta['final_loss']:.4f}")
@@ -130,7 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("extract", help="train an action (FAE motion tokens) on a reference clip")
     _model_args(p)
-    p.add_argument("--video", type=Path, required=True)
+    p.add_argument("--video", type=Path, required=True,
+                   help="reference clip, or an image sequence: a folder of numbered frames or a pattern such as "
+                        "shot_####.png (PNG, JPEG, TIFF, EXR)")
+    p.add_argument("--fps", type=float, help="frame rate of an image sequence")
     p.add_argument("--start", type=float, default=0.0, help="trim start (s)")
     p.add_argument("--end", type=float, required=True, help="trim end (s)")
     p.add_argument("--caption", required=True)
@@ -171,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except FlexiActError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file that cannot be read or written: the user's to fix, so no traceback
+        print(f"error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
