@@ -6,7 +6,6 @@ import hashlib
 import http.client
 import ipaddress
 import json
-import mimetypes
 import os
 import shutil
 import socket
@@ -44,11 +43,6 @@ def file_sha256(path: str) -> str:
         for block in iter(lambda: fh.read(CHUNK), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def upload_content_type(path: str) -> str:
-    """The Content-Type an upload is sent with: the backend tells video, image and checkpoint apart by it."""
-    return mimetypes.guess_type(path)[0] or "application/octet-stream"
 
 
 class BackendClient:
@@ -140,18 +134,23 @@ class BackendClient:
         conn.close()
         return True
 
-    def upload(self, path: str) -> dict[str, Any]:
-        """Upload a file (skipped when the server has it already, then only `id` is known); return its record."""
+    def upload(self, path: str, fps: float | None = None) -> dict[str, Any]:
+        """Upload a file (skipped when the server has it already, then only `id` is known); return its record.
+
+        The server tells what the file is from its content, so no type is guessed here; `fps` is the frame rate
+        of a zip of numbered frames (an image sequence), whose stored id is that of the clip made from it."""
         if not os.path.isfile(path):
             raise BackendError(f"File not found: {path}", "missing_file")
-        file_id = file_sha256(path)
-        if self.has_file(file_id):
-            return {"id": file_id, "meta": {}}
-        ctype = upload_content_type(path)
+        if fps is None:
+            file_id = file_sha256(path)
+            if self.has_file(file_id):
+                return {"id": file_id, "meta": {}}
+        query = "" if fps is None else "?" + urllib.parse.urlencode({"fps": repr(float(fps))})
         with open(path, "rb") as fh:
-            headers = {"Content-Type": ctype, "X-Filename": urllib.parse.quote(os.path.basename(path)),
+            headers = {"Content-Type": "application/octet-stream",
+                       "X-Filename": urllib.parse.quote(os.path.basename(path)),
                        "Content-Length": str(os.path.getsize(path))}
-            conn, response = self._open("POST", "/v1/files", fh, headers)
+            conn, response = self._open("POST", "/v1/files" + query, fh, headers)
             try:
                 body = json.loads(response.read())
             finally:

@@ -150,7 +150,7 @@ def new_record(scene: bpy.types.Scene, kind: str, label: str, params: dict[str, 
 
 def send(client: BackendClient, request: Request) -> dict[str, Any]:
     """Upload the request's file (skipped when the backend has it), then post the request (off the main thread)."""
-    return client.post(request.route, request.with_file(client.upload(request.file_path)["id"]))
+    return client.post(request.route, request.with_file(client.upload(request.file_path, request.file_fps)["id"]))
 
 
 def submit(scene: bpy.types.Scene, client: BackendClient, kind: str, request: Request,

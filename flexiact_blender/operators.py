@@ -204,7 +204,7 @@ class FLEXIACT_OT_extract_action(bpy.types.Operator):
                 ref = resolve(scene, *CONNECTION.model_size(), output_dir())
             except (ReferenceError, CaptureError) as exc:
                 return str(exc)
-            request = requests.extraction(scene.flexiact, ref.path, ref.start_s, ref.end_s)
+            request = requests.extraction(scene.flexiact, ref.path, ref.start_s, ref.end_s, ref.fps)
             return _submit(bpy.context, client, "EXTRACT", request)
 
         problem = with_health(client, start, _wait(), _later(scene_name))

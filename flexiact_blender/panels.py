@@ -65,7 +65,7 @@ def draw_reference(layout: Any, context: bpy.types.Context) -> None:
     if settings.reference_source == "STRIP":
         strips = strips_of(scene)
         if strips is None or len(strips) == 0:
-            layout.label(text="The Sequencer is empty: add a movie strip", icon="INFO")
+            layout.label(text="The Sequencer is empty: add a movie or image-sequence strip", icon="INFO")
             return
         editor = scene.sequence_editor
         layout.prop_search(settings, "reference_strip", editor,

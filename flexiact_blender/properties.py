@@ -89,7 +89,8 @@ class FlexiActSettings(bpy.types.PropertyGroup):
         ("FILE", "File", "A video file"),
         ("STRIP", "Strip", "A movie strip of the Sequencer, with its trim"),
         ("SCENE", "Scene", "The scene's own animation, rendered with Workbench")])
-    reference_path: StringProperty(name="Video", subtype="FILE_PATH")
+    reference_path: StringProperty(name="Video", subtype="FILE_PATH",
+                                   description="A video file, a folder of numbered frames or one of its frames")
     reference_strip: StringProperty(name="Strip")
     trim_unit: EnumProperty(name="Trim In", items=[("SECONDS", "Seconds", ""), ("FRAMES", "Frames", "")])
     clip_start: FloatProperty(name="Start", min=0.0, description="Trim start (0: beginning)")

@@ -1,8 +1,14 @@
-"""Resolve the reference clip (file, Sequencer strip or the scene's own animation) into a file and a trim."""
+"""Resolve the reference clip (file, Sequencer strip or the scene's own animation) into a file and a trim.
+
+An image sequence (an image strip, a folder of numbered frames or one of its frames) is packed into a zip of
+its frames, uploaded with the scene's frame rate; the backend reads the frames and checks the numbering.
+"""
 
 from __future__ import annotations
 
 import os
+import re
+import zipfile
 from dataclasses import dataclass
 
 import bpy
@@ -21,6 +27,7 @@ class Reference:
     path: str
     start_s: float
     end_s: float
+    fps: float | None = None  # set for an image sequence (a zip of its frames): the rate it plays at
 
 
 def scene_fps(scene: bpy.types.Scene) -> float:
@@ -55,6 +62,50 @@ def movie_info(path: str) -> tuple[float, float]:
     return frames / fps, fps
 
 
+FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".exr")
+_NUMBERED = re.compile(r"^(.*?)(\d+)(\.[A-Za-z]+)$")
+
+
+def sequence_frames(path: str) -> list[str]:
+    """The numbered frames (full paths, in order) of the sequence a folder or one of its frames names; [] if the
+    path is a single file that is not a numbered frame."""
+    folder, name = (path, None) if os.path.isdir(path) else os.path.split(path)
+    if name is not None:
+        m = _NUMBERED.match(name)
+        if m is None or m[3].lower() not in FRAME_SUFFIXES:
+            return []
+    groups: dict[tuple[str, str], list[tuple[int, str]]] = {}
+    for entry in os.listdir(folder):
+        m = _NUMBERED.match(entry)
+        if m and m[3].lower() in FRAME_SUFFIXES and not entry.startswith("."):
+            groups.setdefault((m[1], m[3]), []).append((int(m[2]), entry))
+    if name is not None:
+        m = _NUMBERED.match(name)
+        group = groups.get((m[1], m[3]), []) if m else []
+    elif len(groups) == 1:
+        group = next(iter(groups.values()))
+    elif not groups:
+        raise ReferenceError(f"No numbered frames (like shot_0001.png) in {folder}.")
+    else:
+        raise ReferenceError(f"{folder} holds more than one image sequence: choose one of its frames instead.")
+    return [os.path.join(folder, entry) for _n, entry in sorted(group)]
+
+
+def pack_frames(frames: list[str], folder: str, name: str) -> str:
+    """The frames in a zip (stored, not compressed: PNG and EXR already are) in `folder`; its path."""
+    if len(frames) < 2:
+        raise ReferenceError("An image sequence needs at least two frames.")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{name}.zip")
+    with zipfile.ZipFile(path + ".tmp", "w", zipfile.ZIP_STORED) as z:
+        for frame in frames:
+            if not os.path.isfile(frame):
+                raise ReferenceError(f"Frame {os.path.basename(frame)} of the sequence is missing: render it again.")
+            z.write(frame, os.path.basename(frame))
+    os.replace(path + ".tmp", path)
+    return path
+
+
 def trim_seconds(settings: "bpy.types.PropertyGroup", scene: bpy.types.Scene, duration_s: float) -> tuple[float, float]:
     """The settings' trim in seconds (frames count at the scene's fps); 0 as end means the clip's end."""
     scale = 1.0 / scene_fps(scene) if settings.trim_unit == "FRAMES" else 1.0
@@ -77,17 +128,30 @@ def resolve(scene: bpy.types.Scene, width: int, height: int, folder: str) -> Ref
     if settings.reference_source == "STRIP":
         strips = strips_of(scene)
         strip = strips.get(settings.reference_strip) if strips is not None else None
-        if strip is None or strip.type != "MOVIE":
-            raise ReferenceError(f"No movie strip named {settings.reference_strip!r} in the Sequencer: "
-                                 "pick one in the Reference panel.")
+        if strip is None or strip.type not in ("MOVIE", "IMAGE"):
+            raise ReferenceError(f"No movie or image-sequence strip named {settings.reference_strip!r} in the "
+                                 "Sequencer: pick one in the Reference panel.")
+        if strip.type == "IMAGE":
+            fps = scene_fps(scene)
+            directory = bpy.path.abspath(strip.directory)
+            frames = [os.path.join(directory, e.filename) for e in strip.elements]
+            start = strip.frame_offset_start / fps
+            end = min(len(frames) / fps, start + strip.frame_final_duration / fps)
+            return Reference(pack_frames(frames, folder, f"strip-{strip.name}"), start, end, fps)
         path = bpy.path.abspath(strip.filepath)
         duration, fps = movie_info(path)
         start = strip.frame_offset_start / fps
         end = min(duration, start + strip.frame_final_duration / fps)
         return Reference(path, start, end)
     if not settings.reference_path:
-        raise ReferenceError("Choose a reference video file in the Reference panel.")
+        raise ReferenceError("Choose a reference video, image-sequence folder or numbered frame in the Reference "
+                             "panel.")
     path = bpy.path.abspath(settings.reference_path)
+    frames = sequence_frames(path) if os.path.exists(path) else []
+    if frames:
+        fps = scene_fps(scene)
+        start, end = trim_seconds(settings, scene, len(frames) / fps)
+        return Reference(pack_frames(frames, folder, "sequence"), start, end, fps)
     duration, _fps = movie_info(path)
     start, end = trim_seconds(settings, scene, duration)
     return Reference(path, start, end)

@@ -28,18 +28,22 @@ class Request:
     file_field: str
     #: How the job list names it.
     label: str = ""
+    #: The frame rate of an image sequence's zip (the backend makes a clip of it at this rate); None otherwise.
+    file_fps: float | None = None
 
     def with_file(self, file_id: str) -> dict[str, Any]:
         return {**self.body, self.file_field: file_id}
 
 
-def extraction(settings: bpy.types.PropertyGroup, video_path: str, start_s: float, end_s: float) -> Request:
-    """POST /v1/actions: learn the reference clip's motion between `start_s` and `end_s`."""
+def extraction(settings: bpy.types.PropertyGroup, video_path: str, start_s: float, end_s: float,
+               fps: float | None = None) -> Request:
+    """POST /v1/actions: learn the reference clip's motion between `start_s` and `end_s` (`fps`: the rate of an
+    image sequence's zip)."""
     caption = settings.caption.strip()
     name = caption[:60]
     body = {"name": name, "caption": caption, "start_s": round(start_s, 4), "end_s": round(end_s, 4),
             "steps": settings.extract_steps, "seed": settings.seed}
-    return Request("/v1/actions", body, video_path, "video", f"Extract '{name}'")
+    return Request("/v1/actions", body, video_path, "video", f"Extract '{name}'", fps)
 
 
 def generation(settings: bpy.types.PropertyGroup, image_path: str, fps: float) -> Request:
