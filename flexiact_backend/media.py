@@ -283,6 +283,15 @@ def _video_stream(c: av.container.InputContainer, p: Path) -> av.VideoStream:
     raise MediaError(f"{p.name}: the file has no video stream; choose a file with video in it.")
 
 
+def _decoder(vs: av.VideoStream) -> av.codec.context.CodecContext:
+    """The stream's decoder; VP9 with alpha (WebM alpha_mode=1) needs libvpx: FFmpeg's own VP9 decoder drops it."""
+    if vs.codec_context.name == "vp9" and vs.metadata.get("alpha_mode") == "1":
+        ctx = av.CodecContext.create("libvpx-vp9", "r")
+        ctx.extradata = vs.codec_context.extradata
+        return ctx
+    return vs.codec_context
+
+
 def _colour(frame: av.VideoFrame, cc: av.codec.context.CodecContext) -> str:
     trc = frame.color_trc if frame.color_trc not in (0, 2) else cc.color_trc
     if trc == _TRC_HLG:
@@ -321,6 +330,7 @@ def _probe(path: PathLike) -> _Probed:
         pts: list[int] = []
         last_dur = 0
         first: av.VideoFrame | None = None
+        decoder = _decoder(vs)
         try:
             for pkt in c.demux(vs):
                 if pkt.size == 0:
@@ -335,9 +345,9 @@ def _probe(path: PathLike) -> _Probed:
                 pts.append(t)
                 last_dur = pkt.duration or 0
                 if first is None:
-                    first = next(iter(vs.decode(pkt)), None)
+                    first = next(iter(decoder.decode(pkt)), None)
             if first is None and pts:
-                first = next(iter(vs.decode(None)), None)
+                first = next(iter(decoder.decode(None)), None)
         except av.FFmpegError as exc:
             raise MediaError(f"{p.name}: the file is incomplete or damaged ({_av_reason(exc)}); copy or export "
                              "it again.") from None
@@ -538,7 +548,8 @@ def _frames_from(p: Path, probed: _Probed, start: Fraction) -> Iterator[tuple[Fr
         seeked = start > 0
         if seeked:
             c.seek(math.floor((probed.origin + start) / tb), stream=vs, backward=True, any_frame=False)
-        frames: Iterator[av.VideoFrame] = c.decode(vs)
+        decoder = _decoder(vs)
+        frames: Iterator[av.VideoFrame] = (f for pkt in c.demux(vs) for f in decoder.decode(pkt))
         if probed.info.interlaced:
             frames = _deinterlaced(frames, vs)
         first = True

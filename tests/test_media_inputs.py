@@ -176,9 +176,10 @@ OVER_BLACK = (100, 50, 25)  # 200 * 128/255 ...
     (".mov", ["-c:v", "png", "-pix_fmt", "rgba"]),
     (".mov", ["-c:v", "prores_ks", "-profile:v", "4444", "-pix_fmt", "yuva444p10le"]),
     (".mov", ["-c:v", "qtrle", "-pix_fmt", "argb"]),
+    (".webm", ["-c:v", "libvpx-vp9", "-pix_fmt", "yuva420p", "-deadline", "realtime", "-crf", "4", "-b:v", "0"]),
 ])
 def test_video_alpha_is_composited_over_black(tmp_path: Path, suffix: str, codec: list[str]) -> None:
-    """PNG-in-mov, ProRes 4444 and QuickTime Animation with half-transparent pixels: colour x alpha over black."""
+    """PNG-in-mov, ProRes 4444, QuickTime Animation and VP9 alpha in WebM: colour x alpha over black."""
     rgba = np.zeros((48, 64, 4), np.uint8)
     rgba[:] = HALF_RED
     rgba[:, :32, 3] = 0  # the left half fully transparent, its colour (200, 100, 50) must not show
