@@ -114,6 +114,15 @@ def find_frames(spec: PathLike) -> Frames:
     return Frames(names, first, folder)
 
 
+def zip_holds_frames(archive: PathLike) -> bool:
+    """Whether a zip holds numbered image frames (then it is an image sequence, not a checkpoint)."""
+    try:
+        with zipfile.ZipFile(archive) as z:
+            return bool(_numbered([os.path.basename(n) for n in z.namelist()]))
+    except zipfile.BadZipFile:
+        return False
+
+
 def _zip_frames(archive: Path) -> Frames:
     with zipfile.ZipFile(archive) as z:
         members = [i for i in z.infolist() if not i.is_dir() and not i.filename.startswith("__MACOSX/")]

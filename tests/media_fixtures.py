@@ -7,6 +7,9 @@ a test can tell which way a rotated clip points.
 
 from __future__ import annotations
 
+import ctypes
+import os
+import struct
 import subprocess
 from fractions import Fraction
 from pathlib import Path
@@ -77,3 +80,39 @@ def remux(src: Path, dst: Path, pre_input: list[str]) -> Path:
     subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y",
                     *pre_input, "-i", str(src), "-c", "copy", str(dst)], check=True)
     return dst
+
+
+PLAYLISTS = [
+    ("list.m3u8", "#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:10.0,\n{target}\n#EXT-X-ENDLIST\n"),
+    ("list.mp4", "#EXTM3U\n#EXTINF:10.0,\nfile://{target}\n#EXT-X-ENDLIST\n"),
+    ("concat.txt", "ffconcat version 1.0\nfile '{target}'\n"),
+]
+"""(file name, text) of an HLS playlist, one disguised as mp4, and an FFmpeg concat list, each naming `target`."""
+
+IN_OPEN, IN_ACCESS = 0x20, 0x01
+
+
+class OpenWatch:
+    """inotify on a folder: which of its files any process opened while the watch was up."""
+
+    def __init__(self, folder: Path) -> None:
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = self.libc.inotify_init1(os.O_NONBLOCK)
+        assert self.fd >= 0
+        assert self.libc.inotify_add_watch(self.fd, str(folder).encode(), IN_OPEN | IN_ACCESS) >= 0
+
+    def opened(self) -> set[str]:
+        names = set()
+        try:
+            data = os.read(self.fd, 65536)
+        except BlockingIOError:
+            return names
+        i = 0
+        while i < len(data):
+            _wd, _mask, _cookie, length = struct.unpack_from("iIII", data, i)
+            names.add(data[i + 16:i + 16 + length].rstrip(b"\0").decode())
+            i += 16 + length
+        return names
+
+    def close(self) -> None:
+        os.close(self.fd)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 import imageio_ffmpeg
+import numpy as np
 import pytest
 
 from flexiact_backend.service.process import ServerProcess, free_port
@@ -79,3 +80,54 @@ def test_addon_in_blender(version: str, extension_zip: Path, backend: ServerProc
     sys.stdout.write(f"bpy {version}: {summary}\n")
     assert done.returncode == 0, output[-20000:]
     assert "passed" in summary and "skipped" not in summary and "error" not in summary, output[-5000:]
+
+
+_RENDER_SEQUENCES = """
+import sys, bpy
+out = sys.argv[-1]
+bpy.ops.wm.read_homefile(use_empty=True)
+scene = bpy.context.scene
+scene.frame_start, scene.frame_end = 1, 6
+mesh = bpy.data.meshes.new("Cube")
+mesh.from_pydata([(x, y, z) for x in (-.5, .5) for y in (-.5, .5) for z in (-.5, .5)], [],
+                 [(0, 1, 3, 2), (4, 6, 7, 5), (0, 4, 5, 1), (2, 3, 7, 6), (0, 2, 6, 4), (1, 5, 7, 3)])
+cube = bpy.data.objects.new("Figure", mesh)
+scene.collection.objects.link(cube)
+cube.location = (-1, 0, 0); cube.keyframe_insert("location", frame=1)
+cube.location = (1, 0, .5); cube.keyframe_insert("location", frame=6)
+cam = bpy.data.objects.new("Camera", bpy.data.cameras.new("Camera"))
+scene.collection.objects.link(cam)
+cam.location, cam.rotation_euler = (0, -6, .5), (1.5707963, 0, 0)
+scene.camera = cam
+scene.render.engine = "BLENDER_WORKBENCH"
+scene.render.resolution_x, scene.render.resolution_y, scene.render.resolution_percentage = 96, 64, 100
+scene.view_settings.view_transform = "Standard"
+scene.render.dither_intensity = 0.0
+for fmt, depth, folder in (("PNG", "8", "png"), ("OPEN_EXR", "32", "exr")):
+    scene.render.image_settings.file_format = fmt
+    scene.render.image_settings.color_mode = "RGB"
+    scene.render.image_settings.color_depth = depth
+    scene.render.filepath = f"{out}/{folder}/shot_"
+    bpy.ops.render.render(animation=True)
+"""
+
+
+def test_blender_exr_sequence_matches_its_png_as_a_reference(tmp_path: Path) -> None:
+    """Blender renders one shot as PNG (Standard view) and as EXR (scene-linear); read as reference clips, the
+    EXR's conversion to display sRGB gives the PNG's pixels, and both give the same trimmed frames."""
+    from flexiact_backend.media import read_clip
+    from flexiact_backend.sequences import encode_sequence
+
+    script = tmp_path / "render.py"
+    script.write_text(_RENDER_SEQUENCES)
+    done = subprocess.run([str(_python("5.0")), str(script), str(tmp_path)], capture_output=True, text=True,
+                          timeout=RUN_LIMIT_S, env={**os.environ, "PYTHONPATH": ""})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert len(list((tmp_path / "exr").glob("shot_*.exr"))) == 6
+    clips = {}
+    for kind in ("png", "exr"):
+        info = encode_sequence(tmp_path / kind / f"shot_####.{kind}", 6, tmp_path / f"{kind}.avi")
+        assert (info.frames, info.width, info.height, info.fps) == (6, 96, 64, 6.0)
+        clips[kind] = read_clip(tmp_path / f"{kind}.avi", 1 / 6, 5 / 6, 4).astype(int)
+    assert clips["png"].std() > 10  # a real picture, not a blank frame
+    assert np.abs(clips["exr"] - clips["png"]).max() <= 2

@@ -6,9 +6,7 @@ shape and by where the coded blocks land. No media file is committed.
 
 from __future__ import annotations
 
-import ctypes
 import io
-import os
 import struct
 import subprocess
 import zipfile
@@ -26,7 +24,7 @@ from flexiact_backend.colour import hlg_inverse_oetf
 from flexiact_backend.errors import MediaError, MediaTooLarge
 from flexiact_backend.media import check_video_limits, classify, image_rgb, open_image, probe_video, read_clip
 from flexiact_backend.sequences import encode_sequence, find_frames, looks_like_sequence
-from tests.media_fixtures import H, W, coded_frame, make_clip, read_code
+from tests.media_fixtures import PLAYLISTS, H, OpenWatch, W, coded_frame, make_clip, read_code
 
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
 H264 = ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "12", "-preset", "ultrafast"]
@@ -305,40 +303,7 @@ def test_video_limits_are_checked_from_the_probe(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 # Only local files, only allow-listed containers: a playlist cannot make FFmpeg read another file
 
-IN_OPEN, IN_ACCESS = 0x20, 0x01
-
-
-class OpenWatch:
-    """inotify on a folder: which of its files any process opened while the watch was up."""
-
-    def __init__(self, folder: Path) -> None:
-        self.libc = ctypes.CDLL(None, use_errno=True)
-        self.fd = self.libc.inotify_init1(os.O_NONBLOCK)
-        assert self.fd >= 0
-        assert self.libc.inotify_add_watch(self.fd, str(folder).encode(), IN_OPEN | IN_ACCESS) >= 0
-
-    def opened(self) -> set[str]:
-        names = set()
-        try:
-            data = os.read(self.fd, 65536)
-        except BlockingIOError:
-            return names
-        i = 0
-        while i < len(data):
-            _wd, _mask, _cookie, length = struct.unpack_from("iIII", data, i)
-            names.add(data[i + 16:i + 16 + length].rstrip(b"\0").decode())
-            i += 16 + length
-        return names
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-
-@pytest.mark.parametrize("name, text", [
-    ("list.m3u8", "#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:10.0,\n{target}\n#EXT-X-ENDLIST\n"),
-    ("list.mp4", "#EXTM3U\n#EXTINF:10.0,\nfile://{target}\n#EXT-X-ENDLIST\n"),
-    ("concat.txt", "ffconcat version 1.0\nfile '{target}'\n"),
-])
+@pytest.mark.parametrize("name, text", PLAYLISTS)
 def test_playlists_and_concat_lists_are_refused_without_reading_the_named_file(
         tmp_path: Path, name: str, text: str) -> None:
     secret_dir = tmp_path / "secret"

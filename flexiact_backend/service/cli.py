@@ -35,6 +35,9 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--max-image-bytes", type=int, help="upload limit for images (default 64 MiB)")
     p.add_argument("--max-checkpoint-bytes", type=int, help="upload limit for checkpoints (default 1 GiB)")
     p.add_argument("--max-image-pixels", type=int, help="largest image in pixels (default 50 megapixels)")
+    p.add_argument("--max-video-pixels", type=int, help="largest video frame in pixels (default 8K UHD, 7680x4320)")
+    p.add_argument("--max-video-seconds", type=int, help="longest video upload in seconds (default 3600)")
+    p.add_argument("--max-video-frames", type=int, help="most frames in a video upload (default 216000)")
     p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
                    help="also answer requests for this Host name (repeat for several); by default only localhost, "
                    "127.0.0.1, [::1] and the --host address")
@@ -64,7 +67,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
     limits = Limits()
     overrides = {"video_bytes": args.max_video_bytes, "image_bytes": args.max_image_bytes,
-                 "checkpoint_bytes": args.max_checkpoint_bytes, "image_pixels": args.max_image_pixels}
+                 "checkpoint_bytes": args.max_checkpoint_bytes, "image_pixels": args.max_image_pixels,
+                 "video_pixels": args.max_video_pixels, "video_seconds": args.max_video_seconds,
+                 "video_frames": args.max_video_frames}
     limits = Limits(**{**limits.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
     config = ServiceConfig(data_dir=args.data_dir, model_dir=args.model, tiny=args.tiny, token=args.token,
                            limits=limits, devices=tuple(args.device), checkpoint_every=args.checkpoint_every,

@@ -20,6 +20,10 @@ class Limits:
     image_bytes: int = field(default_factory=lambda: _env_int("FLEXIACT_MAX_IMAGE_BYTES", 64 * 1024**2))
     checkpoint_bytes: int = field(default_factory=lambda: _env_int("FLEXIACT_MAX_CHECKPOINT_BYTES", 1024**3))
     image_pixels: int = field(default_factory=lambda: _env_int("FLEXIACT_MAX_IMAGE_PIXELS", 50_000_000))
+    #: frame size of a video (after pixel aspect); the default admits 8K UHD (7680x4320)
+    video_pixels: int = field(default_factory=lambda: _env_int("FLEXIACT_MAX_VIDEO_PIXELS", 7680 * 4320))
+    video_seconds: int = field(default_factory=lambda: _env_int("FLEXIACT_MAX_VIDEO_SECONDS", 3600))
+    video_frames: int = field(default_factory=lambda: _env_int("FLEXIACT_MAX_VIDEO_FRAMES", 3600 * 60))
 
     def bytes_for(self, kind: str) -> int:
         return {"video": self.video_bytes, "image": self.image_bytes, "checkpoint": self.checkpoint_bytes}[kind]

@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import CheckpointError, FlexiActError, MediaError
+from ..errors import CheckpointError, FlexiActError, MediaError, MediaTooLarge
 from .schemas import ErrorResponse
 
 log = logging.getLogger("flexiact.service")
@@ -103,7 +103,7 @@ def install_error_handlers(app: FastAPI, redact: Callable[[str], str]) -> None:
 
     @app.exception_handler(FlexiActError)
     async def _flexiact(request: Request, exc: FlexiActError) -> JSONResponse:
-        status = 422 if isinstance(exc, (MediaError, CheckpointError)) else 400
+        status = 413 if isinstance(exc, MediaTooLarge) else 422 if isinstance(exc, (MediaError, CheckpointError)) else 400
         return error_response(status, exc.code, str(exc))
 
     @app.exception_handler(OSError)

@@ -1,4 +1,12 @@
-"""The upload policy: which kind a file is, how large it may be, and the check each kind passes before it is stored."""
+"""The upload policy: which kind a file is, how large it may be, and the check each kind passes before it is stored.
+
+The kind is judged from the content (`media.classify`), never from the name or the Content-Type: video (an
+allow-listed container; a GIF with more than one frame), image, a zip of numbered frames (an image sequence,
+stored as a lossless video at the `fps` the client gives) or a checkpoint. What the client declares only picks
+the byte limit while the body streams and the wording of the error when the content is none of these. The
+stored file's extension comes from the detected format. Video limits (frame size, duration, frame count) and
+image pixels are checked from the probe, before anything is decoded.
+"""
 
 from __future__ import annotations
 
@@ -6,23 +14,24 @@ from pathlib import Path
 
 from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
-from PIL import Image
 from starlette.requests import ClientDisconnect
 
-from .. import media
+from .. import media, sequences
 from ..errors import CheckpointError, MediaError
 from .config import Limits
 from .context import Service
 from .errors import APIError
-from .storage import TooLarge, safe_suffix
+from .storage import TooLarge, safe_suffix, sha256_file
 
-VIDEO_SUFFIXES = {".mp4", ".mov", ".webm", ".mkv", ".avi", ".m4v", ".mpg", ".mpeg"}
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+VIDEO_SUFFIXES = {".mp4", ".mov", ".webm", ".mkv", ".avi", ".m4v", ".mpg", ".mpeg", ".mxf", ".mts", ".m2ts",
+                  ".ts", ".3gp", ".gif", ".zip"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".exr"}
 CHECKPOINT_SUFFIXES = {".pt", ".pth", ".bin", ".safetensors"}
 
 
-def classify_upload(content_type: str, filename: str | None) -> str:
-    """video, image or checkpoint from the Content-Type, else from the file name's extension."""
+def claimed_kind(content_type: str, filename: str | None) -> str | None:
+    """What the client says it sends (Content-Type, else the file name): used for the streaming byte limit and
+    for the error message only."""
     major = content_type.split(";", 1)[0].strip().lower().split("/", 1)[0]
     if major in ("video", "image"):
         return major
@@ -30,8 +39,7 @@ def classify_upload(content_type: str, filename: str | None) -> str:
     for kind, suffixes in (("video", VIDEO_SUFFIXES), ("image", IMAGE_SUFFIXES), ("checkpoint", CHECKPOINT_SUFFIXES)):
         if suffix in suffixes:
             return kind
-    raise APIError(415, "unsupported_media_type",
-                   "send Content-Type video/* or image/*, or an X-Filename ending in .pt or .safetensors")
+    return None
 
 
 def checkpoint_format(path: Path) -> str:
@@ -45,50 +53,90 @@ def checkpoint_format(path: Path) -> str:
     raise CheckpointError("not a checkpoint: expected a published FlexiAct .pt file or a project .safetensors action")
 
 
-def inspect(kind: str, path: Path, filename: str | None, limits: Limits) -> tuple[dict, Path]:
-    """Check an uploaded file is what it claims; returns its meta and its (possibly renamed) path."""
+def classify(path: Path, claimed: str | None) -> str:
+    """video, image, sequence or checkpoint, from the content; else the error for what the client claimed."""
+    found = media.classify(path)
+    if found is not None and found[0] in ("video", "image"):
+        return found[0]
+    if found == ("zip", "zip") and sequences.zip_holds_frames(path):
+        return "sequence"
     try:
-        return _inspect(kind, path, limits)
+        checkpoint_format(path)
+        return "checkpoint"
+    except CheckpointError:
+        if claimed == "checkpoint":
+            raise
+    if claimed == "video":
+        media.probe_video(path)  # raises, saying what the file is instead
+    if claimed == "image":
+        media.open_image(path)
+    raise APIError(415, "unsupported_media_type", "the file is not a video, an image, a zip of numbered frames or "
+                   "an action checkpoint that the service can read")
+
+
+def inspect(path: Path, filename: str | None, claimed: str | None, fps: float | None, limits: Limits
+            ) -> tuple[str, dict, Path, str | None]:
+    """Check an upload; returns its kind, meta, (renamed or converted) path and its new sha256 if converted."""
+    try:
+        return _inspect(path, claimed, fps, limits)
     except MediaError as exc:  # name the file as the client knows it, not by its temp name
-        raise MediaError(str(exc).replace(path.name, Path(filename or "upload").name)) from None
+        raise type(exc)(str(exc).replace(path.name, Path(filename or "upload").name)) from None
 
 
-def _inspect(kind: str, path: Path, limits: Limits) -> tuple[dict, Path]:
+def _video_limits(info: media.VideoInfo, limits: Limits) -> None:
+    media.check_video_limits(info, limits.video_pixels, limits.video_seconds, limits.video_frames)
+
+
+def _inspect(path: Path, claimed: str | None, fps: float | None, limits: Limits
+             ) -> tuple[str, dict, Path, str | None]:
+    kind = classify(path, claimed)
     if kind == "video":
         info = media.probe_video(path)
-        return {"width": info.width, "height": info.height, "fps": info.fps, "duration_s": info.duration_s,
-                "frames": info.frames, "rotation": info.rotation, "has_audio": info.has_audio}, path
+        _video_limits(info, limits)
+        return kind, info.to_meta(), _renamed(path, info.container), None
     if kind == "image":
+        w, h = media.read_image_info(path, max_pixels=limits.image_pixels)
+        return kind, {"width": w, "height": h}, _renamed(path, media.classify(path)[1]), None  # type: ignore[index]
+    if kind == "sequence":
+        if fps is None:
+            raise MediaError(f"{path.name}: a zip of numbered frames needs the frame rate it was rendered at; "
+                             "send it as ?fps=24 (for example).")
+        out = path.with_name(path.stem + ".avi")
         try:
-            with Image.open(path) as img:
-                w, h = img.size
-        except Exception:  # not an image: read_image_info below says so in the user's terms
-            w = h = 0
-        if w * h > limits.image_pixels:
-            raise APIError(413, "too_large", f"the image is {w}x{h} = {w * h / 1e6:.1f} megapixels; the limit "
-                           f"is {limits.image_pixels / 1e6:g} megapixels. Scale it down.")
-        w, h = media.read_image_info(path)
-        return {"width": w, "height": h}, path
+            info = sequences.encode_sequence(path, fps, out, max_pixels=limits.image_pixels,
+                                             max_frames=limits.video_frames)
+            _video_limits(info, limits)
+            return "video", info.to_meta(), out, sha256_file(out)
+        except BaseException:
+            out.unlink(missing_ok=True)
+            raise
     fmt = checkpoint_format(path)
-    renamed = path.with_suffix(".pt" if fmt == "torch" else ".safetensors")
+    return kind, {"format": fmt}, _renamed(path, "pt" if fmt == "torch" else "safetensors"), None
+
+
+def _renamed(path: Path, fmt: str) -> Path:
+    """The temp file under the suffix of its detected format (the client's name never picks it)."""
+    renamed = path.with_suffix("." + fmt)
     path.rename(renamed)
-    return {"format": fmt}, renamed
+    return renamed
 
 
-async def receive_upload(svc: Service, request: Request, filename: str | None) -> dict:
-    """Stream an upload to disk within its kind's byte limit, check it, store it under its sha256."""
-    kind = classify_upload(request.headers.get("content-type", ""), filename)
-    limit = svc.config.limits.bytes_for(kind)
-    too_large = APIError(413, "too_large", f"{kind} files are limited to {limit} bytes")
+async def receive_upload(svc: Service, request: Request, filename: str | None, fps: float | None = None) -> dict:
+    """Stream an upload to disk within a byte limit, classify and check it, store it under its sha256."""
+    limits = svc.config.limits
+    claimed = claimed_kind(request.headers.get("content-type", ""), filename)
+    limit = limits.bytes_for(claimed) if claimed else max(limits.bytes_for(k) for k in ("video", "image", "checkpoint"))
+    too_large = APIError(413, "too_large", f"{claimed or 'uploaded'} files are limited to {limit} bytes")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise too_large
     try:
-        tmp, sha, size = await svc.store.receive(request.stream(), limit, safe_suffix(filename))
+        tmp, sha, size = await svc.store.receive(request.stream(), limit, "")
     except TooLarge:
         raise too_large from None
     except ClientDisconnect:
         raise APIError(400, "incomplete_upload", "the upload was interrupted; send it again") from None
+    stored = tmp
     try:
         if size == 0:
             raise APIError(422, "empty_file", "the file is empty (0 bytes)")
@@ -96,8 +144,17 @@ async def receive_upload(svc: Service, request: Request, filename: str | None) -
         if existing is not None:  # the same bytes again: they restore the stored copy if it went missing
             svc.store.restore(tmp, existing["path"])
             return existing
-        meta, tmp = await run_in_threadpool(inspect, kind, tmp, filename, svc.config.limits)
-        _sha, rel, size = svc.store.adopt(tmp, sha)
+        kind, meta, stored, converted_sha = await run_in_threadpool(inspect, tmp, filename, claimed, fps, limits)
+        if size > limits.bytes_for(kind):
+            raise APIError(413, "too_large", f"{kind} files are limited to {limits.bytes_for(kind)} bytes")
+        if converted_sha is not None:  # an image sequence: stored as the clip made from it, under that clip's id
+            sha = converted_sha
+            existing = svc.db.get_file(sha)
+            if existing is not None:
+                svc.store.restore(stored, existing["path"])
+                return existing
+        _sha, rel, size = svc.store.adopt(stored, sha)
     finally:
         tmp.unlink(missing_ok=True)
+        stored.unlink(missing_ok=True)
     return svc.db.add_file(sha, kind, size, rel, filename, meta)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Header, Query, Request
 
 from ..context import Svc
 from ..schemas import FileId, FileInfo
@@ -14,13 +14,16 @@ router = APIRouter(tags=["files"])
 
 
 @router.post("/files", status_code=201, response_model=FileInfo, openapi_extra={"requestBody": {
-    "required": True, "description": "the raw file; Content-Type video/* or image/*, or a checkpoint",
+    "required": True, "description": "the raw file, classified by its content: a video, an image, a zip of "
+    "numbered frames (PNG, JPEG, TIFF or EXR; with `fps`) or an action checkpoint",
     "content": {t: {"schema": {"type": "string", "format": "binary"}}
                 for t in ("video/mp4", "image/png", "image/jpeg", "application/octet-stream")}}})
 async def upload_file(svc: Svc, request: Request,
-                      x_filename: Annotated[str | None, Header(max_length=255)] = None) -> dict:
-    """Stream an upload to disk, check it, store it under its sha256."""
-    return await receive_upload(svc, request, x_filename)
+                      x_filename: Annotated[str | None, Header(max_length=255)] = None,
+                      fps: Annotated[float | None, Query(gt=0, le=240, description="frame rate of a zip of "
+                                                         "numbered frames (an image sequence)")] = None) -> dict:
+    """Stream an upload to disk, check it, store it under its sha256 (a sequence: as the clip made from it)."""
+    return await receive_upload(svc, request, x_filename, fps)
 
 
 @router.api_route("/files/{file_id}", methods=["GET", "HEAD"], response_model=FileInfo)
