@@ -314,3 +314,43 @@ def test_launcher_reports_a_command_that_fails(addon: Any, prefs: Any) -> None:
     with pytest.raises(RuntimeError, match="exited with code 3"):
         bpy.ops.flexiact.backend_start()
     assert not addon.launcher.LAUNCHER.running()
+
+
+def _render_frames(scene: bpy.types.Scene, folder: Path, file_format: str) -> list[str]:
+    """The scene's animation as numbered frames rendered by Blender (Workbench, 96x64); their file names."""
+    scene.render.engine = "BLENDER_WORKBENCH"
+    scene.render.resolution_x, scene.render.resolution_y, scene.render.resolution_percentage = 96, 64, 100
+    scene.render.image_settings.file_format = file_format
+    scene.render.filepath = str(folder / "shot_")
+    bpy.ops.render.render(animation=True)
+    return sorted(os.listdir(folder))
+
+
+@pytest.mark.parametrize("source, file_format", [("STRIP", "PNG"), ("FILE", "OPEN_EXR")])
+def test_extract_from_a_rendered_image_sequence(backend: Any, tmp_path: Path, source: str, file_format: str) -> None:
+    """Blender's own output as the reference: a PNG image strip in the Sequencer, or a folder of EXR frames
+    chosen by one numbered frame; the frames travel as a zip with the scene's fps and an action is extracted."""
+    scene = make_scene(frames=24)
+    names = _render_frames(scene, tmp_path / "frames", file_format)
+    assert len(names) == 24
+    s = scene.flexiact
+    if source == "STRIP":
+        scene.sequence_editor_create()
+        strip = _strips(scene).new_image("shot", str(tmp_path / "frames" / names[0]), 1, 1)
+        for name in names[1:]:
+            strip.elements.append(name)
+        strip.frame_offset_start = 6  # the trim: frames 7-24 of the sequence
+        s.reference_strip = strip.name
+    else:
+        s.reference_path = str(tmp_path / "frames" / names[3])
+    s.reference_source = source
+    s.caption = "a cube slides to the right"
+    s.extract_preset = "CUSTOM"
+    s.extract_steps = 1
+    assert bpy.ops.flexiact.extract_action() == {"FINISHED"}
+    record = s.jobs[-1]
+    assert record.kind == "EXTRACT" and record.status == "SUCCEEDED", record.error
+    action = json.loads(urllib.request.urlopen(urllib.request.Request(
+        f"{backend.backend_url}/v1/actions/{record.action_id}",
+        headers={"Authorization": f"Bearer {backend.token}"}), timeout=10).read())
+    assert action["start_s"] == (0.25 if source == "STRIP" else 0.0) and action["end_s"] == 1.0
