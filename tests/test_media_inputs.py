@@ -6,7 +6,6 @@ shape and by where the coded blocks land. No media file is committed.
 
 from __future__ import annotations
 
-import io
 import struct
 import subprocess
 import zipfile
