@@ -241,5 +241,5 @@ def test_reference_trim_from_strip_and_frames(addon: Any, tmp_path: Path) -> Non
 def test_reference_strip_missing_is_reported(addon: Any, tmp_path: Path) -> None:
     scene = make_scene()
     scene.flexiact.reference_source, scene.flexiact.reference_strip = "STRIP", "gone"
-    with pytest.raises(addon.reference.ReferenceError, match="No movie strip named 'gone'"):
+    with pytest.raises(addon.reference.ReferenceError, match="No movie or image-sequence strip named 'gone'"):
         addon.reference.resolve(scene, 96, 64, str(tmp_path))
