@@ -563,6 +563,8 @@ def _frames_from(p: Path, probed: _Probed, start: Fraction) -> Iterator[tuple[Fr
                 return
             first = False
             yield t, frame
+        if first and seeked:  # the seek went past every frame (short MPEG-TS files): from the top
+            yield from _frames_from(p, probed, Fraction(0))
 
 
 def read_clip(

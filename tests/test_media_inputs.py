@@ -335,9 +335,10 @@ def test_a_pattern_or_url_is_not_expanded(tmp_path: Path) -> None:
 # Decode only what the trim needs
 
 
-def test_seek_on_a_long_gop_clip_keeps_exact_frames(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["gop.mp4", "gop.ts", "gop.mkv"])
+def test_seek_on_a_long_gop_clip_keeps_exact_frames(tmp_path: Path, name: str) -> None:
     """Keyframes every 10 frames; trims that start mid-GOP still pick floor(t * fps) exactly."""
-    clip = make_clip(tmp_path / "gop.mp4", 200, Fraction(25), H264 + ["-g", "10", "-bf", "2"])
+    clip = make_clip(tmp_path / name, 200, Fraction(25), H264 + ["-g", "10", "-bf", "2"])
     for start, end, n in [(3.3, 5.1, 9), (7.0, 8.0, 25), (0.04, 0.6, 7)]:
         got = [read_code(f) for f in read_clip(clip, start, end, n)]
         exact = [int(Fraction(repr(start)) * 25 + i * (Fraction(repr(end)) - Fraction(repr(start))) * 25 / n)
@@ -430,3 +431,16 @@ def test_tiff_and_jpeg_sequences(tmp_path: Path, fmt: str, suffix: str) -> None:
         Image.fromarray(coded_frame(i)).save(d / f"f{i}.{suffix}", format=fmt)
     encode_sequence(d, 6, tmp_path / "ref.avi")
     assert [read_code(f) for f in read_clip(tmp_path / "ref.avi", 0.0, None, 6)] == list(range(6))
+
+
+@pytest.mark.parametrize("name, codec, fmt", [
+    ("clip.mts", H264 + ["-f", "mpegts", "-mpegts_m2ts_mode", "1"], "m2ts"),
+    ("clip.ts", H264 + ["-f", "mpegts"], "ts"),
+    ("clip.mxf", ["-c:v", "mpeg2video", "-q:v", "2", "-pix_fmt", "yuv422p", "-f", "mxf"], "mxf"),
+    ("clip.3gp", H264 + ["-f", "3gp"], "3gp"),
+])
+def test_camera_and_broadcast_containers(tmp_path: Path, name: str, codec: list[str], fmt: str) -> None:
+    """AVCHD (.mts, 192-byte packets), MPEG-TS, MXF and 3GP, the files a picker by name refused, are read."""
+    clip = make_clip(tmp_path / name, 25, Fraction(25), codec)
+    assert classify(clip) == ("video", fmt)
+    assert [read_code(f) for f in read_clip(clip, 0.2, 0.84, 8)] == [5, 7, 9, 11, 13, 15, 17, 19]
