@@ -1,4 +1,4 @@
-"""`flexiact-backend bench {attention,extract,generate,media}`: speed and memory as JSON plus a table.
+"""`flexiact-backend bench {attention,extract,generate,media,full}`: speed and memory as JSON plus a table.
 
 Ratios measured in one run are what to compare: the machines are shared and noisy.
 """
@@ -6,19 +6,24 @@ Ratios measured in one run are what to compare: the machines are shared and nois
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import diffusers
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .model import biased_attention
+from .model import ATTENTION_BACKENDS, biased_attention, rotary_embeddings
 
 
 class LargestTensor(TorchDispatchMode):
@@ -63,7 +68,7 @@ def _memory(fn: Callable[[], object], device: torch.device) -> dict:
 
 
 def bench_attention(tokens: int, heads: int, head_dim: int, motion: int, text: int, dtype: torch.dtype, device: torch.device, repeats: int) -> dict:
-    """FlexiAct's exact biased attention against the published dense L x L float mask, same inputs."""
+    """FlexiAct's exact biased attention (each backend) against the published dense L x L float mask, same inputs."""
     g = torch.Generator(device="cpu").manual_seed(0)
     q, k, v = (torch.randn(1, heads, tokens, head_dim, generator=g).to(device, dtype) for _ in range(3))
     video = slice(text + motion, None)
@@ -74,19 +79,22 @@ def bench_attention(tokens: int, heads: int, head_dim: int, motion: int, text: i
         mask[video, columns] = 1.0
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
-    variants = {
-        "dense_mask (published)": dense,
-        "flexiact_exact_bias": lambda: biased_attention(q, k, v, bias=1.0, rows=video, columns=columns),
-        "plain_sdpa (no bias)": lambda: F.scaled_dot_product_attention(q, k, v),
-    }
+    bias = torch.tensor(1.0, device=device)
+    exact = {f"exact_bias:{b}": (lambda b=b: biased_attention(q, k, v, bias=bias, rows=video, columns=columns, backend=b))
+             for b in ATTENTION_BACKENDS}
+    variants = {"dense_mask (published)": dense, **exact, "plain_sdpa (no bias)": lambda: F.scaled_dot_product_attention(q, k, v)}
     with torch.no_grad():
-        results = {name: {**_timed(fn, device, repeats), **_memory(fn, device)} for name, fn in variants.items()}
-        diff = (variants["dense_mask (published)"]().float() - variants["flexiact_exact_bias"]().float()).abs().max().item()
+        # FlexAttention's operator does not pass through the CPU's dispatch-mode reading: its memory is left blank there.
+        flex = {f"exact_bias:{b}" for b in ("flex", "lse_merge")} if device.type == "cpu" else set()
+        results = {name: {**_timed(fn, device, repeats), **({} if name in flex else _memory(fn, device))} for name, fn in variants.items()}
+        reference = dense().float()
+        for name, fn in exact.items():
+            results[name]["max_abs_diff_vs_dense"] = (reference - fn().float()).abs().max().item()
     base = results["plain_sdpa (no bias)"]["median_s"]
     for r in results.values():
         r["time_vs_plain"] = r["median_s"] / base
     return {"benchmark": "attention", "tokens": tokens, "heads": heads, "head_dim": head_dim, "dtype": str(dtype),
-            "device": str(device), "max_abs_diff_dense_vs_exact": diff, "results": results}
+            "device": str(device), "results": results}
 
 
 def bench_extract(args: argparse.Namespace) -> dict:
@@ -143,20 +151,19 @@ def bench_generate(args: argparse.Namespace) -> dict:
         hidden_states=torch.randn(2, frames, channels, h, w, generator=g).to(generator.device, t.dtype),
         encoder_hidden_states=torch.randn(2, info.text_length, t.config.text_embed_dim, generator=g).to(generator.device, t.dtype),
         timestep=torch.tensor([900, 900], device=generator.device),
-        image_rotary_emb=pipe._prepare_rotary_positional_embeddings(info.height, info.width, frames, generator.device),
+        image_rotary_emb=rotary_embeddings(t, info.height, info.width, frames, pipe.vae_scale_factor_spatial, generator.device),
         return_dict=False,
     )
     adapter = generator.adapter
-    adapter.set_lora_weight(0.7)
     results = {}
     with torch.inference_mode():
-        for bias in (None, 1.0):
-            adapter.set_reweight(bias)
-            label = "bias_on" if bias else "bias_off"
-            results[f"lora_unfused_{label}"] = _timed(lambda: t(**inputs), generator.device, args.steps)
-            with adapter.lora_fused_for_inference():
-                results[f"lora_fused_{label}"] = {**_timed(lambda: t(**inputs), generator.device, args.steps), **_memory(lambda: t(**inputs), generator.device)}
-    adapter.set_reweight(None)
+        for bias in (None, torch.tensor(1.0, device=generator.device)):
+            label = "bias_on" if bias is not None else "bias_off"
+            unfused = {"reweight": bias, "lora_weight": 0.7}
+            results[f"lora_unfused_{label}"] = _timed(lambda: t(**inputs, attention_kwargs=unfused), generator.device, args.steps)
+            with adapter.lora_fused_for_inference(0.7):
+                step = lambda: t(**inputs, attention_kwargs={"reweight": bias})  # noqa: E731
+                results[f"lora_fused_{label}"] = {**_timed(step, generator.device, args.steps), **_memory(step, generator.device)}
     base = results["lora_fused_bias_off"]["median_s"]
     for r in results.values():
         r["time_vs_fused_no_bias"] = r["median_s"] / base
@@ -192,6 +199,147 @@ def bench_media(args: argparse.Namespace) -> dict:
             "trim_s": 2.0, "frames": args.frames, "max_side": args.max_side, "results": results}
 
 
+FULL_MODES = ("eager", "compiled", "compiled_step_cache", "memory_saving", "fp8")
+
+
+def _peak(fn: Callable[[], object], device: torch.device) -> dict:
+    """Peak bytes while `fn` runs: CUDA's allocator on a GPU; on the CPU the live bytes of tensors it creates."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize()
+        return {"max_memory_allocated": torch.cuda.max_memory_allocated(device)}
+    from .estimate import LiveBytes
+
+    with LiveBytes() as live:
+        fn()
+    return {"cpu_new_tensors_peak_bytes": live.peak}
+
+
+def _unsupported(mode: str, device: torch.device) -> str | None:
+    if mode == "memory_saving" and device.type != "cuda":
+        return "needs a CUDA device (idle models are offloaded to CPU memory)"
+    if mode == "fp8":
+        if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+            return "needs a CUDA GPU with fp8 support (compute capability 8.9 or newer)"
+        try:
+            import torchao  # noqa: F401
+        except ImportError:
+            return "needs torchao installed"
+    return None
+
+
+def _quantize_fp8(transformer: torch.nn.Module) -> None:
+    """torchao's dynamic fp8 for the transformer blocks' linear layers (weights and activations in float8)."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, quantize_
+
+    quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(),
+              filter_fn=lambda m, name: isinstance(m, torch.nn.Linear) and name.startswith("transformer_blocks"))
+
+
+def _full_phases(generator, size, steps: int, repeats: int, step_cache: bool, lora_weight: float, memory_saving: bool) -> dict:
+    """Each phase of one mode: text encoding, biased and unbiased steps, VAE decode, request->mp4, extraction step."""
+    from .extraction import ExtractionConfig, FAETrainer, TrainingData, off_device
+    from .model.recompute import selective_checkpointing
+
+    pipe, device, adapter = generator.pipe, generator.device, generator.adapter
+    t, dtype = pipe.transformer, pipe.transformer.dtype
+    g = torch.Generator().manual_seed(0)
+    h, w, frames = size.height // 8, size.width // 8, size.latent_frames
+    step_inputs = dict(
+        hidden_states=torch.randn(2, frames, 32, h, w, generator=g).to(device, dtype),
+        encoder_hidden_states=torch.randn(2, 226, 4096, generator=g).to(device, dtype),
+        timestep=torch.tensor([900, 900], device=device),
+        image_rotary_emb=rotary_embeddings(t, size.height, size.width, frames, 8, device), return_dict=False,
+    )
+    bias = torch.tensor(1.0, device=device)
+    latents = torch.randn(1, frames, 16, h, w, generator=g).to(device, dtype)
+    phases: dict[str, dict] = {}
+
+    def measure(name: str, fn: Callable[[], object], times: int = repeats) -> None:
+        print(f"bench full: {name}", file=sys.stderr, flush=True)
+        phases[name] = {**_timed(fn, device, times), **_peak(fn, device)}
+
+    with torch.inference_mode():
+        measure("text_encoding", lambda: pipe.encode_prompt("a person dances", "", do_classifier_free_guidance=True,
+                                                            max_sequence_length=226, device=device))
+        with adapter.lora_fused_for_inference(lora_weight):
+            measure("transformer_step_unbiased", lambda: t(**step_inputs))
+            measure("transformer_step_biased", lambda: t(**step_inputs, attention_kwargs={"reweight": bias}))
+        measure("vae_decode", lambda: pipe.decode_latents(latents))
+    phases["transformer_step_biased"]["time_vs_unbiased"] = (
+        phases["transformer_step_biased"]["median_s"] / phases["transformer_step_unbiased"]["median_s"])
+
+    image = Image.new("RGB", (size.width, size.height), (90, 120, 150))
+    with tempfile.TemporaryDirectory() as tmp:
+        def request() -> None:
+            result = generator.generate(image, "a person dances", steps=steps, step_cache=step_cache, lora_weight=lora_weight)
+            result.write_mp4(Path(tmp) / "out.mp4")
+            phases["request_to_mp4"]["cached_steps"] = len(result.cached_steps)
+
+        print("bench full: request_to_mp4", file=sys.stderr, flush=True)
+        phases["request_to_mp4"] = {"steps": steps}
+        phases["request_to_mp4"].update({**_timed(request, device, 1), **_peak(request, device)})
+
+    data = TrainingData(torch.randn(2, 1, frames, 16, h, w, generator=g), torch.randn(2, 1, 1, 16, h, w, generator=g),
+                        torch.randn(1, 226, 4096, generator=g), torch.randn(1, 226, 4096, generator=g))
+    trainer = FAETrainer(generator, data, ExtractionConfig())
+    for p in trainer.params:
+        p.requires_grad_(True)
+    # As extraction does: the VAE and text encoder leave the GPU while the tokens train (offloading already does it).
+    idle_models = contextlib.nullcontext() if device.type == "cpu" or memory_saving else off_device(pipe.vae, pipe.text_encoder)
+    try:
+        with idle_models:
+            for label, func in (("extraction_step", None), ("extraction_step_selective_recompute", selective_checkpointing())):
+                t.enable_gradient_checkpointing(func)
+                measure(label, trainer.train_step)
+                t.disable_gradient_checkpointing()
+    finally:
+        for p in trainer.params:
+            p.requires_grad_(False)
+            p.grad = None
+    return phases
+
+
+def bench_full(args: argparse.Namespace) -> dict:
+    """CogVideoX-5B-I2V at its published configs with random weights, FlexiAct attached, per mode and phase."""
+    from .full_size import FullSize, build_full_generator
+
+    size = FullSize(args.layers, args.frames, args.height, args.width)
+    if args.estimate:
+        from .estimate import estimate_full
+
+        return estimate_full(size, tflops=args.tflops)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    report = {"benchmark": "full", "size": size.to_dict(), "device": str(device), "dtype": str(dtype), "steps": args.steps,
+              "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+              "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__},
+              "date": time.strftime("%Y-%m-%d"), "results": {}}
+    for mode in args.modes:
+        reason = _unsupported(mode, device)
+        if reason:
+            report["results"][mode] = {"unsupported": reason}
+            continue
+        print(f"bench full: building the {mode} pipeline", file=sys.stderr, flush=True)
+        generator = build_full_generator(size, device, dtype, memory_saving=mode == "memory_saving",
+                                         compile=mode.startswith("compiled"))
+        lora_weight = 0.7
+        if mode == "fp8":
+            _quantize_fp8(generator.pipe.transformer)
+            lora_weight = 0.0  # fp8 weights cannot take the folded RefAdapter: measured without it
+        phases = _full_phases(generator, size, args.steps, args.repeats, mode == "compiled_step_cache", lora_weight,
+                              mode == "memory_saving")
+        for phase, r in phases.items():
+            report["results"][f"{mode}/{phase}"] = r
+        del generator
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return report
+
+
 def format_table(report: dict) -> str:
     """The results as aligned columns; a variant without some measurement shows a blank there."""
     keys = list(dict.fromkeys(k for r in report["results"].values() for k in r))
@@ -212,6 +360,8 @@ def run_benchmarks(args: argparse.Namespace) -> int:
         report = bench_extract(args)
     elif args.bench == "media":
         report = bench_media(args)
+    elif args.bench == "full":
+        report = bench_full(args)
     else:
         report = bench_generate(args)
     text = json.dumps(report, indent=2)
@@ -253,3 +403,16 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--steps", type=int, default=10, help="timed repeats")
         p.add_argument("--json", type=Path)
         p.set_defaults(func=run_benchmarks)
+    p = sub.add_parser("full", help="CogVideoX-5B-I2V size with random weights: every phase and mode (or --estimate)")
+    p.add_argument("--device", help="default: cuda if available, else cpu")
+    p.add_argument("--estimate", action="store_true", help="memory and FLOPs on fake tensors on the CPU (no GPU needed)")
+    p.add_argument("--tflops", type=float, default=800.0, help="sustained throughput the estimate's times assume")
+    p.add_argument("--layers", type=int, default=42)
+    p.add_argument("--frames", type=int, default=49)
+    p.add_argument("--height", type=int, default=480)
+    p.add_argument("--width", type=int, default=720)
+    p.add_argument("--steps", type=int, default=50, help="denoising steps of the request->mp4 run")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats of each phase")
+    p.add_argument("--modes", nargs="+", choices=FULL_MODES, default=list(FULL_MODES))
+    p.add_argument("--json", type=Path)
+    p.set_defaults(func=run_benchmarks)

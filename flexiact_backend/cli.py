@@ -14,6 +14,7 @@ from .errors import FlexiActError
 from .presets import PRESETS
 from .generation import TEMPOS
 from .hub import add_download_command
+from .model.attention import ATTENTION_BACKENDS
 from .service.cli import add_bench_serve, add_serve_command
 
 
@@ -23,6 +24,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     group.add_argument("--tiny", action="store_true", help="the built-in tiny random model (built in a cache folder)")
     p.add_argument("--device", help="compute device (default: CUDA if available, else CPU)")
     p.add_argument("--refadapter", type=Path, help="RefAdapter checkpoint (.pt or .safetensors) if not in the model folder")
+    p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (warmed up at load)")
+    p.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="padded",
+                   help="how the biased attention is computed (all exact; `bench attention` compares them)")
 
 
 def _load_generator(args: argparse.Namespace):
@@ -30,7 +34,8 @@ def _load_generator(args: argparse.Namespace):
     from .tiny import ensure_tiny_model
 
     model = args.model or ensure_tiny_model(Path(tempfile.gettempdir()) / "flexiact-tiny")
-    return FlexiActGenerator.from_pretrained(model, device=args.device, refadapter=args.refadapter)
+    return FlexiActGenerator.from_pretrained(model, device=args.device, refadapter=args.refadapter, compile=args.compile,
+                                             attention_backend=args.attention_backend)
 
 
 def run_make_tiny_model(args: argparse.Namespace) -> int:
@@ -59,7 +64,7 @@ def run_generate(args: argparse.Namespace) -> int:
         result = generator.generate(
             image, args.prompt, action=args.action, seed=args.seed, steps=args.steps, guidance_scale=args.guidance,
             lora_weight=args.lora_weight, reweight_scale=None if args.no_reweight else args.reweight_scale,
-            transition=args.transition, fit=args.fit, tempo=args.tempo,
+            transition=args.transition, fit=args.fit, tempo=args.tempo, step_cache=args.step_cache,
             progress=lambda step, total, elapsed: bar.update(step - bar.n),
         )
     path = result.write_mp4(args.out, fps=args.fps)
@@ -158,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tempo", choices=TEMPOS, default="reference",
                    help="reference: the clip lasts as long as the action's motion did in its reference; "
                         "model: the model's clip length (every generated frame once at the model's fps)")
+    p.add_argument("--step-cache", action="store_true", help="reuse transformer work after the reweight window (TaylorSeer)")
     p.set_defaults(func=run_generate)
 
     p = sub.add_parser("extract", help="train an action (FAE motion tokens) on a reference clip")

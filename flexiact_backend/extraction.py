@@ -33,6 +33,7 @@ from .errors import Cancelled, Paused
 from .generation import FlexiActGenerator
 from .media import check_trim, probe_video, read_clip
 from .presets import PRESETS
+from .model import rotary_embeddings
 
 CHECKPOINT_NAME = "checkpoint.pt"
 #: Bumped whenever what the latent cache holds changes, so an older cache is never read as a newer one.
@@ -174,7 +175,9 @@ class FAETrainer:
         self.device = generator.device
         self.dtype = generator.pipe.transformer.dtype
         self.params = self.adapter.motion_parameters()
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay, eps=config.eps)
+        # Fused AdamW (one kernel for all 42 token tensors) where CUDA has it; the default elsewhere.
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay, eps=config.eps,
+                                           fused=True if self.device.type == "cuda" else None)
         self.rng = torch.Generator("cpu").manual_seed(config.seed)
         self.step = 0
         self.losses: list[float] = []
@@ -184,7 +187,7 @@ class FAETrainer:
         frames, _, h, w = data.latents.shape[2:]
         height, width = h * generator.pipe.vae_scale_factor_spatial, w * generator.pipe.vae_scale_factor_spatial
         use_rope = generator.pipe.transformer.config.use_rotary_positional_embeddings
-        self.rotary = generator.pipe._prepare_rotary_positional_embeddings(height, width, frames, self.device) if use_rope else None
+        self.rotary = rotary_embeddings(generator.pipe.transformer, height, width, frames, generator.pipe.vae_scale_factor_spatial, self.device) if use_rope else None
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -301,9 +304,7 @@ def extract_action(
             cache_dir=Path(cache_dir) if cache_dir else work_dir / "cache", progress=report,
         )
         adapter = generator.adapter
-        adapter.reset_action()
-        adapter.set_lora_weight(0.0)
-        adapter.set_reweight(None)
+        adapter.reset_action()  # RefAdapter off and no bias: the training forward passes no attention_kwargs
         transformer = generator.pipe.transformer
         trainer = FAETrainer(generator, data, config)
         checkpoint = work_dir / CHECKPOINT_NAME

@@ -2,11 +2,13 @@
 
 `FlexiActGenerator.from_pretrained(dir)` loads a pipeline folder once (the real CogVideoX-5B-I2V or the tiny
 model) and keeps it warm; `generate(...)` runs one video, reporting each step and stopping between steps when
-asked. The reweighting bias in force at each scheduled timestep is set on the adapter before that step.
+asked. The reweighting bias in force at each scheduled timestep reaches the attention through `attention_kwargs`
+(a hook on the transformer reads the timestep); `step_cache=True` reuses transformer work past the bias window.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import threading
 import time
@@ -22,7 +24,7 @@ from PIL import Image
 from .actions import motion_duration_s, read_action_metadata
 from .errors import Cancelled, CheckpointError
 from .media import FitMapping, fit_target_image, retime_frames, write_mp4
-from .model import FlexiActAdapter, attach_flexiact, reweight_schedule
+from .model import ATTENTION_BACKENDS, FlexiActAdapter, StepCache, attach_flexiact, compile_blocks, reweight_schedule, reweighting
 from .model_info import ModelInfo, read_model_info
 
 #: Where a pipeline folder may carry its RefAdapter (the published file name, or the project's safetensors).
@@ -49,6 +51,7 @@ class GenerationSettings:
     transition: float = 0.8
     fit: str = "crop"
     tempo: str = "reference"
+    step_cache: bool = False
 
 
 @dataclass
@@ -56,6 +59,7 @@ class GenerationResult:
     """Frames as uint8 [T, H, W, 3] (made at the model's `fps`), the seconds they play, how the image was fitted.
 
     `duration_s` is the action's motion duration (tempo "reference") or the model's clip length (tempo "model").
+    `cached_steps`: 0-based steps the step cache served wholly or partly (never one with a bias).
     """
 
     frames: np.ndarray
@@ -65,6 +69,7 @@ class GenerationResult:
     duration_s: float
     reweights: list[float | None] = field(default_factory=list)
     seconds: float = 0.0
+    cached_steps: list[int] = field(default_factory=list)
 
     def write_mp4(self, path: str | Path, fps: float | None = None) -> Path:
         """Write an H.264 mp4 at `fps` (default the model's) lasting `duration_s` at any frame rate."""
@@ -80,11 +85,15 @@ def default_device() -> torch.device:
 class FlexiActGenerator:
     """A loaded pipeline with FlexiAct attached; one generation at a time."""
 
-    def __init__(self, pipe: CogVideoXImageToVideoPipeline, adapter: FlexiActAdapter, info: ModelInfo, device: torch.device) -> None:
+    def __init__(self, pipe: CogVideoXImageToVideoPipeline, adapter: FlexiActAdapter, info: ModelInfo, device: torch.device,
+                 attention_backend: str = "padded") -> None:
+        if attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attention backend {attention_backend!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
         self.pipe = pipe
         self.adapter = adapter
         self.info = info
         self.device = device
+        self.attention_backend = attention_backend
         self.lock = threading.Lock()  # one generation or extraction at a time
 
     @classmethod
@@ -96,12 +105,16 @@ class FlexiActGenerator:
         dtype: torch.dtype | None = None,
         refadapter: str | Path | None = None,
         memory_saving: bool = False,
+        compile: bool = False,
+        attention_backend: str = "padded",
     ) -> FlexiActGenerator:
         """Load `model_dir` (diffusers format) onto `device` in `dtype` (bf16 on GPU, float32 on CPU by default).
 
         Whatever scheduler class the folder names, generation runs `CogVideoXDPMScheduler` from its config.
 
-        `memory_saving` offloads idle sub-models to the CPU and tiles the VAE (needs an accelerator).
+        `memory_saving` offloads idle sub-models to the CPU and tiles the VAE (needs an accelerator). `compile`
+        compiles the transformer blocks and warms them up here (a biased and an unbiased step), so the first request
+        pays no compile time. `attention_backend` picks how the biased attention is computed (all exact).
         """
         model_dir = Path(model_dir)
         info = read_model_info(model_dir)
@@ -123,7 +136,16 @@ class FlexiActGenerator:
         refadapter = refadapter or next((model_dir / n for n in REFADAPTER_FILES if (model_dir / n).is_file()), None)
         if refadapter is not None:
             adapter.load_refadapter(refadapter)
-        return cls(pipe, adapter, info, device)
+        generator = cls(pipe, adapter, info, device, attention_backend)
+        if compile:
+            generator.compile_and_warm_up()
+        return generator
+
+    def compile_and_warm_up(self) -> None:
+        """Compile the transformer blocks, then one two-step generation: its first step carries the bias and its
+        second none, so both graphs are built before the first request."""
+        compile_blocks(self.pipe.transformer, dynamic=False)
+        self.generate(Image.new("RGB", (self.info.width, self.info.height)), "", steps=2)
 
     def scheduled_timesteps(self, steps: int) -> list[int]:
         """The timesteps the pipeline's scheduler will visit for `steps` steps, computed without touching it."""
@@ -145,17 +167,20 @@ class FlexiActGenerator:
         transition: float = 0.8,
         fit: str = "crop",
         tempo: str = "reference",
+        step_cache: bool = False,
         progress: ProgressFn | None = None,
         cancel: CancelFn | None = None,
     ) -> GenerationResult:
         """Generate the target `image` performing the `action` (motion tokens; None means zero tokens).
 
         `reweight_scale=None` turns the frequency-aware bias off: the authors' released inference script, which
-        never applies it. `tempo` (see TEMPOS) sets how long the result plays.
+        never applies it. `tempo` (see TEMPOS) sets how long the result plays. `step_cache` lets diffusers'
+        TaylorSeer cache predict transformer blocks at steps after the reweight window.
         """
         if tempo not in TEMPOS:
             raise ValueError(f"tempo must be one of {TEMPOS}, got {tempo!r}")
-        settings = GenerationSettings(prompt, seed, steps, guidance_scale, lora_weight, reweight_scale, transition, fit, tempo)
+        settings = GenerationSettings(prompt, seed, steps, guidance_scale, lora_weight, reweight_scale, transition, fit, tempo,
+                                      step_cache)
         duration_s = self.info.duration_s
         if tempo == "reference" and isinstance(action, (str, Path)):
             try:
@@ -171,38 +196,39 @@ class FlexiActGenerator:
                 self.adapter.reset_action()
             else:
                 self.adapter.load_action(action)
-            self.adapter.set_lora_weight(lora_weight)
-            self.adapter.set_reweight(reweights[0])
             started = time.monotonic()
+            # The cache may act from one step after the first unbiased one: a fully computed unbiased step comes first.
+            first_unbiased = next((i for i, r in enumerate(reweights) if r is None), steps)
+            cache = StepCache(self.pipe.transformer, first_step=first_unbiased + 1) if step_cache else None
 
             def on_step_end(pipe: CogVideoXImageToVideoPipeline, i: int, t: torch.Tensor, tensors: dict) -> dict:
                 if int(t) != timesteps[i]:
                     raise RuntimeError(f"scheduler visited timestep {int(t)} at step {i}, expected {timesteps[i]}")
-                if i + 1 < len(reweights):
-                    self.adapter.set_reweight(reweights[i + 1])
+                if cache is not None:
+                    cache.end_step(i)
                 if progress is not None:
                     progress(i + 1, steps, time.monotonic() - started)
                 if cancel is not None and cancel() and i + 1 < steps:
                     raise Cancelled(f"generation cancelled after step {i + 1} of {steps}")
                 return {}
 
-            try:
-                with torch.inference_mode(), self.adapter.lora_fused_for_inference():
-                    video = self.pipe(
-                        image=target,
-                        prompt=prompt,
-                        negative_prompt="",
-                        height=self.info.height,
-                        width=self.info.width,
-                        num_frames=self.info.frames,
-                        num_inference_steps=steps,
-                        guidance_scale=guidance_scale,
-                        generator=torch.Generator("cpu").manual_seed(seed),
-                        output_type="np",
-                        callback_on_step_end=on_step_end,
-                        max_sequence_length=self.info.text_length,
-                    ).frames[0]
-            finally:
-                self.adapter.set_reweight(None)
+            with (torch.inference_mode(), self.adapter.lora_fused_for_inference(lora_weight),
+                  reweighting(self.pipe.transformer, timesteps, reweights), cache or contextlib.nullcontext()):
+                video = self.pipe(
+                    image=target,
+                    prompt=prompt,
+                    negative_prompt="",
+                    height=self.info.height,
+                    width=self.info.width,
+                    num_frames=self.info.frames,
+                    num_inference_steps=steps,
+                    guidance_scale=guidance_scale,
+                    generator=torch.Generator("cpu").manual_seed(seed),
+                    output_type="np",
+                    callback_on_step_end=on_step_end,
+                    max_sequence_length=self.info.text_length,
+                    attention_kwargs={"attention_backend": self.attention_backend},
+                ).frames[0]
         frames = (np.clip(video, 0.0, 1.0) * 255.0).round().astype(np.uint8)
-        return GenerationResult(frames, self.info.fps, mapping, settings, duration_s, reweights, time.monotonic() - started)
+        return GenerationResult(frames, self.info.fps, mapping, settings, duration_s, reweights, time.monotonic() - started,
+                                cache.cached_steps if cache is not None else [])

@@ -27,7 +27,7 @@ _LATENT_CHANNELS = 4
 _WORDS = "a the of and to in is on with walks runs jumps waves turns dances camera moves forward person dog cat figure".split()
 
 
-def _tokenizer() -> T5Tokenizer:
+def make_tokenizer() -> T5Tokenizer:
     """A unigram T5 tokenizer over letters and a few words; built from an in-memory vocabulary."""
     pieces = ["▁" + w for w in _WORDS] + ["▁"] + list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-")
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(p, -1.0 - 0.01 * i) for i, p in enumerate(pieces)]
@@ -37,7 +37,7 @@ def _tokenizer() -> T5Tokenizer:
 def build_tiny_pipeline(seed: int = 0) -> CogVideoXImageToVideoPipeline:
     """The tiny pipeline in memory, weights drawn from `seed`."""
     torch.manual_seed(seed)
-    tokenizer = _tokenizer()
+    tokenizer = make_tokenizer()
     text_encoder = T5EncoderModel(
         T5Config(vocab_size=len(tokenizer), d_model=_TEXT_DIM, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
                  relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
@@ -54,12 +54,17 @@ def build_tiny_pipeline(seed: int = 0) -> CogVideoXImageToVideoPipeline:
         sample_height=TINY_HEIGHT // 8, sample_frames=TINY_FRAMES, patch_size=2, temporal_compression_ratio=4,
         max_text_seq_length=TEXT_LEN, use_rotary_positional_embeddings=True, use_learned_positional_embeddings=True,
     )
-    scheduler = CogVideoXDPMScheduler(
+    return CogVideoXImageToVideoPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                                         scheduler=make_scheduler())
+
+
+def make_scheduler() -> CogVideoXDPMScheduler:
+    """CogVideoX-5B-I2V's scheduler settings in the DPM form FlexiAct samples with."""
+    return CogVideoXDPMScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
         prediction_type="v_prediction", rescale_betas_zero_snr=True, set_alpha_to_one=True, timestep_spacing="trailing",
         snr_shift_scale=1.0, clip_sample=False,
     )
-    return CogVideoXImageToVideoPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler)
 
 
 def make_tiny_model(directory: str | Path, seed: int = 0) -> Path:

@@ -115,6 +115,7 @@ def draw_generate(layout: Any, context: bpy.types.Context) -> None:
     col = layout.column(align=True)
     for name in ("steps", "guidance", "lora_weight", "reweight_scale", "transition"):
         col.prop(settings, name)
+    layout.prop(settings, "step_cache")
     layout.prop(settings, "import_mode", expand=True)
     if settings.import_mode in {"PLANE", "BOTH"}:
         layout.prop(settings, "plane_fill_camera")

@@ -117,6 +117,9 @@ class FlexiActSettings(bpy.types.PropertyGroup):
                                   default=GENERATION_DEFAULTS["reweight_scale"])
     transition: FloatProperty(name="Transition", min=0.01, max=1.0, default=GENERATION_DEFAULTS["high_timesteps"],
                               description="Where the high-noise (motion) timesteps end")
+    step_cache: BoolProperty(name="Step Cache", default=False,
+                             description="Faster: reuse transformer work at steps after the motion window "
+                                         "(the steps that carry the motion always compute in full)")
 
     # Import
     import_mode: EnumProperty(name="Import As", items=[

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from flexiact_backend.errors import CheckpointError
-from flexiact_backend.model import FlexiActAdapter, attach_flexiact, biased_attention
+from flexiact_backend.model import ATTENTION_BACKENDS, FlexiActAdapter, attach_flexiact, biased_attention
 
 SHAPES = {
     "two-layer": dict(num_layers=2, num_attention_heads=2, attention_head_dim=16, sample_width=6, sample_height=4, sample_frames=9, text_len=12),
@@ -102,17 +102,30 @@ def test_matches_naive_semantics(shape_name: str, lora_weight: float, bias: floa
     flexi = copy.deepcopy(plain)
     adapter = attach_flexiact(flexi, rank=RANK, alpha=ALPHA, num_motion_tokens=MOTION)
     randomise(adapter)
-    adapter.set_lora_weight(lora_weight)
-    adapter.set_reweight(bias)
     args = inputs(plain, shape)
     with torch.no_grad():
         expected = naive_transformer(plain, adapter, lora_weight, bias)(**args)[0]
-        got = flexi(**args)[0]
-        with adapter.lora_fused_for_inference():
-            fused = flexi(**args)[0]
+        got = flexi(**args, attention_kwargs={"lora_weight": lora_weight, "reweight": bias})[0]
+        with adapter.lora_fused_for_inference(lora_weight):
+            fused = flexi(**args, attention_kwargs={"reweight": None if bias is None else torch.tensor(bias)})[0]
     assert got.shape == expected.shape
     assert (got - expected).abs().max().item() < 1e-4
     assert (fused - expected).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("shape_name", sorted(SHAPES))
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
+def test_every_attention_backend_matches_naive_semantics(shape_name: str, backend: str) -> None:
+    shape = SHAPES[shape_name]
+    plain = make_transformer(shape)
+    flexi = copy.deepcopy(plain)
+    adapter = attach_flexiact(flexi, rank=RANK, alpha=ALPHA, num_motion_tokens=MOTION)
+    randomise(adapter)
+    args = inputs(plain, shape)
+    with torch.no_grad():
+        expected = naive_transformer(plain, adapter, 0.7, 0.37)(**args)[0]
+        got = flexi(**args, attention_kwargs={"lora_weight": 0.7, "reweight": torch.tensor(0.37), "attention_backend": backend})[0]
+    assert (got - expected).abs().max().item() < 1e-4
 
 
 def test_bias_and_lora_change_the_output() -> None:
@@ -125,9 +138,7 @@ def test_bias_and_lora_change_the_output() -> None:
     outs = []
     with torch.no_grad():
         for weight, bias in ((0.0, None), (0.7, None), (0.0, 1.0)):
-            adapter.set_lora_weight(weight)
-            adapter.set_reweight(bias)
-            outs.append(flexi(**args)[0])
+            outs.append(flexi(**args, attention_kwargs={"lora_weight": weight, "reweight": bias})[0])
     assert (outs[0] - outs[1]).abs().max() > 1e-3
     assert (outs[0] - outs[2]).abs().max() > 1e-3
 
@@ -137,10 +148,9 @@ def test_unfuse_restores_weights_bit_for_bit() -> None:
     before = {k: v.clone() for k, v in flexi.state_dict().items()}
     adapter = attach_flexiact(flexi, rank=RANK, alpha=ALPHA, num_motion_tokens=MOTION)
     randomise(adapter)
-    adapter.set_lora_weight(0.7)
-    with adapter.lora_fused_for_inference():
+    with adapter.lora_fused_for_inference(0.7):
         assert not torch.equal(flexi.transformer_blocks[0].attn1.to_q.weight, before["transformer_blocks.0.attn1.to_q.weight"])
-        adapter.set_lora_weight(1.0)  # refolds at the new weight
+        adapter.load_refadapter(adapter.refadapter_state_dict())  # unfolds, loads, refolds at the same weight
     after = flexi.state_dict()
     for k, v in before.items():
         assert torch.equal(after[k], v), k
@@ -182,14 +192,22 @@ def test_reweighting_never_materialises_an_l_by_l_tensor() -> None:
     assert rec.largest < length * length
 
 
-def test_biased_attention_matches_dense_bias() -> None:
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
+@pytest.mark.parametrize("bias", [0.61, -2.0, torch.tensor(1.3)])
+def test_biased_attention_matches_dense_bias(backend: str, bias) -> None:
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 40, 8, generator=g) for _ in range(3))
     logits = q @ k.transpose(-1, -2) / 8**0.5
-    logits[:, :, 20:, 5:12] += 0.61
+    logits[:, :, 20:, 5:12] += float(bias)
     expected = logits.softmax(-1) @ v
-    got = biased_attention(q, k, v, bias=0.61, rows=slice(20, None), columns=slice(5, 12))
+    got = biased_attention(q, k, v, bias=bias, rows=slice(20, None), columns=slice(5, 12), backend=backend)
     assert (got - expected).abs().max() < 1e-5
+
+
+def test_unknown_attention_backend_is_named() -> None:
+    q = torch.zeros(1, 1, 4, 8)
+    with pytest.raises(ValueError, match="padded, flex, lse_merge"):
+        biased_attention(q, q, q, bias=1.0, rows=slice(2, None), columns=slice(0, 1), backend="dense")
 
 
 # ---- checkpoints -------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Installing FlexiAct on a CogVideoX transformer and managing its weights and per-call settings."""
+"""Installing FlexiAct on a CogVideoX transformer and managing its weights (per-call settings travel in `attention_kwargs`)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ _PROJECTIONS = {"lora_q": "to_q", "lora_k": "to_k", "lora_v": "to_v", "lora_proj
 
 
 class FlexiActAdapter:
-    """Handle on the FlexiAct processors of one transformer: load weights, set LoRA weight and reweighting."""
+    """Handle on the FlexiAct processors of one transformer: load weights, fold the RefAdapter for inference."""
 
     def __init__(self, transformer: CogVideoXTransformer3DModel, processors: list[FlexiActAttnProcessor], *, rank: int, alpha: float, num_motion_tokens: int) -> None:
         self.transformer = transformer
@@ -26,8 +26,7 @@ class FlexiActAdapter:
         self.rank = rank
         self.alpha = alpha
         self.num_motion_tokens = num_motion_tokens
-        self.lora_weight = 0.0
-        self.reweight: float | None = None
+        self.fused_weight = 0.0  # the LoRA weight folded into the projections (0 when none is)
         self._fused_originals: dict[nn.Parameter, torch.Tensor] = {}
 
     # ---- names -------------------------------------------------------------------------------------------
@@ -61,14 +60,14 @@ class FlexiActAdapter:
     def _load(self, src: str | Path | Mapping[str, torch.Tensor], current: StateDict, what: str) -> None:
         state = read_state_dict(src)
         check_state_dict(state, {k: v.shape for k, v in current.items()}, what)
-        refold = self.lora_fused
-        if refold and what.startswith("RefAdapter"):
+        refold = self.fused_weight if what.startswith("RefAdapter") else 0.0
+        if refold:
             self.unfuse_lora()
         with torch.no_grad():
             for key, target in current.items():
                 target.copy_(state[key].to(device=target.device, dtype=target.dtype))
-        if refold and not self.lora_fused:
-            self.fuse_lora()
+        if refold:
+            self.fuse_lora(refold)
 
     def reset_action(self) -> None:
         """Zero the motion tokens, the state an extraction starts from."""
@@ -80,45 +79,29 @@ class FlexiActAdapter:
         """The only parameters FAE extraction trains."""
         return [p.motion_inversion_tokens for p in self.processors]
 
-    # ---- settings --------------------------------------------------------------------------------------------
-    def set_lora_weight(self, weight: float) -> None:
-        """RefAdapter strength for following forward calls (0.7 to generate, 0 during extraction)."""
-        refold = self.lora_fused
-        if refold:
-            self.unfuse_lora()
-        self.lora_weight = float(weight)
-        for p in self.processors:
-            p.lora_weight = self.lora_weight
-        if refold:
-            self.fuse_lora()
-
-    def set_reweight(self, scale: float | None) -> None:
-        """Additive logit bias on video-query x motion-key attention for following calls; None for no bias."""
-        self.reweight = None if scale is None else float(scale)
-        for p in self.processors:
-            p.reweight = self.reweight
-
     # ---- LoRA folding ----------------------------------------------------------------------------------------
     @property
     def lora_fused(self) -> bool:
         return bool(self._fused_originals)
 
-    def fuse_lora(self) -> None:
-        """Fold the LoRA at the current weight into the projections, so each step costs plain CogVideoX.
+    def fuse_lora(self, weight: float) -> None:
+        """Fold the LoRA at `weight` into the projections, so each step costs plain CogVideoX.
 
         Originals are kept on the CPU and copied back by `unfuse_lora`, so restoring is exact.
         """
-        if self.lora_fused or not self.lora_weight:
+        if self.lora_fused:
+            raise RuntimeError("the RefAdapter is already folded; unfuse_lora() first")
+        if not weight:
             return
-        scale = self.alpha / self.rank * self.lora_weight
+        self.fused_weight = float(weight)
+        scale = self.alpha / self.rank * self.fused_weight
         with torch.no_grad():
             for p, attn in zip(self.processors, self._attentions()):
                 for name, projection in _PROJECTIONS.items():
-                    weight = attn.get_submodule(projection).weight
-                    self._fused_originals[weight] = weight.detach().to("cpu", copy=True)
-                    delta = getattr(p, name).delta_weight().to(weight.device)
-                    weight.copy_((weight.float() + delta * scale).to(weight.dtype))
-                p.lora_fused = True
+                    target = attn.get_submodule(projection).weight
+                    self._fused_originals[target] = target.detach().to("cpu", copy=True)
+                    delta = getattr(p, name).delta_weight().to(target.device)
+                    target.copy_((target.float() + delta * scale).to(target.dtype))
 
     def unfuse_lora(self) -> None:
         """Restore the projection weights bit for bit."""
@@ -126,13 +109,12 @@ class FlexiActAdapter:
             for weight, original in self._fused_originals.items():
                 weight.copy_(original.to(weight.device))
         self._fused_originals.clear()
-        for p in self.processors:
-            p.lora_fused = False
+        self.fused_weight = 0.0
 
     @contextmanager
-    def lora_fused_for_inference(self) -> Iterator[None]:
-        """Fold the LoRA for a whole generation (its weight fixed), and always unfold afterwards."""
-        self.fuse_lora()
+    def lora_fused_for_inference(self, weight: float) -> Iterator[None]:
+        """Fold the LoRA at `weight` for a whole generation, and always unfold afterwards."""
+        self.fuse_lora(weight)
         try:
             yield
         finally:

@@ -1,59 +1,27 @@
 """FlexiAct joint attention for one CogVideoX `attn1`: RefAdapter LoRA, motion tokens, biased video->motion logits.
 
 The sequence is `[text | motion | video]`; RoPE touches the video part of q and k only; the motion rows of the
-output are dropped. The reweighting bias is exact yet never builds an L x L mask: the bias rides in extra head
-dimensions (query column = bias / scale on video rows, key column = 1 on motion keys), so attention stays one
-`scaled_dot_product_attention` call without `attn_mask` and fused kernels remain usable.
+output are dropped. The reweighting bias is exact yet never builds an L x L mask (see `attention.py`).
+Per-call settings (the step's bias, the LoRA weight) arrive as keyword arguments through diffusers'
+`attention_kwargs`, which CogVideoX forwards to every `attn1`; the processor itself holds only weights.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import apply_rotary_emb
 from torch import nn
 
+from .attention import biased_attention
 from .lora import LoRAPair
 
 #: Published names of the four LoRA branches, in the order of the projections they adapt.
 LORA_NAMES = ("lora_q", "lora_k", "lora_v", "lora_proj")
 
 
-def biased_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    *,
-    bias: float | None,
-    rows: slice,
-    columns: slice,
-) -> torch.Tensor:
-    """Softmax attention with `bias` added to the logits of (`rows` queries x `columns` keys), exactly.
-
-    The bias is split into a high and a low part in the compute dtype, so bf16 carries it to about 1e-5.
-    Head dimensions are padded to a multiple of 8 so flash kernels accept them.
-    """
-    head_dim = query.shape[-1]
-    scale = head_dim**-0.5
-    if not bias:
-        return F.scaled_dot_product_attention(query, key, value, scale=scale)
-    pad = -(head_dim + 2) % 8 + 2
-    coefficient = torch.tensor(bias / scale, dtype=torch.float64)
-    high = coefficient.to(query.dtype)
-    low = (coefficient - high.double()).to(query.dtype)
-    query = F.pad(query, (0, pad))
-    key = F.pad(key, (0, pad))
-    value = F.pad(value, (0, pad))
-    query[:, :, rows, head_dim] = high
-    query[:, :, rows, head_dim + 1] = low
-    key[:, :, columns, head_dim : head_dim + 2] = 1
-    out = F.scaled_dot_product_attention(query, key, value, scale=scale)
-    return out[..., :head_dim]
-
-
 class FlexiActAttnProcessor(nn.Module):
-    """Processor holding one layer's RefAdapter LoRA and motion tokens; settings come from its adapter.
+    """Processor holding one layer's RefAdapter LoRA and motion tokens; no per-call state.
 
     Parameter names match the published checkpoints once installed as `transformer_blocks.{i}.attn1.processor`.
     """
@@ -67,14 +35,11 @@ class FlexiActAttnProcessor(nn.Module):
         # float32 master copy: extraction trains these with AdamW; forward casts to the compute dtype.
         self.motion_inversion_tokens = nn.Parameter(torch.zeros(1, num_motion_tokens, dim, dtype=torch.float32))
         self.lora_scale = alpha / rank
-        self.lora_weight = 0.0
-        self.lora_fused = False
-        self.reweight: float | None = None
 
-    def _project(self, linear: nn.Linear, lora: LoRAPair, x: torch.Tensor) -> torch.Tensor:
+    def _project(self, linear: nn.Linear, lora: LoRAPair, x: torch.Tensor, lora_weight: float) -> torch.Tensor:
         out = linear(x)
-        if self.lora_weight and not self.lora_fused:
-            out = out + lora(x) * (self.lora_scale * self.lora_weight)
+        if lora_weight:
+            out = out + lora(x) * (self.lora_scale * lora_weight)
         return out
 
     def forward(
@@ -84,7 +49,13 @@ class FlexiActAttnProcessor(nn.Module):
         encoder_hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
+        reweight: torch.Tensor | float | None = None,
+        lora_weight: float = 0.0,
+        attention_backend: str = "padded",
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`reweight`: this step's logit bias on video-query x motion-key attention (a 0-dim tensor, so compiled
+        graphs take new values without recompiling; None for none). `lora_weight`: RefAdapter strength computed as
+        a branch (0 when off, or when the adapter has folded it into the projections)."""
         if attention_mask is not None:
             raise ValueError("FlexiAct attention takes no attention_mask (CogVideoX never passes one)")
         batch = hidden_states.shape[0]
@@ -93,9 +64,9 @@ class FlexiActAttnProcessor(nn.Module):
         video_start = text_len + motion.shape[1]
         tokens = torch.cat([encoder_hidden_states, motion, hidden_states], dim=1)
 
-        query = self._project(attn.to_q, self.lora_q, tokens)
-        key = self._project(attn.to_k, self.lora_k, tokens)
-        value = self._project(attn.to_v, self.lora_v, tokens)
+        query = self._project(attn.to_q, self.lora_q, tokens, lora_weight)
+        key = self._project(attn.to_k, self.lora_k, tokens, lora_weight)
+        value = self._project(attn.to_v, self.lora_v, tokens, lora_weight)
         head_dim = key.shape[-1] // attn.heads
         query, key, value = (t.unflatten(-1, (attn.heads, head_dim)).transpose(1, 2) for t in (query, key, value))
         if attn.norm_q is not None:
@@ -108,12 +79,13 @@ class FlexiActAttnProcessor(nn.Module):
                 key = torch.cat([key[:, :, :video_start], apply_rotary_emb(key[:, :, video_start:], image_rotary_emb)], dim=2)
 
         out = biased_attention(
-            query, key, value, bias=self.reweight, rows=slice(video_start, None), columns=slice(text_len, video_start)
+            query, key, value, bias=reweight, rows=slice(video_start, None), columns=slice(text_len, video_start),
+            backend=attention_backend,
         )
         out = out.transpose(1, 2).flatten(2)
         # Output projection is row-wise: drop the motion rows first instead of projecting and discarding them.
         out = torch.cat([out[:, :text_len], out[:, video_start:]], dim=1)
-        out = self._project(attn.to_out[0], self.lora_proj, out)
+        out = self._project(attn.to_out[0], self.lora_proj, out, lora_weight)
         out = attn.to_out[1](out)
         return out[:, text_len:], out[:, :text_len]
 

@@ -27,6 +27,8 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--device", action="append", default=[], help="compute device (repeat for several); "
                    "default: every CUDA device, else the CPU")
     p.add_argument("--memory-saving", action="store_true", help="offload idle sub-models to the CPU, tile the VAE")
+    p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks, warmed up before "
+                   "the first request (off by default: not yet measured faster on a GPU)")
     p.add_argument("--refadapter", type=Path, help="RefAdapter checkpoint if not inside the model folder")
     p.add_argument("--checkpoint-every", type=int, default=500, help="extraction checkpoint interval (steps)")
     p.add_argument("--max-job-restarts", type=int, default=3, help="a job running when the service died is "
@@ -75,7 +77,7 @@ def run_serve(args: argparse.Namespace) -> int:
                            limits=limits, devices=tuple(args.device), checkpoint_every=args.checkpoint_every,
                            max_job_restarts=args.max_job_restarts, host=args.host, allowed_hosts=tuple(args.allowed_host), public_docs=args.public_docs,
                            header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
-                           ray_address=args.ray, ray_workers=args.ray_workers)
+                           ray_address=args.ray, ray_workers=args.ray_workers, compile=args.compile)
     os.umask(0o077)  # the database, uploads and results are readable by the service's user only
     check_data_dir(args.data_dir)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

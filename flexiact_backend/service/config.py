@@ -54,6 +54,8 @@ class ServiceConfig:
     #: how many CPU actors to start; None: one machine, one worker thread per local device.
     ray_address: str | None = None
     ray_workers: int | None = None
+    #: compile the transformer blocks and warm them up at load
+    compile: bool = False
 
     def host_names(self) -> frozenset[str]:
         """The Host header names this server answers to (lower case, IPv6 without brackets)."""

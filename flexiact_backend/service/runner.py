@@ -60,9 +60,9 @@ class JobRunner:
 
     @classmethod
     def load(cls, model_dir: Path, device: str, *, checkpoint_every: int, refadapter: Path | None = None,
-             memory_saving: bool = False) -> JobRunner:
+             memory_saving: bool = False, compile: bool = False) -> JobRunner:
         generator = FlexiActGenerator.from_pretrained(model_dir, device=device, refadapter=refadapter,
-                                                      memory_saving=memory_saving)
+                                                      memory_saving=memory_saving, compile=compile)
         return cls(generator, checkpoint_every=checkpoint_every)
 
     def run(self, kind: str, params: dict, inputs: dict[str, Path | None], work_dir: Path | None, out: Path,
@@ -86,7 +86,8 @@ class JobRunner:
         result = self.generator.generate(
             image, p["prompt"], action=action_path, seed=p["seed"], steps=p["steps"],
             guidance_scale=p["guidance_scale"], lora_weight=p["lora_weight"], reweight_scale=p["reweight_scale"],
-            transition=p["transition"], fit=p["fit"], tempo=p.get("tempo", "reference"), progress=progress,
+            transition=p["transition"], fit=p["fit"], tempo=p.get("tempo", "reference"),
+            step_cache=p.get("step_cache", False), progress=progress,
             cancel=hooks.cancel)
         hooks.progress(phase="encoding", progress=0.95, step=None, total=1, eta_s=None)
         fps = p["fps"] or result.fps

@@ -149,6 +149,8 @@ class GenerationCreate(_Request):
     tempo: Literal["reference", "model"] = Field(
         "reference", description="reference: the video lasts the action's duration_s, so the motion plays at the "
         "reference's speed; model: the model's clip length (frames/fps of /v1/health), every generated frame shown")
+    step_cache: bool = Field(False, description="reuse transformer work at steps after the reweight window "
+                             "(diffusers' TaylorSeer cache); the steps that carry the motion always compute in full")
 
 
 class Job(BaseModel):

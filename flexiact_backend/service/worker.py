@@ -71,10 +71,10 @@ class LocalExecutor:
     """A JobRunner in this process, on one local device."""
 
     def __init__(self, device: str, model_dir: Path, *, checkpoint_every: int, refadapter: Path | None,
-                 memory_saving: bool) -> None:
+                 memory_saving: bool, compile: bool = False) -> None:
         self.device, self.model_dir = device, model_dir
         self.options = {"checkpoint_every": checkpoint_every, "refadapter": refadapter,
-                        "memory_saving": memory_saving}
+                        "memory_saving": memory_saving, "compile": compile}
         self.runner: JobRunner | None = None
 
     def load(self) -> dict:
@@ -141,7 +141,8 @@ class WorkerPool:
             return
         for device in resolve_devices(self.config.devices):
             self.add_worker(LocalExecutor(device, self.model_dir, checkpoint_every=self.config.checkpoint_every,
-                                          refadapter=self.refadapter, memory_saving=self.memory_saving))
+                                          refadapter=self.refadapter, memory_saving=self.memory_saving,
+                                          compile=self.config.compile))
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
