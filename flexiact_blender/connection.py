@@ -40,6 +40,11 @@ class Connection:
         model = (self.health or {}).get("model", {})
         return int(model.get("width") or 0), int(model.get("height") or 0)
 
+    def clip_seconds(self) -> float:
+        """How long the model's clip lasts (frames / fps; 6.125 s for CogVideoX); 0 before the health is known."""
+        model = (self.health or {}).get("model", {})
+        return float(model.get("frames") or 0) / float(model.get("fps") or 1)
+
     def presets(self) -> dict[str, int]:
         """The backend's extraction presets (name → training steps); empty before the health is known."""
         return {str(k): int(v) for k, v in ((self.health or {}).get("presets") or {}).items()}

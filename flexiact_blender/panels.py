@@ -52,6 +52,17 @@ def draw_target(layout: Any, context: bpy.types.Context) -> None:
         layout.label(text=f"{image.size[0]} × {image.size[1]} px")
 
 
+def draw_tempo(layout: Any, seconds: float) -> None:
+    """Say how the backend will learn a reference of `seconds`: at its own speed, or from model-length windows."""
+    clip = CONNECTION.clip_seconds()
+    if clip <= 0 or seconds <= 0:
+        return
+    if seconds < clip:
+        layout.label(text=f"Learned at real speed: results last {seconds:.2f} s", icon="TIME")
+    else:
+        layout.label(text=f"Learned from windows of {clip:.1f} s: results last {clip:.1f} s", icon="TIME")
+
+
 def draw_reference(layout: Any, context: bpy.types.Context) -> None:
     scene = context.scene
     settings = scene.flexiact
@@ -61,6 +72,7 @@ def draw_reference(layout: Any, context: bpy.types.Context) -> None:
         frames = scene.frame_end - scene.frame_start + 1
         layout.label(text=f"Frames {scene.frame_start}–{scene.frame_end}: {frames / fps:.2f} s, "
                           "rendered with Workbench", icon="SCENE_DATA")
+        draw_tempo(layout, frames / fps)
         return
     if settings.reference_source == "STRIP":
         strips = strips_of(scene)
@@ -74,6 +86,7 @@ def draw_reference(layout: Any, context: bpy.types.Context) -> None:
         if strip is not None:
             layout.label(text=f"Trimmed: {strip.frame_final_duration} frames, "
                               f"{strip.frame_final_duration / fps:.2f} s")
+            draw_tempo(layout, strip.frame_final_duration / fps)
         return
     layout.prop(settings, "reference_path")
     layout.prop(settings, "trim_unit", expand=True)
@@ -84,6 +97,7 @@ def draw_reference(layout: Any, context: bpy.types.Context) -> None:
         length = settings.clip_end - settings.clip_start
         seconds = length / fps if settings.trim_unit == "FRAMES" else length
         layout.label(text=f"Duration: {seconds:.2f} s ({seconds * fps:.0f} frames)")
+        draw_tempo(layout, seconds)
     else:
         layout.label(text="Duration: to the end of the clip")
 
@@ -113,8 +127,13 @@ def draw_generate(layout: Any, context: bpy.types.Context) -> None:
     row.prop(settings, "seed")
     row.operator("flexiact.randomize_seed", text="", icon="FILE_REFRESH")
     col = layout.column(align=True)
-    for name in ("steps", "guidance", "lora_weight", "reweight_scale", "transition"):
+    for name in ("steps", "guidance", "lora_weight"):
         col.prop(settings, name)
+    col.prop(settings, "reweighting")
+    sub = col.column(align=True)
+    sub.active = settings.reweighting
+    for name in ("reweight_scale", "transition"):
+        sub.prop(settings, name)
     layout.prop(settings, "step_cache")
     layout.prop(settings, "import_mode", expand=True)
     if settings.import_mode in {"PLANE", "BOTH"}:

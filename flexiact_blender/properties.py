@@ -113,6 +113,9 @@ class FlexiActSettings(bpy.types.PropertyGroup):
     guidance: FloatProperty(name="Guidance", min=0.0, max=50.0, default=GENERATION_DEFAULTS["guidance_scale"])
     lora_weight: FloatProperty(name="RefAdapter Weight", min=0.0, max=4.0,
                                default=GENERATION_DEFAULTS["lora_weight"])
+    reweighting: BoolProperty(name="Reweighting", default=True,
+                              description="The paper's frequency-aware reweighting: the action weighs more while "
+                                          "the motion is being shaped. Off: as the authors' released script runs")
     reweight_scale: FloatProperty(name="Motion Strength", min=0.0, max=20.0,
                                   default=GENERATION_DEFAULTS["reweight_scale"])
     transition: FloatProperty(name="Transition", min=0.01, max=1.0, default=GENERATION_DEFAULTS["high_timesteps"],

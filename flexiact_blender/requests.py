@@ -51,8 +51,9 @@ def generation(settings: bpy.types.PropertyGroup, image_path: str, fps: float) -
     prompt = settings.prompt.strip()
     body = {"action": settings.action_id, "prompt": prompt, "seed": settings.seed, "steps": settings.steps,
             "guidance_scale": settings.guidance, "lora_weight": settings.lora_weight,
-            "reweight_scale": settings.reweight_scale, "high_timesteps": settings.transition, "fit": "crop",
-            "step_cache": settings.step_cache, "fps": round(fps, 6)}
+            "reweight_scale": settings.reweight_scale if settings.reweighting else None,
+            "high_timesteps": settings.transition, "fit": "crop", "step_cache": settings.step_cache,
+            "fps": round(fps, 6)}
     return Request("/v1/generations", body, image_path, "image", f"Generate '{prompt[:40]}'")
 
 

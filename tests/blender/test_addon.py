@@ -115,6 +115,15 @@ def test_panels_draw_every_state(addon: Any, tmp_path: Path, space: str) -> None
 
     s.reference_source = "SCENE"
     assert any("rendered with Workbench" in t for t in draw_all(space).kinds("label"))
+    connection = addon.connection.CONNECTION
+    connection.update({"model": {"frames": 9, "fps": 8.0}})  # a backend serving the tiny model: 1.125 s clips
+    try:
+        assert "Learned at real speed: results last 0.50 s" in draw_all(space).kinds("label")  # 12 frames at 24 fps
+        scene.frame_end = scene.frame_start + 47
+        assert "Learned from windows of 1.1 s: results last 1.1 s" in draw_all(space).kinds("label")
+    finally:
+        connection.forget()
+    assert not any(t.startswith("Learned") for t in draw_all(space).kinds("label"))  # unknown model: no claim
     s.reference_source = "STRIP"
     assert any("Sequencer is empty" in t for t in draw_all(space).kinds("label"))
     clip = make_video(tmp_path / "ref.mp4", "24", 48)
@@ -144,6 +153,7 @@ def test_panels_draw_every_state(addon: Any, tmp_path: Path, space: str) -> None
     assert "the action was deleted" in rec.kinds("label")
     assert s.last_error in rec.kinds("label")
     assert "plane_fill_camera" in rec.kinds("prop") and "target_path" in rec.kinds("prop")
+    assert "reweighting" in rec.kinds("prop") and "reweight_scale" in rec.kinds("prop")
 
 
 def test_preferences_draw(addon: Any) -> None:

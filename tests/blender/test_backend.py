@@ -60,11 +60,12 @@ def test_capture_without_camera_is_refused(backend: Any) -> None:
 
 @pytest.fixture(scope="module")
 def action_id(addon: Any) -> str:
-    """An action extracted (a few steps) from the scene's own animation, through the operator."""
+    """An action extracted (a few steps) from the scene's own animation, through the operator: 18 frames at 24 fps,
+    0.75 s, shorter than the tiny model's 1.125 s clip, so it is learned (and plays back) at its real speed."""
     if not os.environ.get("FLEXIACT_TEST_BACKEND_URL"):
         pytest.skip("no backend: FLEXIACT_TEST_BACKEND_URL is not set")
     point_at_test_backend(addon)
-    scene = make_scene(frames=30)
+    scene = make_scene(frames=18)
     s = scene.flexiact
     s.reference_source = "SCENE"
     s.caption = "a cube slides to the right"
@@ -80,7 +81,7 @@ def action_id(addon: Any) -> str:
 
 
 @pytest.mark.parametrize("fps,fps_base", [(24, 1.0), (30, 1.001)])
-def test_generate_imports_strip_and_plane_at_scene_rate(backend: Any, action_id: str, tmp_path: Path,
+def test_generate_imports_strip_and_plane_at_scene_rate(backend: Any, addon: Any, action_id: str, tmp_path: Path,
                                                         fps: int, fps_base: float) -> None:
     scene = make_scene(fps, fps_base)
     bpy.ops.wm.save_as_mainfile(filepath=str(tmp_path / "shot.blend"))
@@ -99,14 +100,17 @@ def test_generate_imports_strip_and_plane_at_scene_rate(backend: Any, action_id:
     assert record.status == "SUCCEEDED" and record.imported
     assert record.video_path.startswith("//flexiact/")
     assert (tmp_path / "flexiact" / Path(record.video_path).name).is_file()
-    model = _health(backend.backend_url)["model"]
-    expected = model["frames"] / model["fps"] * fps / fps_base
+    duration = _client(addon)._json("GET", f"/v1/actions/{action_id}")["duration_s"]
+    assert duration == pytest.approx(0.75)  # the reference's length: the strip and plane play it at that speed
+    expected = duration * fps / fps_base
     strip = _strips(scene)[record.strip_name]
     assert strip.frame_final_start == 5
     assert abs(strip.frame_final_duration - expected) <= 1.0
     assert strip["flexiact_prompt"] == "a cube slides" and strip["flexiact_action"] == action_id
     plane = bpy.data.objects[record.plane_name]
     assert plane["flexiact_job"] == record.job_id
+    texture = next(n for n in plane.active_material.node_tree.nodes if n.type == "TEX_IMAGE")
+    assert abs(texture.image_user.frame_duration - expected) <= 1.0
 
     job_id = record.job_id
     bpy.ops.wm.save_mainfile()
@@ -254,6 +258,10 @@ def test_request_defaults_are_the_apis(backend: Any, addon: Any) -> None:
     body = addon.requests.generation(s, "/tmp/x.png", 24.0).with_file("0" * 64)
     assert set(body) <= set(generation) and set(schemas["GenerationCreate"]["required"]) <= set(body)
     assert body["guidance_scale"] == s.guidance and body["high_timesteps"] == s.transition
+    assert body["reweight_scale"] == s.reweight_scale
+    s.reweighting = False  # the authors' released script: no reweighting, sent as null
+    assert addon.requests.generation(s, "/tmp/x.png", 24.0).body["reweight_scale"] is None
+    assert "null" in [t.get("type") for t in generation["reweight_scale"]["anyOf"]]
     s.caption = "a wave"
     body = addon.requests.extraction(s, "/tmp/x.mp4", 0.0, 1.0).with_file("0" * 64)
     assert set(body) <= set(schemas["ActionCreate"]["properties"])
