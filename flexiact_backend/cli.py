@@ -15,7 +15,7 @@ from .presets import PRESETS
 from .generation import TEMPOS
 from .hub import add_download_command
 from .model.attention import ATTENTION_BACKENDS
-from .service.cli import add_bench_serve, add_serve_command
+from .service.cli import add_bench_serve, add_gc_command, add_serve_command
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -193,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=run_import_action)
 
     add_serve_command(sub)
+    add_gc_command(sub)
     add_download_command(sub)
     add_doctor_command(sub)
 

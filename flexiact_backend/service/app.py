@@ -22,10 +22,9 @@ def create_app(config: ServiceConfig, *, memory_saving: bool = False, refadapter
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        svc.pool.start()
+        svc.start()
         yield
-        svc.pool.stop()
-        svc.db.close()
+        svc.stop()
 
     app = FastAPI(title="FlexiAct backend", version=__version__, lifespan=lifespan,
                   description="Action extraction and generation for the FlexiAct Blender add-on.")

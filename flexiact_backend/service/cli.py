@@ -9,6 +9,8 @@ import logging
 import os
 from pathlib import Path
 
+from .retention import RetentionPolicy
+
 DEFAULT_DATA_DIR = Path(os.environ.get("FLEXIACT_DATA_DIR", Path.home() / ".local" / "share" / "flexiact-backend"))
 
 
@@ -31,6 +33,9 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
                    "the first request (off by default: not yet measured faster on a GPU)")
     p.add_argument("--refadapter", type=Path, help="RefAdapter checkpoint if not inside the model folder")
     p.add_argument("--checkpoint-every", type=int, default=500, help="extraction checkpoint interval (steps)")
+    _add_retention_args(p)
+    p.add_argument("--min-free-mb", type=int, default=1024, help="refuse uploads and jobs (507) when the data "
+                   "dir's disk has less free space than this (default 1024)")
     p.add_argument("--max-job-restarts", type=int, default=3, help="a job running when the service died is "
                    "retried this many times, then fails (so one bad input cannot crash-loop the service)")
     p.add_argument("--max-video-bytes", type=int, help="upload limit for videos (default 2 GiB)")
@@ -75,7 +80,9 @@ def run_serve(args: argparse.Namespace) -> int:
     limits = Limits(**{**limits.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
     config = ServiceConfig(data_dir=args.data_dir, model_dir=args.model, tiny=args.tiny, token=args.token,
                            limits=limits, devices=tuple(args.device), checkpoint_every=args.checkpoint_every,
-                           max_job_restarts=args.max_job_restarts, host=args.host, allowed_hosts=tuple(args.allowed_host), public_docs=args.public_docs,
+                           max_job_restarts=args.max_job_restarts, host=args.host,
+                           min_free_bytes=args.min_free_mb * 1024**2, retention=_retention(args),
+                           allowed_hosts=tuple(args.allowed_host), public_docs=args.public_docs,
                            header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
                            ray_address=args.ray, ray_workers=args.ray_workers, compile=args.compile)
     os.umask(0o077)  # the database, uploads and results are readable by the service's user only
@@ -84,6 +91,48 @@ def run_serve(args: argparse.Namespace) -> int:
     app = create_app(config, memory_saving=args.memory_saving, refadapter=args.refadapter)
     uvicorn.run(app, host=args.host, port=args.port, access_log=args.access_log, timeout_graceful_shutdown=5,
                 http=timed_h11(config.header_timeout_s))
+    return 0
+
+
+def _add_retention_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--keep-results-days", type=float, default=30.0, help="finished generations and uploads no "
+                   "action or recent job needs are removed after this many days (0: keep everything; default 30)")
+    p.add_argument("--max-data-bytes", type=int, help="past this size of the data dir, the oldest files no action "
+                   "or recent job needs are removed first (default: no cap)")
+
+
+def _retention(args: argparse.Namespace) -> RetentionPolicy:
+    return RetentionPolicy(keep_results_days=args.keep_results_days or None, max_data_bytes=args.max_data_bytes)
+
+
+def add_gc_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `gc` (sets `func=run_gc`)."""
+    p = subparsers.add_parser("gc", help="remove what nothing needs from the data dir (also runs inside serve)",
+                              description="Garbage collection and retention of the service's data dir: uploads "
+                              "and results no action or recent job needs, orphaned files, stale work dirs.")
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    p.add_argument("--dry-run", action="store_true", help="only print what would be removed")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_retention_args(p)
+    p.set_defaults(func=run_gc)
+    return p
+
+
+def run_gc(args: argparse.Namespace) -> int:
+    from .retention import collect
+
+    if not (args.data_dir / "state.sqlite3").is_file():
+        raise SystemExit(f"{args.data_dir} is not a FlexiAct data dir (no state.sqlite3 in it)")
+    report = collect(args.data_dir, _retention(args), dry_run=args.dry_run).report()
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    verb = "would free" if args.dry_run else "freed"
+    for path in report["files"] + report["dirs"]:
+        print(path)
+    print(f"{verb} {report['freed_bytes'] / 1024**2:.1f} MiB: {len(report['files'])} files, {len(report['dirs'])} "
+          f"work dirs, {len(report['jobs'])} old jobs, {len(report['file_records'])} file records "
+          f"(data dir was {report['data_bytes_before'] / 1024**2:.1f} MiB)")
     return 0
 
 
@@ -163,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flexiact_backend.service")
     sub = parser.add_subparsers(dest="command", required=True)
     add_serve_command(sub)
+    add_gc_command(sub)
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     add_bench_serve(bench)
     args = parser.parse_args(argv)

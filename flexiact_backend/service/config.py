@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .retention import RetentionPolicy
+
 
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
@@ -40,6 +42,9 @@ class ServiceConfig:
     checkpoint_every: int = 500
     #: a job running when the process died is retried this often, then fails (no crash loop)
     max_job_restarts: int = 3
+    #: uploads and jobs are refused (507) when the data dir's disk has less free space than this
+    min_free_bytes: int = 1024**3
+    retention: RetentionPolicy = field(default_factory=RetentionPolicy)
     #: the bound address; it and the loopback names are the Host headers answered, plus `allowed_hosts`
     host: str = "127.0.0.1"
     allowed_hosts: tuple[str, ...] = ()

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -21,8 +24,20 @@ from .config import ServiceConfig
 from .db import Database
 from .errors import APIError, path_redactor
 from .schemas import ActionCreate, GenerationCreate
+from .retention import collect, tree_bytes
 from .storage import FileStore
 from .worker import WorkerPool, work_dir
+
+
+log = logging.getLogger("flexiact.service")
+#: how often the running service collects garbage (it also does at start)
+GC_INTERVAL_S = 3600.0
+#: how long the data dir's measured size is reused by /v1/health
+USAGE_CACHE_S = 30.0
+
+
+def _mib(n: int) -> str:
+    return f"{n / 1024**2:,.0f} MiB"
 
 
 def transition_fraction(high_timesteps: float) -> float:
@@ -45,6 +60,51 @@ class Service:
         self.info = read_model_info(model_dir)
         self.pool = WorkerPool(config, self.db, self.store, model_dir, self.info,
                                memory_saving=memory_saving, refadapter=refadapter)
+        self._stop_gc = threading.Event()
+        self._gc_thread = threading.Thread(target=self._collect_garbage, name="flexiact-gc", daemon=True)
+        self._usage: tuple[float, int] = (0.0, 0)
+
+    def start(self) -> None:
+        self.pool.start()
+        self._gc_thread.start()
+
+    def stop(self) -> None:
+        self._stop_gc.set()
+        self.pool.stop()
+        self._gc_thread.join(5.0)
+        self.db.close()
+
+    def _collect_garbage(self) -> None:
+        """At start and every GC_INTERVAL_S: retention and garbage collection (see retention.py)."""
+        while not self._stop_gc.is_set():
+            try:
+                self.db.ensure_reserve()
+                report = collect(Path(self.config.data_dir), self.config.retention)
+                if report.freed_bytes or report.jobs:
+                    log.info("garbage collection freed %s (%d files, %d work dirs, %d old jobs)",
+                             _mib(report.freed_bytes), len(report.files), len(report.dirs), len(report.jobs))
+            except Exception:  # never stop the service for it; the next round tries again
+                log.exception("garbage collection failed")
+            self._stop_gc.wait(GC_INTERVAL_S)
+
+    # ---- disk --------------------------------------------------------------------------------
+    def require_free(self, incoming: int = 0) -> None:
+        """A 507 unless the data disk keeps `min_free_bytes` after `incoming` more bytes; nothing is written."""
+        free = shutil.disk_usage(self.config.data_dir).free
+        floor = self.config.min_free_bytes
+        if free < incoming + floor:
+            raise APIError(507, "insufficient_storage", (
+                f"the server's disk has {_mib(free)} free; this needs {_mib(incoming)} plus a reserve of "
+                f"{_mib(floor)}. Free space on the server (or run `flexiact-backend gc`) and try again."))
+
+    def disk_health(self) -> dict:
+        usage = shutil.disk_usage(self.config.data_dir)
+        at, used = self._usage
+        if time.monotonic() - at > USAGE_CACHE_S:
+            used = tree_bytes(Path(self.config.data_dir))
+            self._usage = (time.monotonic(), used)
+        return {"free_bytes": usage.free, "total_bytes": usage.total, "data_bytes": used,
+                "min_free_bytes": self.config.min_free_bytes, "low": usage.free < self.config.min_free_bytes}
 
     # ---- lookups -----------------------------------------------------------------------------
     def stored_file(self, file_id: str) -> dict:
@@ -93,6 +153,7 @@ class Service:
 
     def queue_extraction(self, body: ActionCreate) -> tuple[dict, dict]:
         """Queue an extraction (or return the existing action for the same request); returns (action, job)."""
+        self.require_free()
         action, job, _created = self.db.create_extraction(
             key=self.extraction_key(body), name=body.name, caption=body.caption, video=body.video,
             start_s=body.start_s, end_s=body.end_s, steps=body.steps, seed=body.seed, base_model=self.info.id,
@@ -101,6 +162,7 @@ class Service:
         return action, job
 
     def queue_generation(self, body: GenerationCreate) -> dict:
+        self.require_free()
         params = body.model_dump()
         params["transition"] = transition_fraction(body.high_timesteps)
         job = self.db.create_generation(params, body.steps, body.action)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sqlite3
 import threading
 import time
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 TERMINAL = ("succeeded", "failed", "cancelled")
+#: disk space kept beside the database so that job outcomes can be recorded on a full disk
+RESERVE_BYTES = 1024**2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files(
@@ -62,6 +65,7 @@ class Database:
 
     def __init__(self, path: Path, redact: Callable[[str], str] = lambda text: text) -> None:
         self._redact = redact  # job errors are shown to clients: no server paths in them
+        self._reserve_path = Path(f"{path}-reserve")
         self._lock = threading.RLock()
         self._conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._conn.row_factory = sqlite3.Row
@@ -86,16 +90,40 @@ class Database:
         with self._lock:
             return self._conn.execute(sql, args).fetchall()
 
-    def _tx(self, statements: list[tuple[str, tuple]]) -> None:
+    def _tx(self, statements: list[tuple[str, tuple]], *, use_reserve: bool = False) -> None:
+        """One transaction; with `use_reserve`, on a full disk the reserve is given up and it is tried once more."""
         with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
             try:
-                for sql, args in statements:
-                    self._conn.execute(sql, args)
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
+                self._run_tx(statements)
+            except sqlite3.OperationalError as exc:
+                if not use_reserve or "full" not in str(exc) or not self._reserve_path.exists():
+                    raise
+                self._reserve_path.unlink()  # so that a job's failure can still be recorded
+                self._run_tx(statements)
+
+    def _run_tx(self, statements: list[tuple[str, tuple]]) -> None:
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            for sql, args in statements:
+                self._conn.execute(sql, args)
             self._conn.execute("COMMIT")
+        except BaseException:
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+            raise
+
+    def ensure_reserve(self) -> None:
+        """Keep RESERVE_BYTES allocated beside the database: the space its writes get when the disk is full."""
+        if self._reserve_path.exists():
+            return
+        try:
+            fd = os.open(self._reserve_path, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, RESERVE_BYTES)
+            finally:
+                os.close(fd)
+        except OSError:  # no room for it now; the next garbage collection tries again
+            self._reserve_path.unlink(missing_ok=True)
 
     # ---- start-up recovery -------------------------------------------------------------------
     def recover(self, max_restarts: int = 3) -> int:
@@ -300,7 +328,7 @@ class Database:
              (status, status, time.time(), err, job_id)),
             ("UPDATE actions SET status=?, error=? WHERE job=? AND status='pending'",
              ("cancelled" if status == "cancelled" else "failed", err, job_id)),
-        ])
+        ], use_reserve=True)  # a job's end must be recorded even on a full disk
 
     def cancel_requested(self, job_id: str) -> bool:
         row = self._one("SELECT cancel_requested FROM jobs WHERE id=?", (job_id,))

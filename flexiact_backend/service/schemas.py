@@ -64,6 +64,14 @@ class WorkerHealth(BaseModel):
     job: str | None = Field(description="the job it runs now")
 
 
+class DiskHealth(BaseModel):
+    free_bytes: int = Field(description="free space on the data dir's disk")
+    total_bytes: int
+    data_bytes: int = Field(description="what the data dir holds (measured at most every 30 s)")
+    min_free_bytes: int = Field(description="below this free space, uploads and jobs are refused with a 507")
+    low: bool
+
+
 class Health(BaseModel):
     status: Literal["ok", "loading", "error"]
     version: str
@@ -72,6 +80,7 @@ class Health(BaseModel):
     queue: QueueHealth
     workers: list[WorkerHealth]
     presets: dict[str, int] = Field(description="extraction steps per preset name; clients show these, not their own")
+    disk: DiskHealth
 
 
 class FileInfo(BaseModel):

@@ -130,6 +130,7 @@ async def receive_upload(svc: Service, request: Request, filename: str | None, f
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise too_large
+    svc.require_free(int(declared) if declared.isdigit() else 0)
     try:
         tmp, sha, size = await svc.store.receive(request.stream(), limit, "")
     except TooLarge:

@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import socket
+import sqlite3
 import threading
 import time
 import traceback
@@ -34,8 +35,9 @@ from .storage import FileStore
 
 log = logging.getLogger("flexiact.service")
 
-DISK_FULL_MESSAGE = ("The server's disk filled up while this job wrote its result; nothing partial was kept. "
-                     "Free space on the server (or run `flexiact-backend gc`), then submit the job again.")
+DISK_FULL_MESSAGE = ("The server's disk filled up while this job wrote its files; nothing partial was kept. If the "
+                     "server's disk is full, free space on it (or run `flexiact-backend gc`), then submit the job "
+                     "again.")
 CUDA_MESSAGE = ("The GPU reported an error ({error}); the job failed and its worker is restarting. Submit the job "
                 "again; if it fails the same way, check the GPU with `nvidia-smi` and `flexiact-backend doctor`.")
 #: The database is written at most this often per job (and always on a phase change or the last step).
@@ -108,6 +110,13 @@ class Worker:
     def health(self) -> dict:
         return {"id": self.id, "node": self.node, "device": self.device, "pid": self.pid, "state": self.state,
                 "job": self.job}
+
+
+def _disk_full(exc: Exception) -> bool:
+    """A full disk, as the OS or SQLite reports it."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(exc, sqlite3.OperationalError) and "full" in str(exc)
 
 
 def work_dir(data_dir: Path, action_id: str) -> Path:
@@ -203,9 +212,13 @@ class WorkerPool:
                 log.warning("%s on %s is gone; waiting for it to come back", worker.id, worker.node)
                 worker.state = "dead"
                 continue
-            job = self._next_job(worker)
-            if job is not None:
-                self._run_job(worker, job)
+            try:
+                job = self._next_job(worker)
+                if job is not None:
+                    self._run_job(worker, job)
+            except Exception:  # the database could not be written (e.g. a full disk): the worker lives on
+                log.exception("%s could not record a job's state; trying again in a second", worker.id)
+                self._stop.wait(1.0)
 
     def _load(self, worker: Worker) -> bool:
         """Load (or reload after a loss) the worker's pipeline; False when it failed for good."""
@@ -257,7 +270,7 @@ class WorkerPool:
             self.db.fail_job(job_id, "failed", exc.code, str(exc))
         except Exception as exc:  # a bug or an environment problem: the job fails, the worker lives on
             log.error("job %s failed:\n%s", job_id, traceback.format_exc())
-            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            if _disk_full(exc):
                 self.db.fail_job(job_id, "failed", "insufficient_storage", DISK_FULL_MESSAGE)
             elif is_cuda_failure(exc):
                 self.db.fail_job(job_id, "failed", "cuda_error", CUDA_MESSAGE.format(error=exc))

@@ -33,6 +33,7 @@ def import_wrong_method() -> None:
 def import_action(svc: Svc, body: ActionImport) -> dict:
     """Turn an uploaded published `.pt` (or a project safetensors) into a ready action, no training."""
     src = svc.file_of_kind(body.file, "checkpoint")
+    svc.require_free()
     out = svc.store.tmp_path(".safetensors")
     try:
         meta = import_published_action(svc.store.path(src["path"]), name=body.name, caption=body.caption,

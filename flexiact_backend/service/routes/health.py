@@ -24,4 +24,4 @@ def health(svc: Svc) -> dict:
                       "frames": i.frames, "fps": i.fps,
                       "error": svc.redact(svc.pool.load_error) if svc.pool.load_error else None},
             "device": svc.pool.device_health(), "queue": svc.db.queue_counts(), "workers": svc.pool.workers_health(),
-            "presets": PRESETS}
+            "presets": PRESETS, "disk": svc.disk_health()}
