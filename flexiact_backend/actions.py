@@ -23,8 +23,19 @@ FORMAT_VERSION = 1
 _TOKEN_KEY = re.compile(r"^transformer_blocks\.(\d+)\.attn1\.processor\.motion_inversion_tokens$")
 
 
+#: what action tokens may be stored as; they are used in float32
+TOKEN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def expected_action_shapes(num_layers: int, num_motion_tokens: int, inner_dim: int) -> dict[str, torch.Size]:
+    """The keys and shapes an action must have to be used by a model of this size."""
+    shape = torch.Size([1, num_motion_tokens, inner_dim])
+    return {f"transformer_blocks.{i}.attn1.processor.motion_inversion_tokens": shape for i in range(num_layers)}
+
+
 def check_action_tokens(tensors: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size] | None = None) -> None:
-    """Keys are `transformer_blocks.{0..n-1}.attn1.processor.motion_inversion_tokens`, all [1, N, D] alike."""
+    """Keys are `transformer_blocks.{0..n-1}.attn1.processor.motion_inversion_tokens`, all [1, N, D] alike,
+    float32/16/bf16 and finite; with `expected`, exactly those keys and shapes."""
     layers = sorted(int(m.group(1)) for k in tensors if (m := _TOKEN_KEY.match(k)))
     foreign = [k for k in tensors if not _TOKEN_KEY.match(k)]
     if foreign or not layers:
@@ -34,6 +45,14 @@ def check_action_tokens(tensors: Mapping[str, torch.Tensor], expected: Mapping[s
     shapes = {tuple(v.shape) for v in tensors.values()}
     if len(shapes) != 1 or len(next(iter(shapes))) != 3 or next(iter(shapes))[0] != 1:
         raise CheckpointError(f"not a FlexiAct action: token tensors must all be [1, N, D], found {sorted(shapes)[:3]}")
+    bad_dtype = sorted({str(v.dtype) for v in tensors.values() if v.dtype not in TOKEN_DTYPES})
+    if bad_dtype:
+        raise CheckpointError(f"not a FlexiAct action: tokens are {', '.join(bad_dtype)}; expected float32, float16 "
+                              "or bfloat16")
+    not_finite = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
+    if not_finite:
+        raise CheckpointError(f"not a usable FlexiAct action: {len(not_finite)} token tensor(s) hold NaN or "
+                              f"infinite values, e.g. {not_finite[0]}")
     if expected is not None:
         check_state_dict(dict(tensors), expected, "FlexiAct action")
 

@@ -25,6 +25,9 @@ class ModelInfo:
     alpha: float = 32
     num_motion_tokens: int = 226
     text_length: int = 226
+    #: transformer blocks, each with one [1, num_motion_tokens, inner_dim] action token tensor
+    num_layers: int = 42
+    inner_dim: int = 3072
 
     @property
     def duration_s(self) -> float:
@@ -53,4 +56,6 @@ def read_model_info(model_dir: str | Path) -> ModelInfo:
         alpha=float(extra.get("alpha", 32)),
         num_motion_tokens=int(extra.get("num_motion_tokens", 226)),
         text_length=int(transformer.get("max_text_seq_length", 226)),
+        num_layers=int(transformer["num_layers"]),
+        inner_dim=int(transformer["num_attention_heads"]) * int(transformer["attention_head_dim"]),
     )

@@ -250,23 +250,19 @@ def test_health_serves_the_extraction_presets(client: Client) -> None:
     assert presets == PRESETS and presets["standard"] == 3000 and 0 < presets["quick"] < presets["standard"]
 
 
-def test_failing_job_reports_why_and_the_next_job_runs(client: Client, image: dict, tmp_path: Path) -> None:
-    """A job that raises (here: an action whose tokens do not fit the model) fails alone; the worker lives on."""
-    import torch
-
-    from flexiact_backend.generation import FlexiActGenerator
-    from flexiact_backend.tiny import ensure_tiny_model
-
-    gen = FlexiActGenerator.from_pretrained(ensure_tiny_model(tmp_path), device="cpu")
-    wrong = {k: torch.zeros(1, v.shape[1], v.shape[2] + 1) for k, v in gen.adapter.action_state_dict().items()}
-    torch.save(wrong, tmp_path / "wrong.pt")
-    file = upload(client, (tmp_path / "wrong.pt").read_bytes(), "application/octet-stream", "wrong.pt")
-    status, action = client.request("POST", "/v1/actions/import", json_body={"name": "w", "caption": "c",
-                                                                              "file": file["id"]})
-    assert status == 201, action
-    failed = wait_job(client, _generate(client, image, action=action["id"], steps=2)["id"])
+def test_failing_job_reports_why_and_the_next_job_runs(client: Client, server: ServerProcess) -> None:
+    """A job that raises (here: its image's bytes vanish while it waits) fails alone; the worker lives on."""
+    blocker = _generate(client, upload(client, png_bytes(21), "image/png", "b.png"), steps=1000)
+    wait_job(client, blocker["id"], ("running",), min_step=1)
+    doomed = upload(client, png_bytes(22), "image/png", "d.png")
+    queued = _generate(client, doomed, steps=2)
+    next((server.data_dir / "files" / doomed["id"][:2]).glob(doomed["id"] + "*")).unlink()
+    client.request("POST", f"/v1/jobs/{blocker['id']}/cancel")
+    failed = wait_job(client, queued["id"])
     assert failed["status"] == "failed" and failed["error"]["message"], failed
-    assert wait_job(client, _generate(client, image, steps=2)["id"])["status"] == "succeeded"
+    assert str(server.data_dir) not in failed["error"]["message"]
+    fresh = upload(client, png_bytes(23), "image/png", "n.png")
+    assert wait_job(client, _generate(client, fresh, steps=2)["id"])["status"] == "succeeded"
 
 
 def test_twenty_clients_poll_and_upload_while_a_job_runs(client: Client, image: dict) -> None:

@@ -113,3 +113,55 @@ def test_no_server_path_in_messages_and_files_are_owner_only(client: Client, ser
     for path in [server.data_dir / "state.sqlite3", *(server.data_dir / "files").rglob("*")]:
         mode = stat.S_IMODE(path.stat().st_mode)
         assert mode & 0o077 == 0, (path.name, oct(mode))
+
+
+def test_imports_the_model_cannot_use_are_422(client: Client, tmp_path: Path) -> None:
+    import torch
+
+    good = _tokens(tmp_path)
+    first = next(iter(good))
+    cases = {
+        "layer count": dict(list(good.items())[:-1]),
+        "token shape": {k: torch.zeros(1, v.shape[1] + 1, v.shape[2]) for k, v in good.items()},
+        "dtype": {k: v.to(torch.int32) for k, v in good.items()},
+        "NaN": {**good, first: torch.full_like(good[first], float("nan"))},
+    }
+    for what, tokens in cases.items():
+        torch.save(tokens, tmp_path / "bad.pt")
+        file = upload(client, (tmp_path / "bad.pt").read_bytes(), "application/octet-stream", "bad.pt")
+        status, body = client.request("POST", "/v1/actions/import", json_body={"name": "x", "caption": "c",
+                                                                                "file": file["id"]})
+        assert status == 422 and body["error"]["code"] == "bad_checkpoint", (what, body)
+        assert "layers of motion tokens shaped [1, " in body["error"]["message"], (what, body)
+    torch.save(good, tmp_path / "good.pt")
+    file = upload(client, (tmp_path / "good.pt").read_bytes(), "application/octet-stream", "good.pt")
+    assert client.request("POST", "/v1/actions/import", json_body={"name": "x", "caption": "c",
+                                                                    "file": file["id"]})[0] == 201
+
+
+def test_archive_bomb_is_refused_at_upload_in_bounded_memory(client: Client, server: ServerProcess,
+                                                            tmp_path: Path) -> None:
+    import zipfile
+
+    bomb = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as z:
+        with z.open("archive/data.pkl", "w", force_zip64=True) as f:
+            for _ in range(256):  # 256 MiB of zeros in a few hundred kB
+                f.write(bytes(1 << 20))
+    forged = tmp_path / "forged.pt"  # an uncompressed entry whose directory claims far more than the file holds
+    with zipfile.ZipFile(forged, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("archive/data.pkl", b"x" * 100)
+    raw = bytearray(forged.read_bytes())
+    cd = raw.rfind(b"PK\x01\x02")
+    raw[cd + 24:cd + 28] = (3 * 1024**3).to_bytes(4, "little")  # uncompressed size in the central directory
+    forged.write_bytes(bytes(raw))
+
+    rss = lambda: int(next(line.split()[1] for line in Path(f"/proc/{server.proc.pid}/status").read_text()  # noqa: E731
+                           .splitlines() if line.startswith("VmRSS:")))
+    before = rss()
+    for path in (bomb, forged):
+        status, body = client.upload(path.read_bytes(), "application/octet-stream", path.name)
+        assert status == 422 and body["error"]["code"] == "bad_checkpoint", body
+        sha = hashlib.sha256(path.read_bytes()).hexdigest()
+        assert client.request("HEAD", f"/v1/files/{sha}")[0] == 404
+    assert (rss() - before) / 1024 < 32, "refusing the bombs took memory"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -59,6 +60,30 @@ def _read_pickle(path: Path) -> StateDict:
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} holds a {type(state).__name__}, not a dict of tensors")
     return state
+
+
+def check_torch_archive(path: str | Path, max_unpacked_bytes: int) -> None:
+    """Refuse a torch.save zip that would unpack past `max_unpacked_bytes`, before anything is unpickled.
+
+    torch.save stores its entries uncompressed, so a real checkpoint unpacks to at most its own size; a
+    compressed entry (an archive bomb) or sizes that do not fit in the file are refused as they are.
+    """
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(f"{path.name} is not a readable checkpoint archive ({e})") from e
+    compressed = [e.filename for e in entries if e.compress_type != zipfile.ZIP_STORED]
+    if compressed:
+        raise CheckpointError(f"{path.name} compresses {len(compressed)} entries (e.g. {compressed[0]}); torch.save "
+                              "writes checkpoints uncompressed, so it is refused before unpacking")
+    total = sum(e.file_size for e in entries)
+    if total > path.stat().st_size:
+        raise CheckpointError(f"{path.name} claims {total} bytes of content in a {path.stat().st_size}-byte file; "
+                              "the archive is damaged or forged")
+    if total > max_unpacked_bytes:
+        raise CheckpointError(f"{path.name} unpacks to {total} bytes; the limit is {max_unpacked_bytes}")
 
 
 def check_state_dict(state: StateDict, expected: Mapping[str, torch.Size], what: str) -> None:

@@ -119,13 +119,65 @@ def run_load(client: Client, current_job: Callable[[], str], *, clients: int = 2
             "error_samples": errors[:5], "job_status_seen": statuses}
 
 
+def rss_mib(pid: int) -> float:
+    """Resident memory of a process (Linux /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def queue_memory(client: Client, pid: int | None, *, queued: int = 200, pollers: int = 30, rounds: int = 20) -> dict:
+    """Queue `queued` generations, let `pollers` clients poll them and the job list; server RSS before and after.
+
+    Why: a studio's queue grows and every add-on polls; the server's memory must not grow with either.
+    """
+    status, image = client.upload(png_bytes(int(time.time_ns() % 1_000_003)), "image/png", "queue.png")
+    if status != 201:
+        raise RuntimeError(f"upload failed: {status} {image}")
+    before = rss_mib(pid) if pid else None
+    ids = []
+    for _ in range(queued):
+        s, r = client.request("POST", "/v1/generations", json_body={"image": image["id"], "prompt": "q", "steps": 1})
+        if s != 202:
+            raise RuntimeError(f"generation refused: {s} {r}")
+        ids.append(r["job"]["id"])
+    after_queue = rss_mib(pid) if pid else None
+    errors: list[str] = []
+
+    def poll(c: int) -> None:
+        for r in range(rounds):
+            path = "/v1/jobs?limit=200" if r % 5 == 0 else f"/v1/jobs/{ids[(c * rounds + r) % len(ids)]}"
+            s, body = client.request("GET", path)
+            if s != 200:
+                errors.append(f"{path}: {s}")
+
+    threads = [threading.Thread(target=poll, args=(c,)) for c in range(pollers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    after_polls = rss_mib(pid) if pid else None
+    for job_id in ids:  # finished ones answer 409, which is fine here
+        client.request("POST", f"/v1/jobs/{job_id}/cancel")
+    return {"queued": queued, "pollers": pollers, "polls": pollers * rounds, "errors": len(errors),
+            "rss_mib": {"before": before, "after_queue": after_queue, "after_polls": after_polls,
+                        "growth": round(after_polls - before, 1) if pid else None}}
+
+
 def bench_serve(*, url: str | None = None, token: str | None = None, clients: int = 20, rounds: int = 50,
-                upload_every: int = 5) -> dict:
-    """Run the load against `url`, or against a tiny server started for the purpose."""
+                upload_every: int = 5, queued: int = 200, pollers: int = 30) -> dict:
+    """Run the load against `url`, or against a tiny server started for the purpose (then RSS is measured too)."""
     if url is not None:
-        return _bench(Client(url, token), clients, rounds, upload_every)
+        client = Client(url, token)
+        report = _bench(client, clients, rounds, upload_every)
+        report["queue"] = queue_memory(client, None, queued=queued, pollers=pollers)
+        return report
     with tempfile.TemporaryDirectory(prefix="flexiact-bench-") as d, ServerProcess(Path(d)) as server:
-        return _bench(Client(server.url), clients, rounds, upload_every)
+        client = Client(server.url)
+        report = _bench(client, clients, rounds, upload_every)
+        report["queue"] = queue_memory(client, server.proc.pid, queued=queued, pollers=pollers)
+        return report
 
 
 def _bench(client: Client, clients: int, rounds: int, upload_every: int) -> dict:
@@ -172,6 +224,11 @@ def format_table(report: dict) -> str:
     for name, p in rows:
         lines.append(f"{name:<10}{p['n']:>7}{p['p50'] or 0:>10.1f}{p['p95'] or 0:>10.1f}{p['max'] or 0:>10.1f}")
     lines.append(f"errors: {report['errors']}   clients: {report['clients']}   wall: {report['seconds']} s")
+    if "queue" in report:
+        q, m = report["queue"], report["queue"]["rss_mib"]
+        lines.append(f"{q['queued']} queued jobs, {q['pollers']} pollers ({q['polls']} polls, {q['errors']} errors): "
+                     f"server RSS {m['before']} -> {m['after_queue']} -> {m['after_polls']} MiB "
+                     f"(growth {m['growth']} MiB)")
     return "\n".join(lines)
 
 

@@ -172,6 +172,8 @@ def add_bench_serve(subparsers: argparse._SubParsersAction) -> argparse.Argument
     p.add_argument("--clients", type=int, default=20)
     p.add_argument("--rounds", type=int, default=50, help="polls per client")
     p.add_argument("--upload-every", type=int, default=5, help="each client uploads an image every N polls")
+    p.add_argument("--queued", type=int, default=200, help="generations queued for the memory measurement")
+    p.add_argument("--pollers", type=int, default=30, help="clients polling the queued jobs")
     p.add_argument("--json", type=Path, help="also write the JSON report here")
     p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                    help="instead: throughput of a queue of tiny jobs with 1 worker vs --ray-workers, on the Ray "
@@ -194,9 +196,9 @@ def run_bench_serve(args: argparse.Namespace) -> int:
         _print_report(report, format_cluster_table(report), args.json)
         return 0
     report = bench_serve(url=args.url, token=args.token, clients=args.clients, rounds=args.rounds,
-                         upload_every=args.upload_every)
+                         upload_every=args.upload_every, queued=args.queued, pollers=args.pollers)
     _print_report(report, format_table(report), args.json)
-    return 0 if report["errors"] == 0 else 1
+    return 0 if report["errors"] == 0 and report["queue"]["errors"] == 0 else 1
 
 
 def _print_report(report: dict, table: str, json_path: Path | None) -> None:

@@ -17,6 +17,7 @@ from fastapi.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from .. import media, sequences
+from ..model.checkpoints import check_torch_archive
 from ..errors import CheckpointError, MediaError
 from .config import Limits
 from .context import Service
@@ -111,6 +112,8 @@ def _inspect(path: Path, claimed: str | None, fps: float | None, limits: Limits
             out.unlink(missing_ok=True)
             raise
     fmt = checkpoint_format(path)
+    if fmt == "torch":  # unpickling reads every entry: refuse a bomb from the archive's directory alone
+        check_torch_archive(path, limits.checkpoint_bytes)
     return kind, {"format": fmt}, _renamed(path, "pt" if fmt == "torch" else "safetensors"), None
 
 

@@ -6,7 +6,8 @@ from fastapi import APIRouter, Response
 from fastapi.responses import FileResponse
 
 from ... import media
-from ...actions import import_published_action
+from ...actions import expected_action_shapes, import_published_action
+from ...errors import CheckpointError
 from ..context import Svc
 from ..errors import APIError
 from ..schemas import Action, ActionAccepted, ActionCreate, ActionImport, ActionList, ObjectId, job_out
@@ -34,11 +35,16 @@ def import_action(svc: Svc, body: ActionImport) -> dict:
     """Turn an uploaded published `.pt` (or a project safetensors) into a ready action, no training."""
     src = svc.file_of_kind(body.file, "checkpoint")
     svc.require_free()
+    i = svc.info
     out = svc.store.tmp_path(".safetensors")
     try:
         meta = import_published_action(svc.store.path(src["path"]), name=body.name, caption=body.caption,
-                                       base_model=svc.info.id, out=out, model_duration_s=svc.info.duration_s)
+                                       base_model=i.id, out=out, model_duration_s=i.duration_s,
+                                       expected=expected_action_shapes(i.num_layers, i.num_motion_tokens, i.inner_dim))
         sha, _rel, _size = svc.store.adopt(out)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}. This server's model ({i.id}) uses {i.num_layers} layers of motion tokens "
+                              f"shaped [1, {i.num_motion_tokens}, {i.inner_dim}], float32/16/bf16, finite.") from None
     finally:
         out.unlink(missing_ok=True)
     return svc.db.add_imported_action(name=body.name, caption=body.caption, base_model=svc.info.id,
