@@ -51,6 +51,17 @@ def test_request_types_are_strict_and_ranges_sane(client: Client) -> None:
     assert client.request("POST", "/v1/actions", json_body=trim)[0] == 422
 
 
+def test_a_malformed_exif_chunk_is_a_422(client: Client) -> None:
+    import struct
+    import zlib
+
+    png = png_bytes(34)
+    exif = b"\x00" * 3  # an eXIf chunk that is not TIFF data: Pillow raises SyntaxError on it
+    chunk = struct.pack(">I", len(exif)) + b"eXIf" + exif + struct.pack(">I", zlib.crc32(b"eXIf" + exif))
+    status, body = client.upload(png[:33] + chunk + png[33:], "image/png", "exif.png")
+    assert status == 422 and body["error"]["code"] == "bad_media" and "exif.png" in body["error"]["message"], body
+
+
 def test_cancel_of_a_finished_job_is_409(client: Client) -> None:
     image = upload(client, png_bytes(32), "image/png", "t.png")
     status, body = client.request("POST", "/v1/generations", json_body={"image": image["id"], "prompt": "p",

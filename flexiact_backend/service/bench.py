@@ -128,13 +128,21 @@ def rss_mib(pid: int) -> float:
 
 
 def queue_memory(client: Client, pid: int | None, *, queued: int = 200, pollers: int = 30, rounds: int = 20) -> dict:
-    """Queue `queued` generations, let `pollers` clients poll them and the job list; server RSS before and after.
+    """Queue `queued` generations behind a running one, let `pollers` clients poll them and the job list;
+    server RSS before and after.
 
     Why: a studio's queue grows and every add-on polls; the server's memory must not grow with either.
     """
     status, image = client.upload(png_bytes(int(time.time_ns() % 1_000_003)), "image/png", "queue.png")
     if status != 201:
         raise RuntimeError(f"upload failed: {status} {image}")
+    s, r = client.request("POST", "/v1/generations", json_body={"image": image["id"], "prompt": "b", "steps": 100_000})
+    if s != 202:
+        raise RuntimeError(f"generation refused: {s} {r}")
+    blocker = r["job"]["id"]  # keeps the worker on one warm job, so the queue stays queued while measured
+    deadline = time.monotonic() + 600
+    while client.request("GET", f"/v1/jobs/{blocker}")[1]["step"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
     before = rss_mib(pid) if pid else None
     ids = []
     for _ in range(queued):
@@ -158,7 +166,7 @@ def queue_memory(client: Client, pid: int | None, *, queued: int = 200, pollers:
     for t in threads:
         t.join()
     after_polls = rss_mib(pid) if pid else None
-    for job_id in ids:  # finished ones answer 409, which is fine here
+    for job_id in [*ids, blocker]:
         client.request("POST", f"/v1/jobs/{job_id}/cancel")
     return {"queued": queued, "pollers": pollers, "polls": pollers * rounds, "errors": len(errors),
             "rss_mib": {"before": before, "after_queue": after_queue, "after_polls": after_polls,

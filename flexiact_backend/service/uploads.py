@@ -96,7 +96,13 @@ def _inspect(path: Path, claimed: str | None, fps: float | None, limits: Limits
         _video_limits(info, limits)
         return kind, info.to_meta(), _renamed(path, info.container), None
     if kind == "image":
-        w, h = media.read_image_info(path, max_pixels=limits.image_pixels)
+        try:
+            w, h = media.read_image_info(path, max_pixels=limits.image_pixels)
+        except (MediaError, APIError):
+            raise
+        except Exception as exc:  # Pillow raises many types on malformed metadata (e.g. SyntaxError on bad EXIF)
+            raise MediaError(f"{path.name}: the image's metadata could not be read ({type(exc).__name__}: {exc}); "
+                             "save it again without EXIF, as PNG or JPEG.") from None
         return kind, {"width": w, "height": h}, _renamed(path, media.classify(path)[1]), None  # type: ignore[index]
     if kind == "sequence":
         if fps is None:
