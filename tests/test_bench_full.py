@@ -1,12 +1,30 @@
-"""The fake-tensor estimate's accounting (`bench full --estimate`)."""
+"""`bench full` end to end at reduced size on the CPU, and the fake-tensor estimate's accounting."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 
+from flexiact_backend.cli import main
 from flexiact_backend.estimate import LiveBytes, estimate_full
 from flexiact_backend.full_size import FullSize
+
+
+@pytest.mark.slow
+def test_bench_full_runs_end_to_end_at_reduced_size(tmp_path, capsys) -> None:
+    out = tmp_path / "full.json"
+    assert main(["bench", "full", "--device", "cpu", "--layers", "2", "--frames", "9", "--height", "64", "--width", "96",
+                 "--steps", "2", "--repeats", "1", "--modes", "eager", "memory_saving", "fp8", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    results = report["results"]
+    for phase in ("text_encoding", "transformer_step_unbiased", "transformer_step_biased", "vae_decode", "request_to_mp4",
+                  "extraction_step", "extraction_step_selective_recompute"):
+        assert results[f"eager/{phase}"]["median_s"] > 0, phase
+        assert results[f"eager/{phase}"]["cpu_new_tensors_peak_bytes"] > 0, phase
+    assert "unsupported" in results["memory_saving"] and "unsupported" in results["fp8"]
+    assert "transformer_step_biased" in capsys.readouterr().out  # the table
 
 
 def test_live_bytes_counts_new_storages_not_views() -> None:
