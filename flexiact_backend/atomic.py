@@ -16,6 +16,7 @@ def write_atomically(path: str | Path, write: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs get the mode the videos written beside them get
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

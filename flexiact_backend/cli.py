@@ -106,17 +106,18 @@ def run_extract(args: argparse.Namespace) -> int:
     generator = _load_generator(args)
     with tqdm(total=steps, desc="extract", unit="step", file=sys.stderr) as bar:
         def progress(update: dict) -> None:
+            if update.get("phase") and update["phase"] != bar.desc:  # decoding, encoding, training, saving
+                bar.set_description(update["phase"])
             if "step" in update:
                 bar.update(update["step"] - bar.n)
                 if update.get("loss") is not None:
                     bar.set_postfix(loss=f"{update['loss']:.4f}")
-            else:
-                bar.set_description(update["phase"])
 
         meta = extract_action(generator, video=video, start_s=args.start, end_s=args.end, caption=args.caption,
                               name=args.name or out.stem, out=out, work_dir=work_dir, steps=steps, seed=args.seed,
                               checkpoint_every=args.checkpoint_every, progress=progress)
-    print(f"wrote {out} after {meta['steps']} steps, final loss {meta['final_loss']:.4f}")
+    last = f"last step's loss {meta['losses'][-1]:.4f}, " if meta.get("losses") else ""
+    print(f"wrote {out} after {meta['steps']} steps, {last}mean loss of the last fifth {meta['final_loss']:.4f}")
     return 0
 
 

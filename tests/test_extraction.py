@@ -136,6 +136,8 @@ def test_cli_extract_import_generate(tiny_model_dir, motion_clip, tmp_path, targ
     action = tmp_path / "slide.safetensors"
     assert main(["extract", "--model", str(tiny_model_dir), "--device", "cpu", "--video", str(motion_clip), "--start", "0",
                  "--end", "2", "--caption", "a block slides", "--steps", "6", "--checkpoint-every", "3", "--out", str(action)]) == 0
+    printed = capsys.readouterr()
+    assert "last step's loss" in printed.out and "training" in printed.err  # the bar names the phase it is in
     assert main(["extract", "--model", str(tiny_model_dir), "--device", "cpu", "--video", str(motion_clip), "--end", "2",
                  "--caption", "a block slides", "--steps", "6", "--out", str(action)]) == 2
     assert "--resume" in capsys.readouterr().err
@@ -145,6 +147,8 @@ def test_cli_extract_import_generate(tiny_model_dir, motion_clip, tmp_path, targ
     assert main(["generate", "--model", str(tiny_model_dir), "--device", "cpu", "--action", str(tmp_path / "imp.safetensors"),
                  "--image", str(image), "--prompt", "a block slides", "--steps", "3", "--fps", "24", "--out", str(out)]) == 0
     assert probe_video(out).frames == 27
+    # the action files get the mode the video gets (not mkstemp's 0600)
+    assert {f.stat().st_mode & 0o777 for f in (action, tmp_path / "imp.safetensors")} == {out.stat().st_mode & 0o777}
     assert main(["generate", "--model", str(tiny_model_dir), "--image", str(tmp_path / "missing.png"), "--prompt", "p", "--out", str(out)]) == 2
 
 

@@ -28,7 +28,6 @@ from .retention import collect, tree_bytes
 from .storage import FileStore
 from .worker import WorkerPool, work_dir
 
-
 log = logging.getLogger("flexiact.service")
 #: how often the running service collects garbage (it also does at start)
 GC_INTERVAL_S = 3600.0
@@ -38,6 +37,11 @@ USAGE_CACHE_S = 30.0
 
 def _mib(n: int) -> str:
     return f"{n / 1024**2:,.0f} MiB"
+
+
+def _a(noun: str) -> str:
+    """The noun with its article: 'a video', 'an image'."""
+    return f"{'an' if noun[:1] in 'aeiou' else 'a'} {noun}"
 
 
 def transition_fraction(high_timesteps: float) -> float:
@@ -120,7 +124,7 @@ class Service:
     def file_of_kind(self, file_id: str, kind: str) -> dict:
         rec = self.stored_file(file_id)
         if rec["kind"] != kind:
-            raise APIError(422, "wrong_file_kind", f"file {file_id} is a {rec['kind']}, not a {kind}")
+            raise APIError(422, "wrong_file_kind", f"file {file_id} is {_a(rec['kind'])}, not {_a(kind)}")
         return rec
 
     def job_or_404(self, job_id: str) -> dict:

@@ -270,6 +270,20 @@ class Database:
         counts.update({r[0]: r[1] for r in rows})
         return counts
 
+    def seconds_per_step(self) -> dict[str, float | None]:
+        """Per kind, the last succeeded job's wall time per step (loading and encoding included), for estimates."""
+        out: dict[str, float | None] = {}
+        for kind in ("extract", "generate"):
+            row = self._one("SELECT (finished_at - started_at) / total_steps FROM jobs WHERE kind=? AND "
+                            "status='succeeded' AND total_steps > 0 AND started_at IS NOT NULL "
+                            "ORDER BY finished_at DESC LIMIT 1", (kind,))
+            out[kind] = float(row[0]) if row is not None and row[0] is not None else None
+        return out
+
+    def rename_action(self, action_id: str, name: str) -> dict | None:
+        self._tx([("UPDATE actions SET name=? WHERE id=?", (name, action_id))])
+        return self.get_action(action_id)
+
     def generation_queued(self) -> bool:
         return self._one("SELECT 1 FROM jobs WHERE status='queued' AND kind='generate' LIMIT 1") is not None
 

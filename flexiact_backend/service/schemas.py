@@ -81,6 +81,8 @@ class Health(BaseModel):
     workers: list[WorkerHealth]
     presets: dict[str, int] = Field(description="extraction steps per preset name; clients show these, not their own")
     disk: DiskHealth
+    step_s: dict[str, float | None] = Field(description="per job kind (extract, generate): seconds per step of "
+                                            "the last finished job, loading included; null before the first")
 
 
 class FileInfo(BaseModel):
@@ -99,6 +101,10 @@ class ActionCreate(_Request):
     end_s: float = Field(gt=0, le=MAX_CLIP_S)
     steps: int = Field(PRESETS["standard"], ge=1, le=100_000)
     seed: int = Field(0, ge=0, le=2**31 - 1)
+
+
+class ActionRename(_Request):
+    name: str = Field(min_length=1, max_length=200)
 
 
 class ActionImport(_Request):

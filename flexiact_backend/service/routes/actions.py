@@ -10,7 +10,8 @@ from ...actions import expected_action_shapes, import_published_action
 from ...errors import CheckpointError
 from ..context import Svc
 from ..errors import APIError
-from ..schemas import Action, ActionAccepted, ActionCreate, ActionImport, ActionList, ObjectId, job_out
+from ..schemas import (Action, ActionAccepted, ActionCreate, ActionImport, ActionList, ActionRename, ObjectId,
+                       job_out)
 
 router = APIRouter(tags=["actions"])
 
@@ -59,6 +60,13 @@ def list_actions(svc: Svc) -> dict:
 @router.get("/actions/{action_id}", response_model=Action)
 def get_action(svc: Svc, action_id: ObjectId) -> dict:
     return svc.action_or_404(action_id)
+
+
+@router.patch("/actions/{action_id}", response_model=Action)
+def rename_action(svc: Svc, action_id: ObjectId, body: ActionRename) -> dict:
+    """Give an action a new name (what the add-on's library shows)."""
+    svc.action_or_404(action_id)
+    return svc.db.rename_action(action_id, body.name)
 
 
 @router.delete("/actions/{action_id}", status_code=204)

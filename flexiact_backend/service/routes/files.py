@@ -26,7 +26,8 @@ async def upload_file(svc: Svc, request: Request,
     return await receive_upload(svc, request, x_filename, fps)
 
 
-@router.api_route("/files/{file_id}", methods=["GET", "HEAD"], response_model=FileInfo)
+@router.get("/files/{file_id}", response_model=FileInfo)
+@router.head("/files/{file_id}", response_model=FileInfo, operation_id="head_file")  # one id per method
 def get_file(svc: Svc, file_id: FileId) -> dict:
     """The file's record; HEAD answers 200 or 404 without a body, so a client can skip re-uploading.
 

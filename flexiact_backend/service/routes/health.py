@@ -24,4 +24,5 @@ def health(svc: Svc) -> dict:
                       "frames": i.frames, "fps": i.fps,
                       "error": svc.redact(svc.pool.load_error) if svc.pool.load_error else None},
             "device": svc.pool.device_health(), "queue": svc.db.queue_counts(), "workers": svc.pool.workers_health(),
-            "presets": PRESETS, "disk": svc.disk_health()}
+            "presets": PRESETS, "disk": svc.disk_health(),
+            "step_s": svc.db.seconds_per_step()}
