@@ -10,6 +10,8 @@ from typing import Any, Iterator
 import bpy
 
 WORKBENCH = "BLENDER_WORKBENCH"
+#: The custom property every imported strip and plane carries (importers store the job id under it).
+IMPORTED_TAG = "flexiact_job"
 
 
 class CaptureError(Exception):
@@ -75,6 +77,19 @@ def _size(width: int, height: int) -> dict[str, Any]:
             "pixel_aspect_x": 1.0, "pixel_aspect_y": 1.0, "use_border": False}
 
 
+@contextlib.contextmanager
+def imported_planes_hidden(scene: bpy.types.Scene) -> Iterator[None]:
+    """FlexiAct's own image planes stay out of a capture (they would block the set), then render as before."""
+    planes = [o for o in scene.objects if IMPORTED_TAG in o.keys() and not o.hide_render]
+    for obj in planes:
+        obj.hide_render = True
+    try:
+        yield
+    finally:
+        for obj in planes:
+            obj.hide_render = False
+
+
 def capture_target(scene: bpy.types.Scene, width: int, height: int, engine: str, folder: str) -> str:
     """Render the current frame from the active camera at the model's size; return the PNG path."""
     if scene.camera is None:
@@ -85,7 +100,7 @@ def capture_target(scene: bpy.types.Scene, width: int, height: int, engine: str,
         changes["engine"] = WORKBENCH
     changes.update(_still_format())
     path = os.path.join(folder, f"target_{scene.name}_{scene.frame_current}_{time.strftime('%Y%m%d-%H%M%S')}.png")
-    with render_settings(scene, changes):
+    with render_settings(scene, changes), imported_planes_hidden(scene):
         bpy.ops.render.render(write_still=False, scene=scene.name)
         result = bpy.data.images.get("Render Result")
         if result is None:
@@ -107,7 +122,7 @@ def render_scene_clip(scene: bpy.types.Scene, width: int, height: int, folder: s
     changes.update({"engine": WORKBENCH, "filepath": base, "use_file_extension": True,
                     "film_transparent": False})
     changes.update(_video_format())
-    with render_settings(scene, changes):
+    with render_settings(scene, changes), imported_planes_hidden(scene):
         bpy.ops.render.render(animation=True, scene=scene.name)
         path = scene.render.frame_path(frame=scene.frame_start)
     if not os.path.isfile(path):

@@ -78,7 +78,8 @@ class BackendClient:
             conn.close()
             raise BackendError(
                 f"Cannot reach the FlexiAct backend at {self.url} ({exc.__class__.__name__}: {exc}). "
-                "Is it running? Start it with `flexiact-backend serve` or from the add-on preferences.",
+                "Is it running? Start it with `flexiact-backend serve --tiny` (a quick test model) or "
+                "from the add-on preferences.",
                 "unreachable") from exc
         if response.status >= 400:
             raw = response.read()
@@ -165,6 +166,18 @@ class BackendClient:
         """GET /v1/actions."""
         body = self._json("GET", "/v1/actions")
         return list(body.get("actions", [])) if isinstance(body, dict) else list(body or [])
+
+    def recent_jobs(self, limit: int = 1) -> list[dict[str, Any]]:
+        """GET /v1/jobs (needs the token, unlike /v1/health)."""
+        return list(self._json("GET", f"/v1/jobs?limit={int(limit)}").get("jobs", []))
+
+    def rename_action(self, action_id: str, name: str) -> dict[str, Any]:
+        """PATCH /v1/actions/{id} → the action."""
+        return self._json("PATCH", f"/v1/actions/{urllib.parse.quote(action_id)}", {"name": name})
+
+    def delete_action(self, action_id: str) -> None:
+        """DELETE /v1/actions/{id}."""
+        self._json("DELETE", f"/v1/actions/{urllib.parse.quote(action_id)}")
 
     def job(self, job_id: str) -> dict[str, Any]:
         """GET /v1/jobs/{id}."""

@@ -45,6 +45,11 @@ class Connection:
         model = (self.health or {}).get("model", {})
         return float(model.get("frames") or 0) / float(model.get("fps") or 1)
 
+    def seconds_per_step(self, kind: str) -> float | None:
+        """The backend's measured time per step of `kind` (extract, generate); None until it has run one."""
+        value = ((self.health or {}).get("step_s") or {}).get(kind)
+        return float(value) if value else None
+
     def presets(self) -> dict[str, int]:
         """The backend's extraction presets (name → training steps); empty before the health is known."""
         return {str(k): int(v) for k, v in ((self.health or {}).get("presets") or {}).items()}
@@ -54,8 +59,24 @@ CONNECTION = Connection()
 
 
 def check(client: BackendClient) -> dict[str, Any]:
-    """The backend's health (run off the main thread)."""
-    return client.health()
+    """The health, the model and the token, each failure saying which of the three to fix (off the main thread).
+
+    /v1/health is open; the authenticated call after it is what proves the token.
+    """
+    try:
+        health = client.health()
+    except BackendError as exc:
+        raise BackendError(f"Backend URL: {exc.message}", exc.code, exc.status) from exc
+    if health.get("status") == "error":
+        raise BackendError(f"Model: the backend is up but could not load its model: "
+                           f"{(health.get('model') or {}).get('error')}. See the backend's log.", "load_failed")
+    try:
+        client.recent_jobs(1)
+    except BackendError as exc:
+        if exc.status == 401:
+            raise BackendError(f"Token: {exc.message}", exc.code, exc.status) from exc
+        raise
+    return health
 
 
 def with_health(client: BackendClient, then: Callable[[dict[str, Any]], str], wait: bool,
@@ -75,4 +96,4 @@ def with_health(client: BackendClient, then: Callable[[dict[str, Any]], str], wa
             failed(problem)
         return problem
 
-    return runner.call(lambda: check(client), done, wait)
+    return runner.call(client.health, done, wait)

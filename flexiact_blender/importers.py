@@ -1,16 +1,24 @@
-"""Bring a generated clip into the project: a Sequencer movie strip and/or an image plane."""
+"""Bring a generated clip into the project: a Sequencer movie strip and/or an image plane.
+
+The shot's own render stays the camera's: importing the first strip into a scene that had none keeps the
+Sequencer out of its F12 render (Post Processing › Sequencer off); the strip plays in the Sequencer's preview.
+The plane is parented to the camera, filling its view at PLANE_DISTANCE, and is left out of FlexiAct's captures.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any
 
 import bpy
 from mathutils import Matrix
 
+from .preferences import unsaved_dir
 from .reference import strips_of
 
+#: How far in front of the camera the plane sits (in the camera's local units).
 PLANE_DISTANCE = 5.0
 
 
@@ -35,15 +43,17 @@ def _first_free_channel(scene: bpy.types.Scene, start: int, end: int, ignore: st
 
 def import_as_strip(scene: bpy.types.Scene, path: str, frame_start: int,
                     params: dict[str, Any] | None = None) -> bpy.types.Sequence:
-    """A movie strip starting at `frame_start` on the first free channel, with the parameters attached."""
+    """A movie strip at `frame_start` on the first free channel, fitted to the scene's resolution (aspect kept)."""
     if not os.path.isfile(bpy.path.abspath(path)):
         raise FileNotFoundError(f"Generated clip not found: {path}")
     if scene.sequence_editor is None:
         scene.sequence_editor_create()
     strips = strips_of(scene)
+    if len(strips) == 0 and scene.camera is not None:  # a 3D shot: F12 keeps rendering its camera
+        scene.render.use_sequencer = False
     name = os.path.splitext(os.path.basename(path))[0]
     channel = _first_free_channel(scene, frame_start, frame_start + 1)
-    strip = strips.new_movie(name=name, filepath=path, channel=channel, frame_start=frame_start)
+    strip = strips.new_movie(name=name, filepath=path, channel=channel, frame_start=frame_start, fit_method="FIT")
     free = _first_free_channel(scene, strip.frame_final_start, strip.frame_final_end, ignore=strip.name)
     if free != strip.channel:
         strip.channel = free
@@ -95,7 +105,7 @@ def _movie_material(name: str, image: bpy.types.Image, frame_start: int, frames:
 def import_as_plane(scene: bpy.types.Scene, path: str, frame_start: int,
                     size: tuple[int, int], fill_camera: bool = True,
                     params: dict[str, Any] | None = None) -> bpy.types.Object:
-    """An image plane with the clip as a movie texture, in front of the active camera or at the 3D cursor."""
+    """An image plane with the clip as a movie texture: parented to the active camera, or at the 3D cursor."""
     if not os.path.isfile(bpy.path.abspath(path)):
         raise FileNotFoundError(f"Generated clip not found: {path}")
     image = bpy.data.images.load(path, check_existing=True)
@@ -105,16 +115,55 @@ def import_as_plane(scene: bpy.types.Scene, path: str, frame_start: int,
     aspect = width_px / height_px
     name = os.path.splitext(os.path.basename(path))[0]
     camera = scene.camera
-    if fill_camera and camera is not None:
+    follow = fill_camera and camera is not None
+    if follow:
         view_w, view_h = _camera_frame_size(scene, camera, PLANE_DISTANCE)
         width = max(view_w, view_h * aspect)
-        matrix = camera.matrix_world.normalized() @ Matrix.Translation((0.0, 0.0, -PLANE_DISTANCE))
     else:
         width = 2.0 * aspect
-        matrix = Matrix.Translation(scene.cursor.location) @ Matrix.Rotation(1.5707963267948966, 4, "X")
     obj = bpy.data.objects.new(name, _plane_mesh(name, width, width / aspect))
     obj.data.materials.append(_movie_material(name, image, frame_start, frames))
-    obj.matrix_world = matrix
     scene.collection.objects.link(obj)
+    if follow:  # in the camera's own space: it moves with the camera
+        obj.parent = camera
+        obj.matrix_parent_inverse = Matrix.Identity(4)
+        obj.matrix_basis = Matrix.Translation((0.0, 0.0, -PLANE_DISTANCE))
+    else:
+        obj.matrix_world = Matrix.Translation(scene.cursor.location) @ Matrix.Rotation(1.5707963267948966, 4, "X")
     _store_params(obj, params or {})
     return obj
+
+
+def adopt_unsaved_results(blend_path: str) -> int:
+    """Move results made before the first save from the unsaved folder to `//flexiact/` beside `blend_path`.
+
+    Every user of a moved file (job records, images, movie strips) is repointed, blend-relative; returns how
+    many files moved. Files elsewhere (the user's own clips) are never moved.
+    """
+    src = os.path.realpath(unsaved_dir())
+    start = os.path.dirname(os.path.abspath(blend_path))
+    dest = os.path.join(start, "flexiact")
+    moved: dict[str, str] = {}
+
+    def relocate(path: str) -> str | None:
+        full = os.path.realpath(bpy.path.abspath(path)) if path else ""
+        if not full or os.path.dirname(full) != src:
+            return None
+        if full not in moved:
+            if not os.path.isfile(full):
+                return None
+            os.makedirs(dest, exist_ok=True)
+            moved[full] = shutil.move(full, os.path.join(dest, os.path.basename(full)))
+        return bpy.path.relpath(moved[full], start=start)
+
+    for scene in bpy.data.scenes:
+        for record in scene.flexiact.jobs:
+            record.video_path = relocate(record.video_path) or record.video_path
+        for strip in strips_of(scene) or ():
+            if strip.type == "MOVIE":
+                strip.filepath = relocate(strip.filepath) or strip.filepath
+    for image in bpy.data.images:
+        new = relocate(image.filepath)
+        if new:
+            image.filepath = new
+    return len(moved)

@@ -21,7 +21,7 @@ from bpy.app.handlers import persistent
 
 from . import runner
 from .client import BackendClient, BackendError
-from .importers import import_as_plane, import_as_strip
+from .importers import adopt_unsaved_results, import_as_plane, import_as_strip
 from .preferences import make_client, output_dir, stored_path
 from .properties import ACTIVE_STATUSES
 from .requests import Request
@@ -110,10 +110,23 @@ def fetch(client: BackendClient, job_id: str, kind: str, dest: str) -> tuple[dic
 
 # -- main thread -------------------------------------------------------------------------------------
 
+def announce(message: str, problem: bool) -> None:
+    """Say it where Blender users look (status bar, Info editor): for work that ends after its operator returned."""
+    bpy.ops.flexiact.report(message=message, level="WARNING" if problem else "INFO")
+
+
+def _announce_end(scene: bpy.types.Scene, record: Any) -> None:
+    problem = outcome(scene.name, record.key)
+    announce(problem or f"{record.label}: done", bool(problem))
+
+
 def _poll_answered(w: _Watch, job: dict[str, Any], video: str) -> None:
     scene, record = find_record(w.scene, w.key)
-    if record is not None:
-        apply_job(scene, record, job, video)
+    if record is None:
+        return
+    apply_job(scene, record, job, video)
+    if record.status not in ACTIVE_STATUSES:
+        _announce_end(scene, record)
 
 
 def _poll_failed(w: _Watch, message: str, gone: bool) -> None:
@@ -123,6 +136,7 @@ def _poll_failed(w: _Watch, message: str, gone: bool) -> None:
     record.error = message
     if gone:
         record.status = "FAILED"
+        _announce_end(scene, record)
 
 
 def find_record(scene_name: str, key: str) -> tuple[bpy.types.Scene | None, Any]:
@@ -169,11 +183,15 @@ def submit(scene: bpy.types.Scene, client: BackendClient, kind: str, request: Re
         if error is not None:
             rec.status, rec.error = "FAILED", error.message
             scene_now.flexiact.last_error = error.message
+            if not wait:
+                _announce_end(scene_now, rec)
             return
         action_id = (answer.get("action") or {}).get("id")
         if action_id:
             rec.action_id = action_id
         apply_job(scene_now, rec, answer["job"])
+        if not wait and rec.status not in ACTIVE_STATUSES:  # done before (the same extraction): ends now
+            _announce_end(scene_now, rec)
         try:
             follow(client, scene_now, rec, wait)
         except BackendError as exc:  # the job goes on on the backend; polling resumes when the file reopens
@@ -297,12 +315,22 @@ def on_load_post(*_args: Any) -> None:
             scene.flexiact.last_error = exc.message
 
 
+@persistent
+def on_save_pre(filepath: str = "", *_args: Any) -> None:
+    """Before a save: results made while the file was unsaved move beside it, stored blend-relative."""
+    if filepath:
+        adopt_unsaved_results(filepath)
+
+
 def register() -> None:
     bpy.app.handlers.load_post.append(on_load_post)
+    bpy.app.handlers.save_pre.append(on_save_pre)
 
 
 def unregister() -> None:
     if on_load_post in bpy.app.handlers.load_post:
         bpy.app.handlers.load_post.remove(on_load_post)
+    if on_save_pre in bpy.app.handlers.save_pre:
+        bpy.app.handlers.save_pre.remove(on_save_pre)
     runner.remove_timer()
     stop()

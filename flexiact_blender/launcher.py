@@ -10,6 +10,9 @@ import time
 
 from .client import BackendClient, BackendError
 
+#: A command that serves the quick test model on the default URL, from a checkout with `make setup` done.
+EXAMPLE_COMMAND = "flexiact-backend serve --tiny --port 8765"
+
 
 class Launcher:
     """Owns at most one backend process, with its output going to a log file."""
@@ -27,8 +30,8 @@ class Launcher:
             return
         argv = shlex.split(command)
         if not argv:
-            raise BackendError("Set the backend command line first, e.g. "
-                               "`/path/to/python -m flexiact_backend.service --tiny`.", "no_command")
+            raise BackendError("Set the Local Backend Command in the FlexiAct preferences first, e.g. "
+                               f"`{EXAMPLE_COMMAND}`.", "no_command")
         os.makedirs(os.path.dirname(log_path), exist_ok=True)
         self.log_path = log_path
         with open(log_path, "ab") as log:

@@ -11,14 +11,14 @@ import random
 from typing import Any, Callable
 
 import bpy
-from bpy.props import StringProperty
+from bpy.props import EnumProperty, StringProperty
 
 from . import jobs, requests, runner
 from .capture import CaptureError, capture_target
 from .client import BackendError
 from .connection import CONNECTION, HEALTH_TIMEOUT_S, check, with_health
 from .launcher import LAUNCHER
-from .preferences import get_prefs, make_client, output_dir, stored_path, user_dir
+from .preferences import get_prefs, make_client, output_dir, start_command, stored_path, user_dir
 from .properties import ACTIVE_STATUSES
 from .reference import ReferenceError, resolve, scene_fps
 
@@ -54,6 +54,7 @@ def _later(scene_name: str) -> Callable[[str], None]:
         scene = bpy.data.scenes.get(scene_name)
         if scene is not None:
             scene.flexiact.last_error = message
+        jobs.announce(message, problem=True)
 
     return failed
 
@@ -345,8 +346,11 @@ class FLEXIACT_OT_refresh_actions(bpy.types.Operator):
             settings = bpy.data.scenes[scene_name].flexiact
             settings.actions.clear()
             for action in actions or ():
+                if action.get("status") == "cancelled":  # an extraction stopped on purpose is no library entry
+                    continue
                 item = settings.actions.add()
                 item.name = str(action.get("name", ""))
+                item.caption = str(action.get("caption", ""))
                 item.action_id = str(action.get("id", ""))
                 item.status = str(action.get("status", ""))
                 item.progress = 1.0 if item.status == "ready" else 0.0
@@ -383,6 +387,171 @@ class FLEXIACT_OT_import_action_file(bpy.types.Operator):
         return _answer(self, context, runner.call(lambda: jobs.send(client, request), done, _wait()))
 
 
+def _library_call(op: bpy.types.Operator, context: bpy.types.Context, call: Callable[[Any], Any],
+                  then: Callable[[bpy.types.PropertyGroup], None]) -> set[str]:
+    """One call on the action library, then `then(settings)` to mirror it in the listed library."""
+    try:
+        client = make_client(context)
+    except BackendError as exc:
+        return _fail(op, context, exc.message)
+    scene_name = context.scene.name
+
+    def done(_answer: Any, error: BackendError | None) -> str:
+        if error is not None:
+            return _refused(scene_name, error)
+        then(bpy.data.scenes[scene_name].flexiact)
+        return ""
+
+    return _answer(op, context, runner.call(lambda: call(client), done, _wait()))
+
+
+def _library_item(context: bpy.types.Context, action_id: str) -> Any:
+    settings = context.scene.flexiact
+    action_id = action_id or (settings.actions[settings.action_index].action_id
+                              if 0 <= settings.action_index < len(settings.actions) else "")
+    return next((a for a in settings.actions if a.action_id == action_id), None)
+
+
+class FLEXIACT_OT_rename_action(bpy.types.Operator):
+    """Give an action of the backend's library a new name"""
+
+    bl_idname = "flexiact.rename_action"
+    bl_label = "Rename Action"
+
+    action_id: StringProperty(name="Action", description="The action to rename (default: the selected one)")
+    name: StringProperty(name="Name", description="The action's new name")
+
+    def invoke(self, context: bpy.types.Context, _event: bpy.types.Event) -> set[str]:
+        item = _library_item(context, self.action_id)
+        if item is None:
+            return _fail(self, context, "Select an action of the library first.")
+        self.action_id, self.name = item.action_id, item.name
+        return context.window_manager.invoke_props_dialog(self)
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        item = _library_item(context, self.action_id)
+        name = self.name.strip()
+        if item is None or not name:
+            return _fail(self, context, "Select an action and give it a name.")
+        action_id = item.action_id
+
+        def renamed(settings: bpy.types.PropertyGroup) -> None:
+            for entry in settings.actions:
+                if entry.action_id == action_id:
+                    entry.name = name
+
+        return _library_call(self, context, lambda client: client.rename_action(action_id, name), renamed)
+
+
+class FLEXIACT_OT_delete_action(bpy.types.Operator):
+    """Delete an action from the backend's library (its file too; a running extraction of it is cancelled)"""
+
+    bl_idname = "flexiact.delete_action"
+    bl_label = "Delete Action"
+
+    action_id: StringProperty(name="Action", description="The action to delete (default: the selected one)")
+
+    def invoke(self, context: bpy.types.Context, event: bpy.types.Event) -> set[str]:
+        return context.window_manager.invoke_confirm(self, event)
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        item = _library_item(context, self.action_id)
+        if item is None:
+            return _fail(self, context, "Select an action of the library first.")
+        action_id = item.action_id
+
+        def deleted(settings: bpy.types.PropertyGroup) -> None:
+            index = next((i for i, a in enumerate(settings.actions) if a.action_id == action_id), -1)
+            if index >= 0:
+                settings.actions.remove(index)
+            if settings.action_id == action_id:
+                settings.action_id = ""
+
+        return _library_call(self, context, lambda client: client.delete_action(action_id), deleted)
+
+
+class FLEXIACT_OT_clear_finished_jobs(bpy.types.Operator):
+    """Remove the finished, failed and cancelled jobs from the list (their imported results stay)"""
+
+    bl_idname = "flexiact.clear_finished_jobs"
+    bl_label = "Clear Finished"
+    bl_options = {"REGISTER", "UNDO"}
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        settings = context.scene.flexiact
+        ended = [i for i, r in enumerate(settings.jobs) if r.status not in ACTIVE_STATUSES]
+        for index in reversed(ended):
+            settings.jobs.remove(index)
+        settings.job_index = min(settings.job_index, max(len(settings.jobs) - 1, 0))
+        self.report({"INFO"}, f"Cleared {len(ended)} finished job(s)")
+        return {"FINISHED"}
+
+
+class FLEXIACT_OT_delete_job(bpy.types.Operator):
+    """Remove one finished job from the list (its imported result and downloaded clip stay)"""
+
+    bl_idname = "flexiact.delete_job"
+    bl_label = "Remove Job"
+    bl_options = {"REGISTER", "UNDO"}
+
+    key: StringProperty(description="The job to remove (default: the selected one)")
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        record = _selected_record(context, self.key)
+        if record is None:
+            return _fail(self, context, "Select a job first.")
+        if record.status in ACTIVE_STATUSES:
+            return _fail(self, context, "The job is still running: cancel it first.")
+        settings = context.scene.flexiact
+        settings.jobs.remove(next(i for i, r in enumerate(settings.jobs) if r.key == record.key))
+        settings.job_index = min(settings.job_index, max(len(settings.jobs) - 1, 0))
+        return {"FINISHED"}
+
+
+class FLEXIACT_OT_show_result(bpy.types.Operator):
+    """Open the folder holding the job's downloaded clip in the system's file browser"""
+
+    bl_idname = "flexiact.show_result"
+    bl_label = "Show in File Browser"
+
+    key: StringProperty(description="The job whose clip to show (default: the selected one)")
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        record = _selected_record(context, self.key)
+        path = bpy.path.abspath(record.video_path) if record is not None and record.video_path else ""
+        if not path or not os.path.isfile(path):
+            return _fail(self, context, f"No downloaded clip for this job{f' at {path}' if path else ''}.")
+        return bpy.ops.wm.path_open(filepath=os.path.dirname(path))
+
+
+class FLEXIACT_OT_copy_command(bpy.types.Operator):
+    """Copy a command that starts the backend, to paste into a terminal"""
+
+    bl_idname = "flexiact.copy_command"
+    bl_label = "Copy Start Command"
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        context.window_manager.clipboard = start_command()
+        self.report({"INFO"}, f"Copied: {start_command()}")
+        return {"FINISHED"}
+
+
+class FLEXIACT_OT_report(bpy.types.Operator):
+    """Show a message in the status bar and the Info editor (for work that ended after its operator returned)"""
+
+    bl_idname = "flexiact.report"
+    bl_label = "FlexiAct Report"
+    bl_options = {"INTERNAL"}
+
+    message: StringProperty(description="What to say")
+    level: EnumProperty(description="How it is shown", items=[("INFO", "Info", "A finished job"),
+                                                              ("WARNING", "Warning", "A failed job")])
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        self.report({self.level}, f"FlexiAct: {self.message}")
+        return {"FINISHED"}
+
+
 class FLEXIACT_OT_randomize_seed(bpy.types.Operator):
     """Pick a new random seed"""
 
@@ -401,7 +570,7 @@ class FLEXIACT_OT_copy_report(bpy.types.Operator):
     bl_idname = "flexiact.copy_report"
     bl_label = "Copy Report"
 
-    key: StringProperty()
+    key: StringProperty(description="The job to report (default: the selected one)")
 
     def execute(self, context: bpy.types.Context) -> set[str]:
         record = _selected_record(context, self.key)
@@ -418,4 +587,6 @@ class FLEXIACT_OT_copy_report(bpy.types.Operator):
 CLASSES = (FLEXIACT_OT_test_connection, FLEXIACT_OT_backend_start, FLEXIACT_OT_backend_stop,
            FLEXIACT_OT_capture_target, FLEXIACT_OT_extract_action, FLEXIACT_OT_generate,
            FLEXIACT_OT_import_result, FLEXIACT_OT_cancel_job, FLEXIACT_OT_refresh_actions,
-           FLEXIACT_OT_import_action_file, FLEXIACT_OT_randomize_seed, FLEXIACT_OT_copy_report)
+           FLEXIACT_OT_import_action_file, FLEXIACT_OT_randomize_seed, FLEXIACT_OT_copy_report,
+           FLEXIACT_OT_rename_action, FLEXIACT_OT_delete_action, FLEXIACT_OT_clear_finished_jobs,
+           FLEXIACT_OT_delete_job, FLEXIACT_OT_show_result, FLEXIACT_OT_copy_command, FLEXIACT_OT_report)

@@ -8,7 +8,7 @@ import bpy
 
 from .client import is_loopback
 from .connection import CONNECTION
-from .preferences import get_prefs
+from .preferences import get_prefs, start_command
 from .properties import ACTIVE_STATUSES
 from .reference import scene_fps, strips_of
 
@@ -27,11 +27,39 @@ def draw_backend(layout: Any, context: bpy.types.Context) -> None:
     else:
         row.label(text=prefs.backend_url, icon="URL")
     row.operator("flexiact.test_connection", text="", icon="FILE_REFRESH")
+    if CONNECTION.health is None and CONNECTION.error:
+        draw_first_run(layout.box(), prefs)
     if not is_loopback(prefs.backend_url) and not bpy.app.online_access:
         layout.label(text="Remote backend needs Online Access", icon="ERROR")
     if settings.last_error:
         box = layout.box()
         box.label(text=settings.last_error, icon="ERROR")
+
+
+def draw_first_run(layout: Any, prefs: Any) -> None:
+    """No backend answers: how to start one (copy the command into a terminal, or start the configured one)."""
+    layout.label(text="Start a backend, then test the connection:", icon="INFO")
+    layout.label(text=start_command())
+    row = layout.row()
+    row.operator("flexiact.copy_command", icon="COPYDOWN")
+    if prefs.launcher_command.strip():
+        row.operator("flexiact.backend_start", icon="PLAY")
+    else:
+        layout.label(text="Or set a Local Backend Command in the preferences to start it from Blender")
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else (f"{minutes} min {secs:02d} s" if minutes else f"{secs} s")
+
+
+def estimate(steps: int, kind: str) -> str:
+    """The time a job of `steps` steps should take, from the backend's measured time per step."""
+    per_step = CONNECTION.seconds_per_step(kind)
+    if per_step is None:
+        return "Time: known once the backend has finished one job of this kind"
+    return f"About {_duration(steps * per_step)} ({per_step:.2f} s per step, measured on the backend)"
 
 
 def draw_target(layout: Any, context: bpy.types.Context) -> None:
@@ -73,6 +101,7 @@ def draw_reference(layout: Any, context: bpy.types.Context) -> None:
         layout.label(text=f"Frames {scene.frame_start}–{scene.frame_end}: {frames / fps:.2f} s, "
                           "rendered with Workbench", icon="SCENE_DATA")
         draw_tempo(layout, frames / fps)
+        _draw_trim(layout, settings)
         return
     if settings.reference_source == "STRIP":
         strips = strips_of(scene)
@@ -89,17 +118,22 @@ def draw_reference(layout: Any, context: bpy.types.Context) -> None:
             draw_tempo(layout, strip.frame_final_duration / fps)
         return
     layout.prop(settings, "reference_path")
+    _draw_trim(layout, settings)
+
+
+def _draw_trim(layout: Any, settings: Any) -> None:
+    """Start/End in the clip's own frames or seconds (the panel reads no file: the unit says which)."""
     layout.prop(settings, "trim_unit", expand=True)
     row = layout.row(align=True)
     row.prop(settings, "clip_start")
     row.prop(settings, "clip_end")
+    unit = "frames of the clip" if settings.trim_unit == "FRAMES" else "s"
     if settings.clip_end > settings.clip_start:
-        length = settings.clip_end - settings.clip_start
-        seconds = length / fps if settings.trim_unit == "FRAMES" else length
-        layout.label(text=f"Duration: {seconds:.2f} s ({seconds * fps:.0f} frames)")
-        draw_tempo(layout, seconds)
+        layout.label(text=f"Trim: {settings.clip_end - settings.clip_start:g} {unit}")
+        if settings.trim_unit == "SECONDS":
+            draw_tempo(layout, settings.clip_end - settings.clip_start)
     else:
-        layout.label(text="Duration: to the end of the clip")
+        layout.label(text=f"Trim: from {settings.clip_start:g} {unit} to the end of the clip")
 
 
 def draw_action(layout: Any, context: bpy.types.Context) -> None:
@@ -107,13 +141,20 @@ def draw_action(layout: Any, context: bpy.types.Context) -> None:
     layout.prop(settings, "caption")
     row = layout.row(align=True)
     row.prop(settings, "extract_preset", expand=True)
-    if settings.extract_preset == "CUSTOM":
-        layout.prop(settings, "extract_steps")
+    col = layout.column(align=True)
+    col.enabled = settings.extract_preset == "CUSTOM"
+    col.prop(settings, "extract_steps")
+    layout.label(text=estimate(settings.extract_steps, "extract"), icon="TIME")
+    layout.prop(settings, "extract_seed")
     layout.operator("flexiact.extract_action", icon="ARMATURE_DATA")
     row = layout.row()
     row.label(text="Action library")
     row.operator("flexiact.refresh_actions", text="", icon="FILE_REFRESH")
-    layout.template_list("FLEXIACT_UL_actions", "", settings, "actions", settings, "action_index", rows=3)
+    row = layout.row()
+    row.template_list("FLEXIACT_UL_actions", "", settings, "actions", settings, "action_index", rows=3)
+    col = row.column(align=True)
+    col.operator("flexiact.rename_action", text="", icon="GREASEPENCIL")
+    col.operator("flexiact.delete_action", text="", icon="TRASH")
     layout.prop(settings, "action_id")
     row = layout.row(align=True)
     row.prop(settings, "action_file", text="")
@@ -135,6 +176,7 @@ def draw_generate(layout: Any, context: bpy.types.Context) -> None:
     for name in ("reweight_scale", "transition"):
         sub.prop(settings, name)
     layout.prop(settings, "step_cache")
+    layout.label(text=estimate(settings.steps, "generate"), icon="TIME")
     layout.prop(settings, "import_mode", expand=True)
     if settings.import_mode in {"PLANE", "BOTH"}:
         layout.prop(settings, "plane_fill_camera")
@@ -163,6 +205,7 @@ def draw_jobs(layout: Any, context: bpy.types.Context) -> None:
     if not records:
         layout.label(text="No jobs yet")
         return
+    layout.operator("flexiact.clear_finished_jobs", icon="BRUSH_DATA")
     for record in reversed(records):
         box = layout.box()
         row = box.row()
@@ -170,6 +213,10 @@ def draw_jobs(layout: Any, context: bpy.types.Context) -> None:
                   icon="ARMATURE_DATA" if record.kind == "EXTRACT" else "RENDER_ANIMATION")
         if record.status in ACTIVE_STATUSES and record.job_id:
             row.operator("flexiact.cancel_job", text="", icon="X").key = record.key
+        elif record.status not in ACTIVE_STATUSES:
+            if record.video_path:
+                row.operator("flexiact.show_result", text="", icon="FILEBROWSER").key = record.key
+            row.operator("flexiact.delete_job", text="", icon="TRASH").key = record.key
         if record.status in ACTIVE_STATUSES:
             box.progress(factor=record.progress, type="BAR", text=_status(record))
         elif record.status == "FAILED":
@@ -187,13 +234,14 @@ def draw_jobs(layout: Any, context: bpy.types.Context) -> None:
 
 
 class FLEXIACT_UL_actions(bpy.types.UIList):
-    """The backend's action library: name, status, progress."""
+    """The backend's action library: name (else caption), status; cancelled extractions are not listed."""
 
     def draw_item(self, context: bpy.types.Context, layout: Any, data: Any, item: Any, icon: int,
                   active_data: Any, active_propname: str, index: int = 0) -> None:
         row = layout.row()
-        row.label(text=item.name or item.action_id[:8], icon="ARMATURE_DATA")
-        row.label(text=item.status)
+        row.label(text=item.name or item.caption or "Unnamed action", icon="ARMATURE_DATA")
+        if item.status != "ready":
+            row.label(text=item.status)
 
 
 SECTIONS = (("backend", "FlexiAct", draw_backend), ("target", "Target Frame", draw_target),

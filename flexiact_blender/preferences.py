@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import shutil
 
 import bpy
 from bpy.props import FloatProperty, StringProperty
 
 from .client import BackendClient, BackendError, is_loopback
 from .connection import CONNECTION
-from .launcher import LAUNCHER
+from .launcher import EXAMPLE_COMMAND, LAUNCHER
 
 ADDON_ID = __package__
 
@@ -19,20 +21,27 @@ class FlexiActPreferences(bpy.types.AddonPreferences):
 
     bl_idname = ADDON_ID
 
-    backend_url: StringProperty(name="Backend URL", default="http://127.0.0.1:8765")
+    backend_url: StringProperty(name="Backend URL", default="http://127.0.0.1:8765",
+                                description="Where the FlexiAct backend listens (`flexiact-backend serve` prints it)")
     token: StringProperty(name="Token", subtype="PASSWORD",
                           description="The token the backend was started with (--token); empty for none")
-    timeout_s: FloatProperty(name="Timeout (s)", default=30.0, min=1.0, max=600.0)
+    timeout_s: FloatProperty(name="Timeout (s)", default=30.0, min=1.0, max=600.0,
+                             description="How long one request may wait for the backend before it counts as failed")
+    unsaved_dir: StringProperty(
+        name="Results of Unsaved Files", subtype="DIR_PATH", default=os.path.join("~", "FlexiAct"),
+        description="Where captures and results go while the .blend is not saved yet; the first save moves "
+                    "them next to the .blend (//flexiact/)")
     launcher_command: StringProperty(
         name="Local Backend Command",
-        description="A command line that serves the backend on the URL above, e.g. "
-                    "'/path/to/python -m flexiact_backend.service --tiny --port 8765'")
+        description=f"A command line that serves the backend on the URL above, e.g. '{EXAMPLE_COMMAND}' "
+                    "(use the full path of flexiact-backend when Blender does not see it on its PATH)")
 
     def draw(self, context: bpy.types.Context) -> None:
         layout = self.layout
         layout.prop(self, "backend_url")
         layout.prop(self, "token")
         layout.prop(self, "timeout_s")
+        layout.prop(self, "unsaved_dir")
         row = layout.row()
         row.operator("flexiact.test_connection", icon="LINKED")
         if CONNECTION.summary:
@@ -66,14 +75,34 @@ def make_client(context: bpy.types.Context | None = None, timeout: float | None 
     return BackendClient(prefs.backend_url, prefs.token, timeout or prefs.timeout_s)
 
 
+@functools.cache
+def _installed_cli() -> str | None:
+    """The backend's CLI on Blender's PATH, looked up once (panels draw without I/O)."""
+    return shutil.which("flexiact-backend")
+
+
+def start_command() -> str:
+    """A command that starts a backend on this machine: the preferences' own, else the installed CLI's."""
+    configured = get_prefs().launcher_command.strip()
+    if configured:
+        return configured
+    cli = _installed_cli()
+    return EXAMPLE_COMMAND.replace("flexiact-backend", cli, 1) if cli else EXAMPLE_COMMAND
+
+
 def user_dir() -> str:
     """The extension's own writable folder (never the add-on folder)."""
     return bpy.utils.extension_path_user(ADDON_ID, path="", create=True)
 
 
+def unsaved_dir() -> str:
+    """The preferences' folder for the results of a .blend not saved yet."""
+    return os.path.abspath(os.path.expanduser(bpy.path.abspath(get_prefs().unsaved_dir)))
+
+
 def output_dir() -> str:
-    """Where results go: `//flexiact/` beside the saved .blend, else the extension's user folder."""
-    folder = bpy.path.abspath("//flexiact") if bpy.data.filepath else os.path.join(user_dir(), "results")
+    """Where results go: `//flexiact/` beside the saved .blend, else the folder chosen in the preferences."""
+    folder = bpy.path.abspath("//flexiact") if bpy.data.filepath else unsaved_dir()
     os.makedirs(folder, exist_ok=True)
     return folder
 

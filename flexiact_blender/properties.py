@@ -16,35 +16,44 @@ class FlexiActJob(bpy.types.PropertyGroup):
     """One backend job as this scene knows it; kept in the .blend so polling resumes after reopening."""
 
     key: StringProperty(description="Local id, known before the backend answers")
-    job_id: StringProperty(name="Job")
-    kind: EnumProperty(items=[("EXTRACT", "Extract", ""), ("GENERATE", "Generate", "")])
-    status: EnumProperty(items=[(s, s.title(), "") for s in
-                                ("SUBMITTING", "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")])
-    phase: StringProperty()
-    progress: FloatProperty(min=0.0, max=1.0, subtype="FACTOR")
-    eta_s: FloatProperty(default=-1.0)
-    queue_position: IntProperty(description="While queued: 1 starts next; 0 when not queued")
-    worker: StringProperty(description="The backend worker that runs the job (one per GPU)")
-    error: StringProperty()
-    action_id: StringProperty()
-    label: StringProperty()
+    job_id: StringProperty(name="Job", description="The backend's id of the job")
+    kind: EnumProperty(name="Kind", description="What the job does", items=[
+        ("EXTRACT", "Extract", "Learns an action from a reference clip"),
+        ("GENERATE", "Generate", "Makes a clip of the target frame performing an action")])
+    status: EnumProperty(name="Status", description="Where the job stands", items=[
+        (s, s.title(), f"The job is {s.lower()}") for s in
+        ("SUBMITTING", "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")])
+    phase: StringProperty(name="Phase", description="What the backend is doing now (e.g. training, denoising)")
+    progress: FloatProperty(name="Progress", description="How far the job is", min=0.0, max=1.0,
+                            subtype="FACTOR")
+    eta_s: FloatProperty(name="Time Left", description="The backend's estimate in seconds (-1: unknown)",
+                         default=-1.0)
+    queue_position: IntProperty(name="Queue Position", description="While queued: 1 starts next; 0 when not "
+                                                                   "queued")
+    worker: StringProperty(name="Worker", description="The backend worker that runs the job (one per GPU)")
+    error: StringProperty(name="Error", description="Why the job failed, in the backend's words")
+    action_id: StringProperty(name="Action", description="The action an extraction makes")
+    label: StringProperty(name="Label", description="How the job list names the job")
     params_json: StringProperty(description="The request, stored on the imported result")
     model_width: IntProperty(description="The model's frame width when the job was submitted")
     model_height: IntProperty(description="The model's frame height when the job was submitted")
-    video_path: StringProperty(description="The downloaded clip (blend-relative when the file is saved)")
-    import_mode: StringProperty(default="STRIP")
-    frame_start: IntProperty()
+    video_path: StringProperty(name="Result", description="The downloaded clip (blend-relative when the file "
+                                                          "is saved)")
+    import_mode: StringProperty(default="STRIP", description="How the result is imported: STRIP, PLANE or BOTH")
+    frame_start: IntProperty(name="Start Frame", description="The frame the imported result starts at")
     imported: BoolProperty(description="The result has been imported (each result is imported once)")
-    strip_name: StringProperty()
-    plane_name: StringProperty()
+    strip_name: StringProperty(name="Strip", description="The imported strip")
+    plane_name: StringProperty(name="Plane", description="The imported image plane")
 
 
 class FlexiActActionItem(bpy.types.PropertyGroup):
     """One entry of the backend's action library, as last listed."""
 
-    action_id: StringProperty()
-    status: StringProperty()
-    progress: FloatProperty(min=0.0, max=1.0, subtype="FACTOR")
+    action_id: StringProperty(name="Action", description="The backend's id of the action")
+    caption: StringProperty(name="Caption", description="What the action's reference clip shows")
+    status: StringProperty(name="Status", description="ready, pending or failed")
+    progress: FloatProperty(name="Progress", description="1 when the action is ready", min=0.0, max=1.0,
+                            subtype="FACTOR")
 
 
 def _pick_action(self: "FlexiActSettings", _context: bpy.types.Context) -> None:
@@ -70,54 +79,80 @@ def _apply_preset(self: "FlexiActSettings", _context: bpy.types.Context) -> None
         self.extract_steps = steps
 
 
+def _trim_items() -> list[tuple[str, str, str]]:
+    return [("SECONDS", "Seconds", "Start and End are seconds of the clip"),
+            ("FRAMES", "Frames", "Start and End are frames of the clip, at the clip's own frame rate")]
+
+
 class FlexiActSettings(bpy.types.PropertyGroup):
     """Everything the sidebar edits; names are relied on by batch scripts."""
 
     # Target frame
-    target_source: EnumProperty(name="Target", items=[
+    target_source: EnumProperty(name="Target", description="Where the frame to animate comes from", items=[
         ("CAPTURE", "Capture", "Render the current frame from the active camera"),
         ("IMAGE", "Image", "An image datablock"),
         ("FILE", "File", "An image file")])
-    target_image: PointerProperty(name="Image", type=bpy.types.Image)
-    target_path: StringProperty(name="Image File", subtype="FILE_PATH")
-    capture_engine: EnumProperty(name="Engine", items=[
-        ("SCENE", "Scene Engine", "Render with the scene's own engine and settings"),
-        ("WORKBENCH", "Workbench (fast)", "A quick solid-shaded render")], default="WORKBENCH")
+    target_image: PointerProperty(name="Image", type=bpy.types.Image,
+                                  description="The frame the generated clip starts from")
+    target_path: StringProperty(name="Image File", subtype="FILE_PATH",
+                                description="An image file to use as the target frame")
+    capture_engine: EnumProperty(name="Capture Engine", description="How Capture renders the target frame",
+                                 items=[("SCENE", "Scene Engine", "Render with the scene's own engine and settings"),
+                                        ("WORKBENCH", "Workbench (fast)", "A quick solid-shaded render")],
+                                 default="WORKBENCH")
 
     # Reference clip
-    reference_source: EnumProperty(name="Reference", items=[
+    reference_source: EnumProperty(name="Reference", description="Where the motion to learn comes from", items=[
         ("FILE", "File", "A video file"),
         ("STRIP", "Strip", "A movie strip of the Sequencer, with its trim"),
         ("SCENE", "Scene", "The scene's own animation, rendered with Workbench")])
     reference_path: StringProperty(name="Video", subtype="FILE_PATH",
                                    description="A video file, a folder of numbered frames or one of its frames")
-    reference_strip: StringProperty(name="Strip")
-    trim_unit: EnumProperty(name="Trim In", items=[("SECONDS", "Seconds", ""), ("FRAMES", "Frames", "")])
-    clip_start: FloatProperty(name="Start", min=0.0, description="Trim start (0: beginning)")
-    clip_end: FloatProperty(name="End", min=0.0, description="Trim end (0: end of the clip)")
+    reference_strip: StringProperty(name="Strip", description="The Sequencer movie strip to learn from "
+                                                              "(its own trim is used)")
+    trim_unit: EnumProperty(name="Trim In", description="The unit of the reference trim", items=_trim_items())
+    clip_start: FloatProperty(name="Start", min=0.0,
+                              description="Trim start, counted from the clip's (or the rendered scene's) "
+                                          "first frame (0: beginning)")
+    clip_end: FloatProperty(name="End", min=0.0, description="Trim end, counted from the clip's (or the "
+                                                             "rendered scene's) first frame (0: the end)")
 
     # Action
-    caption: StringProperty(name="Caption", description="What the reference clip shows")
-    extract_preset: EnumProperty(name="Preset", items=_preset_items, update=_apply_preset)
-    extract_steps: IntProperty(name="Steps", min=1, max=100000, default=EXTRACTION_DEFAULTS["steps"])
+    caption: StringProperty(name="Caption", description="What the reference clip shows, in a short sentence "
+                                                        "(it names the action in the library)")
+    extract_preset: EnumProperty(name="Preset", description="How long to train: the backend's presets",
+                                 items=_preset_items, update=_apply_preset)
+    extract_steps: IntProperty(name="Training Steps", min=1, max=100000, default=EXTRACTION_DEFAULTS["steps"],
+                               description="How many training steps the extraction runs (more: closer motion, "
+                                           "longer)")
+    extract_seed: IntProperty(name="Extraction Seed", min=0, max=2**31 - 1, default=EXTRACTION_DEFAULTS["seed"],
+                              description="Random seed of the extraction's training (the same seed and inputs "
+                                          "give the same action)")
     action_id: StringProperty(name="Action", description="The backend action to generate with")
-    actions: CollectionProperty(type=FlexiActActionItem)
-    action_index: IntProperty(update=_pick_action)
+    actions: CollectionProperty(type=FlexiActActionItem, description="The backend's action library, as last "
+                                                                     "listed (Refresh lists it again)")
+    action_index: IntProperty(update=_pick_action, description="The selected row of the action library")
     action_file: StringProperty(name="Action File", subtype="FILE_PATH",
                                 description="A published .pt or safetensors action to import")
 
     # Generate
-    prompt: StringProperty(name="Prompt")
-    seed: IntProperty(name="Seed", min=0, max=2**31 - 1, default=GENERATION_DEFAULTS["seed"])
-    steps: IntProperty(name="Steps", min=1, max=1000, default=GENERATION_DEFAULTS["steps"])
-    guidance: FloatProperty(name="Guidance", min=0.0, max=50.0, default=GENERATION_DEFAULTS["guidance_scale"])
+    prompt: StringProperty(name="Prompt", description="What the generated clip shows: the target frame's "
+                                                      "subject doing the action")
+    seed: IntProperty(name="Seed", min=0, max=2**31 - 1, default=GENERATION_DEFAULTS["seed"],
+                      description="Random seed of the generation: the same seed gives the same clip")
+    steps: IntProperty(name="Denoising Steps", min=1, max=1000, default=GENERATION_DEFAULTS["steps"],
+                       description="Denoising steps of the generation (more: finer, slower)")
+    guidance: FloatProperty(name="Guidance", min=0.0, max=50.0, default=GENERATION_DEFAULTS["guidance_scale"],
+                            description="How strongly the clip follows the prompt (classifier-free guidance)")
     lora_weight: FloatProperty(name="RefAdapter Weight", min=0.0, max=4.0,
-                               default=GENERATION_DEFAULTS["lora_weight"])
+                               default=GENERATION_DEFAULTS["lora_weight"],
+                               description="How closely the clip keeps the target frame's look and layout")
     reweighting: BoolProperty(name="Reweighting", default=True,
                               description="The paper's frequency-aware reweighting: the action weighs more while "
                                           "the motion is being shaped. Off: as the authors' released script runs")
     reweight_scale: FloatProperty(name="Motion Strength", min=0.0, max=20.0,
-                                  default=GENERATION_DEFAULTS["reweight_scale"])
+                                  default=GENERATION_DEFAULTS["reweight_scale"],
+                                  description="How strongly the action's motion is weighted in the early steps")
     transition: FloatProperty(name="Transition", min=0.01, max=1.0, default=GENERATION_DEFAULTS["high_timesteps"],
                               description="Where the high-noise (motion) timesteps end")
     step_cache: BoolProperty(name="Step Cache", default=False,
@@ -125,15 +160,16 @@ class FlexiActSettings(bpy.types.PropertyGroup):
                                          "(the steps that carry the motion always compute in full)")
 
     # Import
-    import_mode: EnumProperty(name="Import As", items=[
-        ("STRIP", "Strip", "A Sequencer movie strip"),
+    import_mode: EnumProperty(name="Import As", description="How a finished clip comes into the project", items=[
+        ("STRIP", "Strip", "A Sequencer movie strip, fitted to the scene's resolution"),
         ("PLANE", "Plane", "An image plane in the 3D scene"),
-        ("BOTH", "Both", "")])
+        ("BOTH", "Both", "A strip and an image plane")])
     plane_fill_camera: BoolProperty(name="Fill Camera View", default=True,
-                                    description="Place the plane in front of the active camera, filling its view")
+                                    description="Parent the plane to the active camera, filling its view "
+                                                "(else at the 3D cursor)")
 
-    jobs: CollectionProperty(type=FlexiActJob)
-    job_index: IntProperty()
+    jobs: CollectionProperty(type=FlexiActJob, description="This scene's backend jobs, kept in the .blend")
+    job_index: IntProperty(description="The selected job")
     last_error: StringProperty(description="The last problem, shown in the panel")
 
 

@@ -106,9 +106,9 @@ def pack_frames(frames: list[str], folder: str, name: str) -> str:
     return path
 
 
-def trim_seconds(settings: "bpy.types.PropertyGroup", scene: bpy.types.Scene, duration_s: float) -> tuple[float, float]:
-    """The settings' trim in seconds (frames count at the scene's fps); 0 as end means the clip's end."""
-    scale = 1.0 / scene_fps(scene) if settings.trim_unit == "FRAMES" else 1.0
+def trim_seconds(settings: "bpy.types.PropertyGroup", fps: float, duration_s: float) -> tuple[float, float]:
+    """The settings' trim in seconds (frames count at the clip's own `fps`); 0 as end means the clip's end."""
+    scale = 1.0 / fps if settings.trim_unit == "FRAMES" else 1.0
     start = settings.clip_start * scale
     end = settings.clip_end * scale if settings.clip_end > 0 else duration_s
     end = min(end, duration_s)
@@ -123,8 +123,8 @@ def resolve(scene: bpy.types.Scene, width: int, height: int, folder: str) -> Ref
     settings = scene.flexiact
     if settings.reference_source == "SCENE":
         path = render_scene_clip(scene, width, height, folder)
-        duration, _fps = movie_info(path)
-        return Reference(path, 0.0, duration)
+        duration, fps = movie_info(path)
+        return Reference(path, *trim_seconds(settings, fps, duration))
     if settings.reference_source == "STRIP":
         strips = strips_of(scene)
         strip = strips.get(settings.reference_strip) if strips is not None else None
@@ -148,10 +148,8 @@ def resolve(scene: bpy.types.Scene, width: int, height: int, folder: str) -> Ref
                              "panel.")
     path = bpy.path.abspath(settings.reference_path)
     frames = sequence_frames(path) if os.path.exists(path) else []
-    if frames:
+    if frames:  # numbered frames play at the scene's rate
         fps = scene_fps(scene)
-        start, end = trim_seconds(settings, scene, len(frames) / fps)
-        return Reference(pack_frames(frames, folder, "sequence"), start, end, fps)
-    duration, _fps = movie_info(path)
-    start, end = trim_seconds(settings, scene, duration)
-    return Reference(path, start, end)
+        return Reference(pack_frames(frames, folder, "sequence"), *trim_seconds(settings, fps, len(frames) / fps), fps)
+    duration, fps = movie_info(path)
+    return Reference(path, *trim_seconds(settings, fps, duration))

@@ -42,7 +42,7 @@ def extraction(settings: bpy.types.PropertyGroup, video_path: str, start_s: floa
     caption = settings.caption.strip()
     name = caption[:60]
     body = {"name": name, "caption": caption, "start_s": round(start_s, 4), "end_s": round(end_s, 4),
-            "steps": settings.extract_steps, "seed": settings.seed}
+            "steps": settings.extract_steps, "seed": settings.extract_seed}
     return Request("/v1/actions", body, video_path, "video", f"Extract '{name}'", fps)
 
 

@@ -6,8 +6,10 @@ user-resources folder, exactly as a user would install it.
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -19,8 +21,11 @@ import pytest
 if importlib.util.find_spec("bpy") is None:  # the main venv's pytest: these run only inside a bpy venv
     collect_ignore_glob = ["test_*.py"]
 else:
-    # Before bpy starts: the add-on is installed into a throwaway user folder, never the real one.
-    os.environ.setdefault("BLENDER_USER_RESOURCES", tempfile.mkdtemp(prefix="flexiact-blender-user-"))
+    # Before bpy starts: the add-on is installed into a throwaway user folder, never the real one (the outer
+    # test gives one inside its tmp_path; run alone, the folder made here is removed at exit).
+    if "BLENDER_USER_RESOURCES" not in os.environ:
+        os.environ["BLENDER_USER_RESOURCES"] = tempfile.mkdtemp(prefix="flexiact-blender-user-")
+        atexit.register(shutil.rmtree, os.environ["BLENDER_USER_RESOURCES"], ignore_errors=True)
     import bpy
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,6 +47,9 @@ def addon() -> Iterator[Any]:
                                                       enable_on_install=True)
     assert result == {"FINISHED"}
     mod = sys.modules[MODULE]
+    # results of unsaved files go to a folder of this run, never the user's home
+    bpy.context.preferences.addons[MODULE].preferences.unsaved_dir = tempfile.mkdtemp(
+        prefix="unsaved-", dir=os.environ["BLENDER_USER_RESOURCES"])
     yield mod
     mod.runner.remove_timer()
     bpy.ops.preferences.addon_disable(module=MODULE)

@@ -123,6 +123,32 @@ def test_generate_imports_strip_and_plane_at_scene_rate(backend: Any, addon: Any
     assert reopened.plane_name in bpy.data.objects
 
 
+def test_unsaved_results_move_beside_the_blend_on_first_save(backend: Any, addon: Any, action_id: str,
+                                                             tmp_path: Path) -> None:
+    """Before the first save results go to the preferences' visible folder; saving moves them to //flexiact/."""
+    scene = make_scene()
+    s = scene.flexiact
+    unsaved = Path(addon.preferences.unsaved_dir())
+    assert bpy.ops.flexiact.capture_target() == {"FINISHED"}
+    assert Path(s.target_image.filepath).parent == unsaved
+    s.action_id, s.prompt, s.steps, s.import_mode = action_id, "a cube slides", 2, "BOTH"
+    assert bpy.ops.flexiact.generate() == {"FINISHED"}
+    record = s.jobs[-1]
+    assert Path(record.video_path).parent == unsaved and record.imported
+    bpy.ops.wm.save_as_mainfile(filepath=str(tmp_path / "first.blend"))
+    scene = bpy.context.scene
+    record = scene.flexiact.jobs[-1]
+    strip = _strips(scene)[record.strip_name]
+    plane_image = next(n for n in bpy.data.objects[record.plane_name].active_material.node_tree.nodes
+                       if n.type == "TEX_IMAGE").image
+    for path in (record.video_path, strip.filepath, plane_image.filepath, scene.flexiact.target_image.filepath):
+        assert path.startswith("//flexiact/"), path
+        assert (tmp_path / "flexiact" / Path(path).name).is_file()
+    assert not any(unsaved.glob(Path(record.video_path).name))  # moved, not copied
+    bpy.ops.wm.open_mainfile(filepath=str(tmp_path / "first.blend"))  # the saved file holds the new paths
+    assert bpy.context.scene.flexiact.jobs[-1].video_path.startswith("//flexiact/")
+
+
 def _client(addon: Any) -> Any:
     return addon.preferences.make_client(bpy.context)
 
@@ -179,14 +205,15 @@ def _drive_timer(runner: Any) -> None:
     assert interval is None, "the runner was still busy after 300 s"
 
 
-def test_interactive_submit_goes_through_the_runner(backend: Any, addon: Any, action_id: str,
-                                                    tmp_path: Path) -> None:
+def test_interactive_submit_goes_through_the_runner(backend: Any, addon: Any, action_id: str, tmp_path: Path,
+                                                    capfd: pytest.CaptureFixture[str]) -> None:
     """Without waiting (as in the UI), submit returns at once; the timer uploads, posts, polls and imports."""
     scene = make_scene()
     _target_id(addon, tmp_path)
     s = scene.flexiact
     s.action_id, s.prompt, s.steps, s.import_mode = action_id, "a cube slides", 2, "STRIP"
     request = addon.requests.generation(s, bpy.path.abspath(s.target_image.filepath), 24.0)
+    capfd.readouterr()
     key = addon.jobs.submit(scene, _client(addon), "GENERATE", request, (96, 64), wait=False)
     _scene, record = addon.jobs.find_record(scene.name, key)
     assert record.status == "SUBMITTING" and not record.job_id
@@ -196,6 +223,25 @@ def test_interactive_submit_goes_through_the_runner(backend: Any, addon: Any, ac
     assert (record.model_width, record.model_height) == (96, 64)
     assert len(_strips(scene)) == 1
     assert json.loads(record.params_json)["guidance_scale"] == s.guidance
+    assert "Info: FlexiAct: Generate 'a cube slides': done" in capfd.readouterr().out  # the status bar and Info
+
+
+def test_background_failure_leaves_a_report(backend: Any, addon: Any, tmp_path: Path,
+                                             capfd: pytest.CaptureFixture[str]) -> None:
+    """A job that fails after its operator returned says so in the status bar/Info, not only in the panel."""
+    scene = make_scene()
+    _target_id(addon, tmp_path)
+    s = scene.flexiact
+    s.action_id, s.prompt = "f" * 32, "a cube slides"  # no such action: the backend refuses it
+    request = addon.requests.generation(s, bpy.path.abspath(s.target_image.filepath), 24.0)
+    capfd.readouterr()
+    key = addon.jobs.submit(scene, _client(addon), "GENERATE", request, (96, 64), wait=False)
+    _drive_timer(addon.runner)
+    _scene, record = addon.jobs.find_record(scene.name, key)
+    assert record.status == "FAILED"
+    out = capfd.readouterr().out
+    assert "Warning: FlexiAct: Generate 'a cube slides' failed" in out and record.error in out
+    assert record.error in s.last_error
 
 
 def test_failed_job_shows_backend_message(backend: Any, addon: Any, tmp_path: Path) -> None:
@@ -203,7 +249,7 @@ def test_failed_job_shows_backend_message(backend: Any, addon: Any, tmp_path: Pa
     scene = make_scene(frames=30)
     s = scene.flexiact
     s.reference_source, s.caption, s.extract_preset, s.extract_steps = "SCENE", "doomed", "CUSTOM", 1
-    s.seed = 7
+    s.extract_seed = 7
     assert bpy.ops.flexiact.extract_action() == {"FINISHED"}
     doomed = s.action_id
     image = _target_id(addon, tmp_path)
@@ -211,7 +257,10 @@ def test_failed_job_shows_backend_message(backend: Any, addon: Any, tmp_path: Pa
     blocker = _generation(addon, image, doomed, 1000, 24.0)  # keeps the worker busy
     key = _record(addon, scene, _generation(addon, image, doomed, 1, 24.0))
     client._json("DELETE", f"/v1/actions/{doomed}")
-    client.cancel(blocker)
+    try:
+        client.cancel(blocker)
+    except addon.client.BackendError as exc:  # it may have failed already: its action is gone
+        assert exc.status == 409, exc.message
     _scene, record = addon.jobs.find_record(scene.name, key)
     addon.jobs.follow(client, scene, record, wait=True)
     assert record.status == "FAILED"
@@ -285,6 +334,57 @@ def test_reference_too_short_is_explained(backend: Any, tmp_path: Path) -> None:
     s.reference_path = str(make_video(tmp_path / "short.mp4", "8", 3))
     with pytest.raises(RuntimeError, match="at least"):
         bpy.ops.flexiact.extract_action()
+
+
+def test_test_connection_checks_the_token(backend: Any) -> None:
+    """/v1/health is open: only an authenticated call proves the token, and the message says it is the token."""
+    make_scene()
+    backend.token = "wrong-token"
+    with pytest.raises(RuntimeError, match="Token: The backend refused the token"):
+        bpy.ops.flexiact.test_connection()
+    backend.token = ""
+    with pytest.raises(RuntimeError, match="Token:"):
+        bpy.ops.flexiact.test_connection()
+
+
+def test_library_rename_delete_and_cancelled_hidden(backend: Any, addon: Any, tmp_path: Path) -> None:
+    scene = make_scene()
+    s = scene.flexiact
+    client = _client(addon)
+    video = client.upload(str(make_video(tmp_path / "lib.mp4", "24", 48)))["id"]
+    made = [client.post("/v1/actions", {"name": name, "caption": name, "video": video, "start_s": 0.0,
+                                        "end_s": 1.9, "steps": 5000, "seed": seed})
+            for seed, name in ((101, "to cancel"), (102, "to keep"))]
+    client.cancel(made[0]["job"]["id"])
+    cancelled = made[0]["action"]["id"]
+    deadline = time.monotonic() + 120  # a running extraction stops within a step
+    while client._json("GET", f"/v1/actions/{cancelled}")["status"] != "cancelled":
+        assert time.monotonic() < deadline, "the extraction was not cancelled within 120 s"
+        time.sleep(0.2)
+    keep = made[1]["action"]["id"]
+    assert bpy.ops.flexiact.refresh_actions() == {"FINISHED"}
+    listed = {a.action_id: a for a in s.actions}
+    assert cancelled not in listed and keep in listed  # the cancelled one is hidden
+    assert bpy.ops.flexiact.rename_action(action_id=keep, name="Slow wave") == {"FINISHED"}
+    assert client._json("GET", f"/v1/actions/{keep}")["name"] == "Slow wave"
+    assert next(a for a in s.actions if a.action_id == keep).name == "Slow wave"
+    s.action_id = keep
+    assert bpy.ops.flexiact.delete_action(action_id=keep) == {"FINISHED"}
+    assert keep not in {a.action_id for a in s.actions} and s.action_id == ""
+    with pytest.raises(addon.client.BackendError) as gone:
+        client._json("GET", f"/v1/actions/{keep}")
+    assert gone.value.status in (404, 410)
+
+
+def test_time_estimate_from_the_backends_measured_steps(backend: Any, addon: Any, action_id: str) -> None:
+    """After one extraction the backend knows its time per step; the panel turns the chosen steps into a time."""
+    scene = make_scene()
+    assert bpy.ops.flexiact.test_connection() == {"FINISHED"}
+    per_step = _health(backend.backend_url)["step_s"]["extract"]
+    assert per_step and per_step > 0
+    scene.flexiact.extract_preset = "STANDARD"
+    text = addon.panels.estimate(scene.flexiact.extract_steps, "extract")
+    assert text.startswith("About ") and f"{per_step:.2f} s per step" in text
 
 
 def test_test_connection_reports_model(backend: Any, addon: Any) -> None:
