@@ -80,3 +80,16 @@ $(EXT_ZIP): blender_manifest.toml $(wildcard flexiact_blender/*.py) | .venv-bpy4
 # Defined last: its prerequisites use the Blender block's variables, which make expands when it reads the rule.
 test: setup $(BLENDER_TEST_DEPS)
 	$(PY) -m pytest -q
+
+# The suite without Blender and the demo (no bpy venvs needed): a quick check while working on the backend.
+test-fast: setup
+	$(PY) -m pytest -q -m "not blender and not slow" --ignore tests/test_demo.py
+
+# The benchmarks on the tiny model (CPU or GPU, whichever is here), each as JSON in out/bench/ and a table;
+# `make bench BENCH_MODEL="--model DIR"` measures a real pipeline instead.
+BENCH_MODEL ?= --tiny
+bench: setup
+	mkdir -p out/bench
+	$(VENV)/bin/flexiact-backend bench attention --json out/bench/attention.json
+	$(VENV)/bin/flexiact-backend bench generate $(BENCH_MODEL) --json out/bench/generate.json
+	$(VENV)/bin/flexiact-backend bench extract $(BENCH_MODEL) --json out/bench/extract.json

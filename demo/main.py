@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
+import shutil
 import sys
 import tempfile
 import time
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     start = time.perf_counter()
+    shutil.rmtree(args.out / "flexiact", ignore_errors=True)  # this run's results replace the last run's
     with tempfile.TemporaryDirectory(prefix="flexiact-demo-") as data:
         server = ServerProcess(Path(data), model_dir=args.model)
         print(f"demo: starting the backend ({args.model or 'tiny model'}) at {server.url}, data in {data}", flush=True)

@@ -12,6 +12,7 @@ the contact sheet.
 from __future__ import annotations
 
 import argparse
+import atexit
 import glob
 import json
 import math
@@ -24,7 +25,9 @@ from pathlib import Path
 from typing import Any
 
 # Before bpy is imported: the extension is installed into a throwaway user folder, not the user's Blender.
-os.environ.setdefault("BLENDER_USER_RESOURCES", tempfile.mkdtemp(prefix="flexiact-demo-blender-"))
+if "BLENDER_USER_RESOURCES" not in os.environ:  # removed at exit: a demo leaves nothing in the temp folder
+    os.environ["BLENDER_USER_RESOURCES"] = tempfile.mkdtemp(prefix="flexiact-demo-blender-")
+    atexit.register(shutil.rmtree, os.environ["BLENDER_USER_RESOURCES"], ignore_errors=True)
 
 import bpy  # noqa: E402
 
