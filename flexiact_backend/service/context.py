@@ -28,6 +28,7 @@ from .retention import collect, tree_bytes
 from .storage import FileStore
 from .worker import WorkerPool, work_dir
 
+
 log = logging.getLogger("flexiact.service")
 #: how often the running service collects garbage (it also does at start)
 GC_INTERVAL_S = 3600.0
