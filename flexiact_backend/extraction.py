@@ -15,7 +15,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -30,7 +31,7 @@ from .actions import write_action
 from .atomic import write_atomically
 from .augmentation import crop_boxes, crop_frames, plan_sampling, window_starts
 from .errors import Cancelled, Paused
-from .generation import FlexiActGenerator
+from .generation import FlexiActGenerator, GenerationResult
 from .media import check_trim, probe_video, read_clip
 from .presets import PRESETS
 from .model import rotary_embeddings
@@ -38,9 +39,12 @@ from .model import rotary_embeddings
 CHECKPOINT_NAME = "checkpoint.pt"
 #: Bumped whenever what the latent cache holds changes, so an older cache is never read as a newer one.
 CACHE_RECIPE = "windows-v2"
+#: Denoising steps of a preview: enough to see the motion, a small share of the extraction's time.
+PREVIEW_STEPS = 10
 
 ProgressFn = Callable[[dict], None]
 StopFn = Callable[[], bool]
+PreviewFn = Callable[[int, GenerationResult], None]
 
 
 @dataclass(frozen=True)
@@ -95,16 +99,29 @@ def file_sha256(path: str | Path) -> str:
 
 
 @contextmanager
-def off_device(*modules: nn.Module) -> Iterator[None]:
-    """Keep the VAE and text encoder off the compute device while the loop runs; put them back afterwards."""
-    devices = [next(m.parameters()).device for m in modules]
-    for m in modules:
-        m.to("cpu")
+def moved(modules: Sequence[nn.Module], devices: Sequence[str | torch.device]) -> Iterator[list[torch.device]]:
+    """Put each module on its device for the block (yielding where they were), and back afterwards.
+
+    Why: the VAE and text encoder stay off the compute device while the loop trains, and come back for a preview.
+    """
+    before = [next(m.parameters()).device for m in modules]
+    for m, d in zip(modules, devices, strict=True):
+        m.to(d)
     try:
-        yield
+        yield before
     finally:
-        for m, d in zip(modules, devices):
+        for m, d in zip(modules, before):
             m.to(d)
+
+
+def render_preview(generator: FlexiActGenerator, image: Image.Image, caption: str, *, seed: int,
+                   steps: int = PREVIEW_STEPS) -> GenerationResult:
+    """A short generation with the motion tokens as trained so far, RefAdapter and reweighting as in a real one.
+
+    The tokens are used in place (not copied out and back); the RefAdapter and the bias are scoped to the
+    generation, and the trainer's RNG is untouched, so previews never change what the extraction learns.
+    """
+    return generator.generate(image, caption, action=generator.adapter.action_state_dict(), seed=seed, steps=steps)
 
 
 def encode_video(generator: FlexiActGenerator, crop: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -281,6 +298,10 @@ def extract_action(
     progress: ProgressFn | None = None,
     cancel: StopFn | None = None,
     pause: StopFn | None = None,
+    finish: StopFn | None = None,
+    preview: PreviewFn | None = None,
+    preview_every: int = 0,
+    preview_image: Image.Image | None = None,
 ) -> dict:
     """Train an action on `video[start_s:end_s]` and write it to `out`; returns the action's metadata.
 
@@ -289,7 +310,10 @@ def extract_action(
 
     A checkpoint in `work_dir` is resumed from automatically. `cancel()` is checked between steps (raises
     Cancelled, the last checkpoint kept); `pause()` right after each checkpoint (raises Paused; call again
-    to resume). `progress` receives dicts with phase, step, total, loss (smoothed), steps_per_s, eta_s.
+    to resume); `finish()` after each step: the action is written from the tokens as they are
+    (`steps_trained` in the metadata says how far it got). `progress` receives dicts with phase, step, total,
+    loss (smoothed), steps_per_s, eta_s. Every `preview_every` steps (0: never) `preview(step, result)` gets
+    a `render_preview` of `preview_image` (default: the trim's first frame).
     """
     config = ExtractionConfig(steps=steps, seed=seed, checkpoint_every=max(1, checkpoint_every))
     work_dir = Path(work_dir)
@@ -297,6 +321,8 @@ def extract_action(
     video = Path(video)
     clip_sha = file_sha256(video)
     report = progress or (lambda _: None)
+    if preview is not None and preview_every and preview_image is None:
+        preview_image = Image.fromarray(read_clip(video, start_s, end_s, 1)[0])
     with generator.lock:
         data, data_info = prepare_training_data(
             generator, video=video, clip_sha256=clip_sha, start_s=start_s, end_s=end_s, caption=caption, seed=seed,
@@ -316,8 +342,9 @@ def extract_action(
             p.requires_grad_(True)
         transformer.enable_gradient_checkpointing()
         started, smoothed = time.monotonic(), None
+        idle = (generator.pipe.vae, generator.pipe.text_encoder)
         try:
-            with off_device(generator.pipe.vae, generator.pipe.text_encoder):
+            with moved(idle, ["cpu"] * len(idle)) as home:
                 while trainer.step < config.steps:
                     if cancel is not None and cancel():
                         raise Cancelled(f"extraction cancelled at step {trainer.step} of {config.steps}; last checkpoint kept")
@@ -326,6 +353,12 @@ def extract_action(
                     rate = (trainer.step - resumed_at) / max(time.monotonic() - started, 1e-9)
                     report({"phase": "training", "step": trainer.step, "total": config.steps, "loss": smoothed,
                             "steps_per_s": rate, "eta_s": (config.steps - trainer.step) / rate if rate else None})
+                    if finish is not None and finish():
+                        break
+                    if preview is not None and preview_every and trainer.step % preview_every == 0:
+                        report({"phase": "previewing", "step": trainer.step, "total": config.steps})
+                        with moved(idle, home):
+                            preview(trainer.step, render_preview(generator, preview_image, caption, seed=seed))
                     if trainer.step % config.checkpoint_every == 0 and trainer.step < config.steps:
                         trainer.save(checkpoint)
                         if pause is not None and pause():
@@ -340,8 +373,9 @@ def extract_action(
         tail = trainer.losses[-max(1, len(trainer.losses) // 5):]
         metadata = {
             "name": name, "caption": caption, "clip_sha256": clip_sha, "trim": [start_s, end_s], "steps": config.steps,
-            "seed": seed, "final_loss": float(np.mean(tail)) if tail else None, "base_model": generator.info.id,
-            "source": "extracted", "config": asdict(config), "duration_s": data_info["duration_s"],
+            "steps_trained": trainer.step, "seed": seed, "final_loss": float(np.mean(tail)) if tail else None,
+            "base_model": generator.info.id, "source": "extracted", "config": asdict(config),
+            "duration_s": data_info["duration_s"],
             "sampling": {k: data_info[k] for k in ("sampled_frames", "windowed", "frame_size", "crops", "windows")},
         }
         write_action(out, adapter.action_state_dict(), metadata)

@@ -12,7 +12,7 @@ import contextlib
 import copy
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,8 +68,11 @@ class GenerationResult:
     settings: GenerationSettings
     duration_s: float
     reweights: list[float | None] = field(default_factory=list)
+    #: Wall time this video cost: its batch's time shared among the takes in that batch.
     seconds: float = 0.0
     cached_steps: list[int] = field(default_factory=list)
+    #: How many takes shared this one's batch on the device (1: it ran alone).
+    batch: int = 1
 
     def write_mp4(self, path: str | Path, fps: float | None = None) -> Path:
         """Write an H.264 mp4 at `fps` (default the model's) lasting `duration_s` at any frame rate."""
@@ -94,7 +97,7 @@ class FlexiActGenerator:
         self.info = info
         self.device = device
         self.attention_backend = attention_backend
-        self.lock = threading.Lock()  # one generation or extraction at a time
+        self.lock = threading.RLock()  # one generation or extraction at a time; an extraction may render previews
 
     @classmethod
     def from_pretrained(
@@ -127,6 +130,7 @@ class FlexiActGenerator:
         pipe.set_progress_bar_config(disable=True)
         for module in (pipe.transformer, pipe.vae, pipe.text_encoder):
             module.requires_grad_(False)  # frozen: extraction trains motion tokens only
+        pipe.vae.enable_slicing()  # a batch of takes decodes one video at a time, as one take would
         adapter = attach_flexiact(pipe.transformer, rank=info.rank, alpha=info.alpha, num_motion_tokens=info.num_motion_tokens)
         if memory_saving:
             pipe.enable_model_cpu_offload(device=device)
@@ -177,10 +181,41 @@ class FlexiActGenerator:
         never applies it. `tempo` (see TEMPOS) sets how long the result plays. `step_cache` lets diffusers'
         TaylorSeer cache predict transformer blocks at steps after the reweight window.
         """
+        return self.generate_takes(
+            image, prompt, seeds=[seed], action=action, steps=steps, guidance_scale=guidance_scale,
+            lora_weight=lora_weight, reweight_scale=reweight_scale, transition=transition, fit=fit, tempo=tempo,
+            step_cache=step_cache, progress=progress, cancel=cancel)[0]
+
+    def generate_takes(
+        self,
+        image: Image.Image,
+        prompt: str,
+        *,
+        seeds: Sequence[int],
+        action: str | Path | Mapping[str, torch.Tensor] | None = None,
+        steps: int = 50,
+        guidance_scale: float = 6.0,
+        lora_weight: float = 0.7,
+        reweight_scale: float | None = 1.0,
+        transition: float = 0.8,
+        fit: str = "crop",
+        tempo: str = "reference",
+        step_cache: bool = False,
+        max_batch: int | None = None,
+        progress: ProgressFn | None = None,
+        cancel: CancelFn | None = None,
+    ) -> list[GenerationResult]:
+        """One video per seed from the same settings, batched (guidance batch 2N) while the memory allows.
+
+        Each take draws its noise from its own seed, so take i equals `generate(seed=seeds[i])` whatever the
+        batch. A batch that runs out of GPU memory is halved and retried, down to one take at a time with
+        the model kept warm; `max_batch` caps the batch from the start. `progress` counts take-steps
+        (steps x takes in all).
+        """
+        if not seeds:
+            raise ValueError("generate_takes needs at least one seed")
         if tempo not in TEMPOS:
             raise ValueError(f"tempo must be one of {TEMPOS}, got {tempo!r}")
-        settings = GenerationSettings(prompt, seed, steps, guidance_scale, lora_weight, reweight_scale, transition, fit, tempo,
-                                      step_cache)
         duration_s = self.info.duration_s
         if tempo == "reference" and isinstance(action, (str, Path)):
             try:
@@ -191,6 +226,9 @@ class FlexiActGenerator:
         target, mapping = fit_target_image(image, (self.info.width, self.info.height), fit)
         timesteps = self.scheduled_timesteps(steps)
         reweights = reweight_schedule(timesteps, reweight_scale, transition)
+        total = steps * len(seeds)
+        batch = min(len(seeds), max_batch or len(seeds))
+        results: list[GenerationResult] = []
         with self.lock:
             if action is None:
                 self.adapter.reset_action()
@@ -199,36 +237,53 @@ class FlexiActGenerator:
             started = time.monotonic()
             # The cache may act from one step after the first unbiased one: a fully computed unbiased step comes first.
             first_unbiased = next((i for i, r in enumerate(reweights) if r is None), steps)
-            cache = StepCache(self.pipe.transformer, first_step=first_unbiased + 1) if step_cache else None
+            while len(results) < len(seeds):
+                chunk = list(seeds[len(results) : len(results) + batch])
+                done_before = len(results) * steps
+                chunk_started = time.monotonic()
+                cache = StepCache(self.pipe.transformer, first_step=first_unbiased + 1) if step_cache else None
 
-            def on_step_end(pipe: CogVideoXImageToVideoPipeline, i: int, t: torch.Tensor, tensors: dict) -> dict:
-                if int(t) != timesteps[i]:
-                    raise RuntimeError(f"scheduler visited timestep {int(t)} at step {i}, expected {timesteps[i]}")
-                if cache is not None:
-                    cache.end_step(i)
-                if progress is not None:
-                    progress(i + 1, steps, time.monotonic() - started)
-                if cancel is not None and cancel() and i + 1 < steps:
-                    raise Cancelled(f"generation cancelled after step {i + 1} of {steps}")
-                return {}
+                def on_step_end(pipe: CogVideoXImageToVideoPipeline, i: int, t: torch.Tensor, tensors: dict) -> dict:
+                    if int(t) != timesteps[i]:
+                        raise RuntimeError(f"scheduler visited timestep {int(t)} at step {i}, expected {timesteps[i]}")
+                    if cache is not None:
+                        cache.end_step(i)
+                    if progress is not None:
+                        progress(done_before + (i + 1) * len(chunk), total, time.monotonic() - started)
+                    if cancel is not None and cancel() and done_before + (i + 1) * len(chunk) < total:
+                        raise Cancelled(f"generation cancelled after step {i + 1} of {steps}")
+                    return {}
 
-            with (torch.inference_mode(), self.adapter.lora_fused_for_inference(lora_weight),
-                  reweighting(self.pipe.transformer, timesteps, reweights), cache or contextlib.nullcontext()):
-                video = self.pipe(
-                    image=target,
-                    prompt=prompt,
-                    negative_prompt="",
-                    height=self.info.height,
-                    width=self.info.width,
-                    num_frames=self.info.frames,
-                    num_inference_steps=steps,
-                    guidance_scale=guidance_scale,
-                    generator=torch.Generator("cpu").manual_seed(seed),
-                    output_type="np",
-                    callback_on_step_end=on_step_end,
-                    max_sequence_length=self.info.text_length,
-                    attention_kwargs={"attention_backend": self.attention_backend},
-                ).frames[0]
-        frames = (np.clip(video, 0.0, 1.0) * 255.0).round().astype(np.uint8)
-        return GenerationResult(frames, self.info.fps, mapping, settings, duration_s, reweights, time.monotonic() - started,
-                                cache.cached_steps if cache is not None else [])
+                try:
+                    with (torch.inference_mode(), self.adapter.lora_fused_for_inference(lora_weight),
+                          reweighting(self.pipe.transformer, timesteps, reweights), cache or contextlib.nullcontext()):
+                        videos = self.pipe(
+                            image=[target] * len(chunk),
+                            prompt=[prompt] * len(chunk),  # the pipeline ignores num_videos_per_prompt
+                            negative_prompt="",
+                            height=self.info.height,
+                            width=self.info.width,
+                            num_frames=self.info.frames,
+                            num_inference_steps=steps,
+                            guidance_scale=guidance_scale,
+                            generator=[torch.Generator("cpu").manual_seed(s) for s in chunk],
+                            output_type="np",
+                            callback_on_step_end=on_step_end,
+                            max_sequence_length=self.info.text_length,
+                            attention_kwargs={"attention_backend": self.attention_backend},
+                        ).frames
+                except torch.cuda.OutOfMemoryError:
+                    if batch == 1:
+                        raise
+                    batch //= 2  # the freed activations make room for a smaller batch
+                    torch.cuda.empty_cache()
+                    continue
+                seconds = (time.monotonic() - chunk_started) / len(chunk)
+                for s, video in zip(chunk, videos):
+                    frames = (np.clip(video, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+                    settings = GenerationSettings(prompt, s, steps, guidance_scale, lora_weight, reweight_scale,
+                                                  transition, fit, tempo, step_cache)
+                    results.append(GenerationResult(frames, self.info.fps, mapping, settings, duration_s, reweights,
+                                                    seconds, cache.cached_steps if cache is not None else [],
+                                                    len(chunk)))
+        return results

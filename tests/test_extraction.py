@@ -7,12 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from flexiact_backend.actions import import_published_action, read_action
 from flexiact_backend.cli import main
 from flexiact_backend.errors import Cancelled, CheckpointError, MediaError, Paused
 from flexiact_backend.extraction import CHECKPOINT_NAME, ExtractionConfig, FAETrainer, extract_action, prepare_training_data
-from flexiact_backend.media import probe_video, write_mp4
+from flexiact_backend.media import probe_video, read_clip, write_mp4
 
 
 @pytest.fixture(scope="module")
@@ -244,3 +245,43 @@ def test_generation_with_a_short_action_lasts_its_duration(run, tiny_generator, 
     assert tiny_generator.generate(target_image, "x", steps=1, action=tmp_path / "published.pt").duration_s == pytest.approx(1.125)
     with pytest.raises(ValueError, match="tempo"):
         tiny_generator.generate(target_image, "x", steps=1, tempo="slow")
+
+
+def test_previews_render_the_tokens_so_far_and_change_nothing(run, tiny_generator, tmp_path, motion_clip) -> None:
+    """Previews come at each preview step, show the action as trained so far, and leave the training exact."""
+    previews: list[tuple[int, object]] = []
+    phases: list[str] = []
+    meta = run("previewed", steps=6, checkpoint_every=3, preview_every=2,
+               preview=lambda step, result: previews.append((step, result)),
+               progress=lambda u: phases.append(u["phase"]))
+    run("plain", steps=6, checkpoint_every=3)
+    assert [step for step, _ in previews] == [2, 4, 6]
+    assert phases.count("previewing") == 3
+    info = tiny_generator.info
+    for _, result in previews:
+        assert result.frames.shape == (info.frames, info.height, info.width, 3)
+        assert result.settings.steps == 10 and result.settings.seed == 3 and result.settings.lora_weight == 0.7
+        assert result.reweights[0] == 1.0  # the reweighting is on, as in a real generation
+    a, _ = read_action(tmp_path / "previewed.safetensors")
+    b, _ = read_action(tmp_path / "plain.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a), "rendering previews changed the trained tokens"
+    assert meta["steps_trained"] == 6
+    # the last preview is the finished action performed by the trim's first frame, at the preview's settings
+    first_frame = Image.fromarray(read_clip(motion_clip, 0.0, 2.0, 1)[0])
+    final = tiny_generator.generate(first_frame, "a block slides", action=tmp_path / "previewed.safetensors",
+                                    seed=3, steps=10)
+    assert np.array_equal(previews[-1][1].frames, final.frames)
+    assert not np.array_equal(previews[0][1].frames, previews[-1][1].frames)  # the action moved between previews
+
+
+def test_finish_writes_the_action_from_the_tokens_so_far(run, tmp_path) -> None:
+    """Finish stops at the next step boundary: the action equals a run asked for that many steps."""
+    updates: list[dict] = []
+    meta = run("early", steps=40, progress=updates.append,
+               finish=lambda: any(u.get("step") == 7 for u in updates))
+    assert meta["steps"] == 40 and meta["steps_trained"] == 7 and len(meta["losses"]) == 7
+    tokens, stored = read_action(tmp_path / "early.safetensors")
+    assert stored["steps_trained"] == 7
+    run("seven", steps=7)
+    expected, _ = read_action(tmp_path / "seven.safetensors")
+    assert all(torch.equal(tokens[k], expected[k]) for k in tokens)

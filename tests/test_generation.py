@@ -205,3 +205,21 @@ def test_reweight_null_is_the_released_script(tiny_generator: FlexiActGenerator,
     paper, held, reweights = first_prediction(1.0)
     assert held[0] == reweights[0] == 1.0
     assert (paper - released).abs().max() > 100 * (zero_bias - released).abs().max() + 1e-4
+
+
+def test_takes_batched_equal_single_runs_of_their_seeds(tiny_generator: FlexiActGenerator, target_image) -> None:
+    """Take i of a batch is the video `generate(seed=seeds[i])` makes; one at a time gives the same takes."""
+    calls: list[tuple[int, int]] = []
+    takes = tiny_generator.generate_takes(target_image, "a dog runs", seeds=[5, 6, 7], steps=4,
+                                          progress=lambda done, total, elapsed: calls.append((done, total)))
+    assert [t.settings.seed for t in takes] == [5, 6, 7] and {t.batch for t in takes} == {3}
+    assert calls == [(3 * i, 12) for i in range(1, 5)]
+    one_by_one = tiny_generator.generate_takes(target_image, "a dog runs", seeds=[5, 6, 7], steps=4, max_batch=1)
+    assert {t.batch for t in one_by_one} == {1}
+    for take, alone, seed in zip(takes, one_by_one, (5, 6, 7)):
+        single = tiny_generator.generate(target_image, "a dog runs", seed=seed, steps=4).frames
+        assert np.array_equal(alone.frames, single)
+        # batched matmuls may round differently from batch-1 ones: at most one grey level apart
+        assert np.abs(take.frames.astype(int) - single.astype(int)).max() <= 1
+    assert not np.array_equal(takes[0].frames, takes[1].frames)
+    assert not np.array_equal(takes[1].frames, takes[2].frames)

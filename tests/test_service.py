@@ -7,13 +7,17 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
-from service_helpers import (Client, ServerProcess, assert_monotonic, clip_bytes, decode_mp4, png_bytes, upload,
-                             wait_job)
+from flexiact_backend.media import read_clip
+
+from service_helpers import (WAIT_S, Client, ServerProcess, assert_monotonic, clip_bytes, decode_mp4, png_bytes,
+                             upload, wait_job)
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +136,7 @@ def test_events_stream_progress_never_goes_backwards(client: Client, server: Ser
 
 
 def test_generation_goes_ahead_of_a_running_extraction(client: Client, clip: dict, image: dict) -> None:
-    action, extraction = _extract(client, clip, steps=5000, seed=11)
+    action, extraction = _extract(client, clip, steps=5000, seed=11, preview_every=0)
     wait_job(client, extraction["id"], ("running",), min_step=3)
     generation = _generate(client, image, steps=2)
     done = wait_job(client, generation["id"])
@@ -167,6 +171,84 @@ def test_cancel_queued_is_immediate_and_running_stops(client: Client, image: dic
     assert client.request("GET", f"/v1/jobs/{running['id']}/video")[0] == 409
     listed = client.request("GET", "/v1/jobs?status=cancelled")[1]["jobs"]
     assert {running["id"], queued["id"]} <= {j["id"] for j in listed}
+
+
+def _download(client: Client, url: str, path: Path) -> Path:
+    status, data = client.request("GET", url)
+    assert status == 200, data
+    path.write_bytes(data)  # type: ignore[arg-type]
+    return path
+
+
+def test_previews_while_training_then_finish_early(client: Client, clip: dict, image: dict, model: dict,
+                                                   tmp_path: Path) -> None:
+    """Previews appear during the extraction and decode; finish makes the action ready from the tokens so far."""
+    action, job = _extract(client, clip, steps=100_000, seed=21, preview_every=3, preview_image=image["id"])
+    deadline = time.monotonic() + WAIT_S
+    previews: list[dict] = []
+    while not previews and time.monotonic() < deadline:
+        status, previews = client.request("GET", f"/v1/jobs/{job['id']}/previews")  # type: ignore[assignment]
+        assert status == 200, previews
+        time.sleep(0.1)
+    assert previews and previews[0]["step"] == 3, previews
+    assert client.request("GET", f"/v1/jobs/{job['id']}")[1]["status"] == "running"  # seen while it trains
+    first = previews[0]
+    frames, fps, size = decode_mp4(_download(client, first["url"], tmp_path / "preview.mp4"))
+    assert (frames, size) == (first["frames"], (model["width"], model["height"]))
+    assert frames == model["frames"] and fps == pytest.approx(model["fps"])
+    _error(client.request("GET", f"/v1/jobs/{job['id']}/previews/4"), 404, "not_found")
+
+    status, body = client.request("POST", f"/v1/jobs/{job['id']}/finish")
+    assert status == 200, body
+    done = wait_job(client, job["id"])
+    assert done["status"] == "succeeded", done
+    trained = done["result"]["steps_trained"]
+    assert 3 <= trained < 100_000 and done["step"] == trained and done["total_steps"] == 100_000
+    status, action = client.request("GET", f"/v1/actions/{action['id']}")
+    assert action["status"] == "ready" and action["meta"]["steps_trained"] == trained
+    assert action["meta"]["steps"] == 100_000
+    steps = [p["step"] for p in client.request("GET", f"/v1/jobs/{job['id']}/previews")[1]]  # type: ignore[union-attr]
+    assert steps == list(range(3, trained + 1, 3))
+    _error(client.request("POST", f"/v1/jobs/{job['id']}/finish"), 409, "not_running")
+    gen = _generate(client, image, action=action["id"], steps=2)
+    assert wait_job(client, gen["id"])["status"] == "succeeded"  # the early action is usable
+    _error(client.request("POST", f"/v1/jobs/{gen['id']}/finish"), 409, "not_an_extraction")
+    _error(client.request("GET", f"/v1/jobs/{gen['id']}/previews"), 404, "not_found")
+
+
+def test_takes_make_one_video_per_seed(client: Client, image: dict, model: dict, tmp_path: Path) -> None:
+    job = _generate(client, image, steps=3, seed=40, takes=3)
+    assert job["total_steps"] == 9 and job["params"]["seeds"] == [40, 41, 42]
+    done = wait_job(client, job["id"])
+    assert done["status"] == "succeeded", done
+    takes = done["result"]["takes"]
+    assert [t["seed"] for t in takes] == [40, 41, 42]
+    assert done["result"]["video"] == takes[0]["video"] and done["result"]["url"] == f"/v1/jobs/{job['id']}/video"
+    videos = []
+    for i, take in enumerate(takes):
+        path = _download(client, take["url"], tmp_path / f"take{i}.mp4")
+        assert decode_mp4(path)[0] == take["frames"] == model["frames"]
+        videos.append(read_clip(path, 0.0, None, model["frames"]))
+    assert not np.array_equal(videos[0], videos[1]) and not np.array_equal(videos[1], videos[2])
+    status, first = client.request("GET", f"/v1/jobs/{job['id']}/video")
+    assert status == 200 and hashlib.sha256(first).hexdigest() == takes[0]["video"]  # type: ignore[arg-type]
+    _error(client.request("GET", f"/v1/jobs/{job['id']}/video?take=3"), 404, "not_found")
+
+    explicit = wait_job(client, _generate(client, image, steps=2, seeds=[7, 3])["id"])
+    assert [t["seed"] for t in explicit["result"]["takes"]] == [7, 3]
+
+
+def test_bad_takes_previews_and_finish_are_4xx(client: Client, clip: dict, image: dict) -> None:
+    gen = {"image": image["id"], "prompt": "x", "steps": 2}
+    for bad in ({"takes": 0}, {"takes": 9}, {"seeds": []}, {"seeds": list(range(9))}, {"seeds": [1, 2], "takes": 3},
+                {"seeds": [-1]}, {"takes": 2.5}):
+        _error(client.request("POST", "/v1/generations", json_body={**gen, **bad}), 422, "invalid_request")
+    ext = {"name": "n", "caption": "c", "video": clip["id"], "start_s": 0, "end_s": 1, "steps": 2}
+    _error(client.request("POST", "/v1/actions", json_body={**ext, "preview_every": -1}), 422, "invalid_request")
+    _error(client.request("POST", "/v1/actions", json_body={**ext, "preview_image": clip["id"]}), 422,
+           "wrong_file_kind")
+    _error(client.request("POST", f"/v1/jobs/{'d' * 32}/finish"), 404, "not_found")
+    _error(client.request("GET", f"/v1/jobs/{'d' * 32}/previews"), 404, "not_found")
 
 
 def _error(status_body: tuple[int, object], status: int, code: str | None = None) -> None:

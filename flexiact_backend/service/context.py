@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.responses import FileResponse
 
 from ..model_info import read_model_info
 from ..tiny import ensure_tiny_model
@@ -143,6 +144,14 @@ class Service:
     def action_path(self, action: dict) -> Path:
         return self.store.path(self.store.relpath(action["file"], ".safetensors"))
 
+    def video_response(self, file_id: str, what: str, filename: str) -> FileResponse:
+        """A stored mp4 as a download; 410 when its record or bytes are gone."""
+        rec = self.db.get_file(file_id)
+        if rec is None:
+            raise APIError(410, "gone", f"{what} was removed by retention; create it again")
+        return FileResponse(self.present(self.store.path(rec["path"]), what), media_type="video/mp4",
+                            filename=filename)
+
     def present(self, path: Path, what: str) -> Path:
         """`path` if its file is on disk, else a 410: the record is known but its bytes were removed."""
         if not path.is_file():
@@ -170,7 +179,8 @@ class Service:
         self.require_free()
         params = body.model_dump()
         params["transition"] = transition_fraction(body.high_timesteps)
-        job = self.db.create_generation(params, body.steps, body.action)
+        params["seeds"] = body.take_seeds()
+        job = self.db.create_generation(params, body.steps * body.takes, body.action)  # steps count every take
         self.pool.wake()
         return job
 

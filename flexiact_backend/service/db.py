@@ -35,11 +35,15 @@ CREATE TABLE IF NOT EXISTS jobs(
     progress REAL NOT NULL DEFAULT 0, step INTEGER NOT NULL DEFAULT 0, total_steps INTEGER NOT NULL,
     eta_s REAL, created_at REAL NOT NULL, started_at REAL, finished_at REAL, error TEXT, result TEXT,
     params TEXT NOT NULL, action TEXT, cancel_requested INTEGER NOT NULL DEFAULT 0,
-    attempts INTEGER NOT NULL DEFAULT 0, version INTEGER NOT NULL DEFAULT 0, worker TEXT);
+    attempts INTEGER NOT NULL DEFAULT 0, version INTEGER NOT NULL DEFAULT 0, worker TEXT,
+    finish_requested INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, kind, created_at);
+CREATE TABLE IF NOT EXISTS previews(
+    job TEXT NOT NULL, step INTEGER NOT NULL, file TEXT NOT NULL, created_at REAL NOT NULL,
+    PRIMARY KEY(job, step));
 """
 #: Columns added after a release: (table, column, declaration), added to databases that predate them.
-_ADDED_COLUMNS = (("jobs", "worker", "TEXT"),)
+_ADDED_COLUMNS = (("jobs", "worker", "TEXT"), ("jobs", "finish_requested", "INTEGER NOT NULL DEFAULT 0"))
 #: The order jobs leave the queue in: generations first, then the oldest.
 _QUEUE_KEY = "CASE {t}kind WHEN 'generate' THEN 0 ELSE 1 END, {t}created_at, {t}rowid"
 
@@ -326,9 +330,11 @@ class Database:
              "WHERE id=? AND status='running'", (job_id,)),
         ])
 
-    def finish_job(self, job_id: str, result: dict, action_update: dict | None = None) -> None:
-        stmts = [("UPDATE jobs SET status='succeeded', phase='done', progress=1.0, step=total_steps, eta_s=0, "
-                  "finished_at=?, result=?, version=version+1 WHERE id=?", (time.time(), json.dumps(result), job_id))]
+    def finish_job(self, job_id: str, result: dict, action_update: dict | None = None, step: int | None = None) -> None:
+        """Record success; `step` is how far an extraction finished early got (default: all its steps)."""
+        stmts = [("UPDATE jobs SET status='succeeded', phase='done', progress=1.0, step=COALESCE(?, total_steps), "
+                  "eta_s=0, finished_at=?, result=?, version=version+1 WHERE id=?",
+                  (step, time.time(), json.dumps(result), job_id))]
         if action_update:
             stmts.append(("UPDATE actions SET status='ready', file=?, meta=?, error=NULL WHERE job=?",
                           (action_update["file"], json.dumps(action_update["meta"]), job_id)))
@@ -343,6 +349,28 @@ class Database:
             ("UPDATE actions SET status=?, error=? WHERE job=? AND status='pending'",
              ("cancelled" if status == "cancelled" else "failed", err, job_id)),
         ], use_reserve=True)  # a job's end must be recorded even on a full disk
+
+    def request_finish(self, job_id: str) -> None:
+        """Ask a running extraction to stop at its next step and keep the tokens it has."""
+        self._tx([("UPDATE jobs SET finish_requested=1, version=version+1 WHERE id=? AND kind='extract' "
+                   "AND status IN ('queued','running')", (job_id,))])
+
+    def finish_requested(self, job_id: str) -> bool:
+        row = self._one("SELECT finish_requested FROM jobs WHERE id=?", (job_id,))
+        return bool(row and row[0])
+
+    # ---- previews ----------------------------------------------------------------------------
+    def add_preview(self, job_id: str, step: int, file_id: str) -> None:
+        """Record an extraction's preview video; a step rendered again after a resume replaces its preview."""
+        self._tx([("INSERT OR REPLACE INTO previews(job,step,file,created_at) VALUES(?,?,?,?)",
+                   (job_id, step, file_id, time.time()))])
+
+    def list_previews(self, job_id: str) -> list[dict]:
+        return [dict(r) for r in self._all("SELECT * FROM previews WHERE job=? ORDER BY step", (job_id,))]
+
+    def get_preview(self, job_id: str, step: int) -> dict | None:
+        row = self._one("SELECT * FROM previews WHERE job=? AND step=?", (job_id, step))
+        return dict(row) if row else None
 
     def cancel_requested(self, job_id: str) -> bool:
         row = self._one("SELECT cancel_requested FROM jobs WHERE id=?", (job_id,))
@@ -402,4 +430,5 @@ def _job(row: sqlite3.Row) -> dict:
     for key in ("error", "result", "params"):
         d[key] = _loads(d[key])
     d["cancel_requested"] = bool(d["cancel_requested"])
+    d["finish_requested"] = bool(d["finish_requested"])
     return d

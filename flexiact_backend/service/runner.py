@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from ..extraction import extract_action
-from ..generation import FlexiActGenerator
+from ..generation import FlexiActGenerator, GenerationResult
 
 OOM_MESSAGE = ("The GPU ran out of memory. Close other programs using the GPU, or restart the backend with "
                "--memory-saving (offloads idle parts of the model to the CPU), then submit the job again.")
@@ -26,14 +26,30 @@ PREP_SHARE = 0.02
 ProgressHook = Callable[..., None]
 
 
+#: Where an extraction writes its preview videos, inside its work folder (the service collects them from there).
+PREVIEWS_DIR = "previews"
+
+
 @dataclass(frozen=True)
 class Hooks:
     """How a running job talks to whoever runs it: `progress(phase=, progress=, step=, total=, eta_s=)`,
-    `cancel()` checked between steps, `pause()` checked right after each extraction checkpoint."""
+    `cancel()` checked between steps, `pause()` checked right after each extraction checkpoint, `finish()`
+    checked after each extraction step (the action is written from the tokens so far)."""
 
     progress: ProgressHook
     cancel: Callable[[], bool]
     pause: Callable[[], bool]
+    finish: Callable[[], bool] = lambda: False
+
+
+def take_path(out: Path, take: int) -> Path:
+    """Where take `take` of a generation is written: `out` itself for the first, a sibling for the others."""
+    return out if take == 0 else out.with_name(f"{out.stem}-take{take}{out.suffix}")
+
+
+def preview_path(work_dir: Path, step: int) -> Path:
+    """The preview an extraction rendered at `step`."""
+    return work_dir / PREVIEWS_DIR / f"step_{step:06d}.mp4"
 
 
 def resolve_devices(requested: tuple[str, ...]) -> list[str]:
@@ -67,14 +83,19 @@ class JobRunner:
 
     def run(self, kind: str, params: dict, inputs: dict[str, Path | None], work_dir: Path | None, out: Path,
             hooks: Hooks) -> dict:
-        """Run a job of `kind` ('generate' or 'extract'), write its output to `out`, return its result fields."""
+        """Run a job of `kind` ('generate' or 'extract'), write its output to `out`, return its result fields.
+
+        A generation of several takes also writes take i to `take_path(out, i)`; an extraction writes its
+        previews to `preview_path(work_dir, step)`.
+        """
         if kind == "generate":
             return self.generate(params, inputs["image"], inputs.get("action"), out, hooks)  # type: ignore[arg-type]
         assert work_dir is not None, "an extraction needs a work folder"
-        return self.extract(params, inputs["video"], work_dir, out, hooks)  # type: ignore[arg-type]
+        return self.extract(params, inputs["video"], work_dir, out, hooks,  # type: ignore[arg-type]
+                            preview_image=inputs.get("preview_image"))
 
     def generate(self, p: dict, image_path: Path, action_path: Path | None, out: Path, hooks: Hooks) -> dict:
-        """An mp4 at the requested fps in `out`; returns what the service adds to the job's result."""
+        """One mp4 per take at the requested fps (`take_path(out, i)`); returns what the job's result adds."""
         hooks.progress(phase="loading", progress=0.0, step=None, total=1, eta_s=None)
 
         def progress(step: int, total: int, elapsed: float) -> None:
@@ -83,20 +104,27 @@ class JobRunner:
 
         with Image.open(image_path) as img:
             image = img.copy()
-        result = self.generator.generate(
-            image, p["prompt"], action=action_path, seed=p["seed"], steps=p["steps"],
+        results = self.generator.generate_takes(
+            image, p["prompt"], seeds=p.get("seeds") or [p["seed"]], action=action_path, steps=p["steps"],
             guidance_scale=p["guidance_scale"], lora_weight=p["lora_weight"], reweight_scale=p["reweight_scale"],
             transition=p["transition"], fit=p["fit"], tempo=p.get("tempo", "reference"),
             step_cache=p.get("step_cache", False), progress=progress,
             cancel=hooks.cancel)
         hooks.progress(phase="encoding", progress=0.95, step=None, total=1, eta_s=None)
-        fps = p["fps"] or result.fps
-        result.write_mp4(out, fps=fps)
-        return {"requested_fps": fps, "model_fps": result.fps, "model_frames": int(result.frames.shape[0]),
-                "tempo": result.settings.tempo, "fit": result.fit.to_dict(), "seconds": result.seconds}
+        fps = p["fps"] or results[0].fps
+        for i, result in enumerate(results):
+            result.write_mp4(take_path(out, i), fps=fps)
+        first = results[0]
+        return {"requested_fps": fps, "model_fps": first.fps, "model_frames": int(first.frames.shape[0]),
+                "tempo": first.settings.tempo, "fit": first.fit.to_dict(), "seconds": sum(r.seconds for r in results),
+                "takes": [{"seed": r.settings.seed, "seconds": r.seconds, "batch": r.batch} for r in results]}
 
-    def extract(self, p: dict, video_path: Path, work_dir: Path, out: Path, hooks: Hooks) -> dict:
-        """Train the action into `out`, resuming from a checkpoint in `work_dir`; returns its metadata."""
+    def extract(self, p: dict, video_path: Path, work_dir: Path, out: Path, hooks: Hooks, *,
+                preview_image: Path | None = None) -> dict:
+        """Train the action into `out`, resuming from a checkpoint in `work_dir`; returns its metadata.
+
+        Previews (every `preview_every` steps; None: at each checkpoint) go to `preview_path(work_dir, step)`.
+        """
         total = int(p["steps"])
         first_step: list[int] = []
 
@@ -110,11 +138,23 @@ class JobRunner:
             hooks.progress(phase=str(d.get("phase") or "extracting"), progress=share,
                            step=step if training else None, total=phase_total, eta_s=d.get("eta_s"))
 
+        def preview(step: int, result: GenerationResult) -> None:
+            path = preview_path(work_dir, step)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            result.write_mp4(path)  # atomic: a collector never sees half a preview
+
+        image = None
+        if preview_image is not None:
+            with Image.open(preview_image) as img:
+                image = img.copy()
+        every = p.get("preview_every")
         started = time.monotonic()
         meta = extract_action(
             self.generator, video=video_path, start_s=p["start_s"], end_s=p["end_s"], caption=p["caption"],
             name=p["name"], out=out, work_dir=work_dir, steps=total, seed=p["seed"],
-            checkpoint_every=self.checkpoint_every, progress=progress, cancel=hooks.cancel, pause=hooks.pause)
+            checkpoint_every=self.checkpoint_every, progress=progress, cancel=hooks.cancel, pause=hooks.pause,
+            finish=hooks.finish, preview=preview, preview_every=self.checkpoint_every if every is None else every,
+            preview_image=image)
         meta.pop("losses", None)  # every step's loss: too long for the action's JSON
         # the first training report is step k+1 when the run resumed from a checkpoint at step k
         resumed_from = first_step[0] - 1 if first_step else total

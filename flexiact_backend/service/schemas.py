@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import Path as PathParam
-from pydantic import BaseModel, ConfigDict, Field, computed_field
+from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 
 from ..presets import PRESETS
 
@@ -16,6 +16,8 @@ MAX_CLIP_S = 86_400.0
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 FileId = Annotated[str, PathParam(pattern=SHA256_PATTERN, description="sha256 of the file's content")]
 ObjectId = Annotated[str, PathParam(pattern=UUID_PATTERN, description="32 hex digits")]
+MAX_TAKES = 8
+Seed = Annotated[int, Field(ge=0, le=2**31 - 1)]
 
 
 class _Request(BaseModel):
@@ -101,6 +103,11 @@ class ActionCreate(_Request):
     end_s: float = Field(gt=0, le=MAX_CLIP_S)
     steps: int = Field(PRESETS["standard"], ge=1, le=100_000)
     seed: int = Field(0, ge=0, le=2**31 - 1)
+    preview_every: int | None = Field(
+        None, ge=0, le=100_000, description="render a short preview video every this many steps; 0: no previews; "
+        "null: at each checkpoint")
+    preview_image: str | None = Field(None, pattern=SHA256_PATTERN, description="id of an uploaded image the "
+                                      "previews animate; null: the first frame of the trim")
 
 
 class ActionRename(_Request):
@@ -166,6 +173,33 @@ class GenerationCreate(_Request):
         "reference's speed; model: the model's clip length (frames/fps of /v1/health), every generated frame shown")
     step_cache: bool = Field(False, description="reuse transformer work at steps after the reweight window "
                              "(diffusers' TaylorSeer cache); the steps that carry the motion always compute in full")
+    takes: int = Field(1, ge=1, le=MAX_TAKES, description="how many videos to make, with seeds seed, seed+1, ...")
+    seeds: list[Seed] | None = Field(None, min_length=1, max_length=MAX_TAKES,
+                                     description="an explicit seed per take (then `seed` is unused)")
+
+    @model_validator(mode="after")
+    def _one_seed_per_take(self) -> GenerationCreate:
+        if self.seeds is not None:
+            if "takes" in self.model_fields_set and self.takes != len(self.seeds):
+                raise ValueError(f"takes is {self.takes} but seeds lists {len(self.seeds)}; give one seed per take "
+                                 "or leave takes out")
+            self.takes = len(self.seeds)
+        return self
+
+    def take_seeds(self) -> list[int]:
+        """The seed of each take: the explicit list, else seed, seed+1, ... (wrapping at 2**31)."""
+        return list(self.seeds) if self.seeds is not None else [(self.seed + i) % 2**31 for i in range(self.takes)]
+
+
+class Preview(BaseModel):
+    step: int = Field(description="the training step the preview was rendered at")
+    url: str = Field(description="where the preview's mp4 is served")
+    created_at: float = Field(description="seconds since the Unix epoch")
+    frames: int
+    fps: float
+    duration_s: float
+    width: int
+    height: int
 
 
 class Job(BaseModel):
@@ -203,4 +237,4 @@ class JobList(BaseModel):
 
 def job_out(job: dict) -> dict:
     """The public view of a job row (internal bookkeeping columns dropped)."""
-    return {k: v for k, v in job.items() if k not in ("cancel_requested", "attempts", "version")}
+    return {k: v for k, v in job.items() if k not in ("cancel_requested", "finish_requested", "attempts", "version")}

@@ -30,7 +30,8 @@ from ..errors import Cancelled, FlexiActError, Paused
 from ..model_info import ModelInfo
 from .config import ServiceConfig
 from .db import Database
-from .runner import OOM_MESSAGE, Hooks, JobRunner, is_cuda_failure, resolve_devices
+from .runner import (OOM_MESSAGE, PREVIEWS_DIR, Hooks, JobRunner, is_cuda_failure, resolve_devices,
+                     take_path)
 from .storage import FileStore
 
 log = logging.getLogger("flexiact.service")
@@ -44,6 +45,8 @@ CUDA_MESSAGE = ("The GPU reported an error ({error}); the job failed and its wor
 PROGRESS_INTERVAL_S = 0.2
 #: How often studio mode looks for GPUs that joined the cluster.
 GROW_EVERY_S = 2.0
+#: How often a running extraction's work folder is looked at for new previews.
+PREVIEW_SCAN_S = 1.0
 
 WorkerState = Literal["loading", "idle", "busy", "dead"]
 
@@ -65,7 +68,8 @@ class Executor(Protocol):
 
     def run(self, kind: str, params: dict, inputs: dict[str, Path | None], work_dir: Path | None, out: Path,
             hooks: Hooks) -> dict:
-        """JobRunner.run wherever the worker lives; the output lands in `out`, work files in `work_dir`."""
+        """JobRunner.run wherever the worker lives; the output lands in `out` (take i of a generation in
+        `take_path(out, i)`), work files (an extraction's previews too) in `work_dir`."""
         ...
 
 
@@ -283,18 +287,39 @@ class WorkerPool:
             if job["kind"] == "extract" and job["action"] and self.db.get_action(job["action"]) is None:
                 shutil.rmtree(work_dir(self.config.data_dir, job["action"]), ignore_errors=True)
 
-    def _hooks(self, job_id: str, pause: Callable[[], bool]) -> Hooks:
-        """A throttled progress writer (phase changes and the final step always recorded), cancel and pause."""
-        state = {"t": 0.0, "phase": None}
+    def _hooks(self, job_id: str, pause: Callable[[], bool], previews: Path | None = None) -> Hooks:
+        """A throttled progress writer (phase changes and the final step always recorded), cancel, pause and
+        finish; an extraction's new previews in `previews` are stored as they appear."""
+        state = {"t": 0.0, "phase": None, "scanned": 0.0}
 
         def report(*, phase: str, progress: float, step: int | None, total: int, eta_s: float | None) -> None:
             now = time.monotonic()
+            if previews is not None and now - state["scanned"] >= PREVIEW_SCAN_S:
+                state["scanned"] = now
+                self._collect_previews(job_id, previews)
             if phase == state["phase"] and now - state["t"] < PROGRESS_INTERVAL_S and (step or 0) < total:
                 return
             state["t"], state["phase"] = now, phase
             self.db.update_progress(job_id, phase=phase, progress=progress, step=step, eta_s=eta_s)
 
-        return Hooks(progress=report, cancel=lambda: self.db.cancel_requested(job_id), pause=pause)
+        return Hooks(progress=report, cancel=lambda: self.db.cancel_requested(job_id), pause=pause,
+                     finish=lambda: self.db.finish_requested(job_id))
+
+    def _store_video(self, path: Path, filename: str) -> tuple[str, dict]:
+        """Move a finished mp4 into the file store; returns its id and its measured meta."""
+        info = media.probe_video(path)
+        sha, rel, size = self.store.adopt(path)
+        meta = {"width": info.width, "height": info.height, "fps": info.fps, "duration_s": info.duration_s,
+                "frames": info.frames}
+        self.db.add_file(sha, "video", size, rel, filename, meta)
+        return sha, meta
+
+    def _collect_previews(self, job_id: str, folder: Path) -> None:
+        """Store the previews an extraction wrote to `folder` (finished files only: they appear by rename)."""
+        for path in sorted(folder.glob("step_*.mp4")):
+            step = int(path.stem.removeprefix("step_"))
+            sha, _meta = self._store_video(path, f"{job_id}-step{step}.mp4")
+            self.db.add_preview(job_id, step, sha)
 
     def _generate(self, worker: Worker, job: dict) -> None:
         job_id, p = job["id"], job["params"]
@@ -308,18 +333,21 @@ class WorkerPool:
                 raise FlexiActError(f"the action {p['action']} was deleted or is not ready; choose another")
             action_path = self.store.path(self.store.relpath(action["file"], ".safetensors"))
         out = self.store.tmp_path(".mp4")
+        seeds = p.get("seeds") or [p["seed"]]
         try:
             extra = worker.executor.run("generate", p, {"image": self.store.path(image_file["path"]),
                                                         "action": action_path},
                                         None, out, self._hooks(job_id, pause=lambda: False))
-            info = media.probe_video(out)
-            sha, rel, size = self.store.adopt(out)
+            takes = []
+            for i, take in enumerate(extra.pop("takes", None) or [{"seed": seeds[0]}]):
+                sha, meta = self._store_video(take_path(out, i), f"{job_id}-take{i}.mp4")
+                takes.append({**take, "video": sha, "url": f"/v1/jobs/{job_id}/video?take={i}", **meta})
         finally:
-            out.unlink(missing_ok=True)
-        meta = {"width": info.width, "height": info.height, "fps": info.fps, "duration_s": info.duration_s,
-                "frames": info.frames}
-        self.db.add_file(sha, "video", size, rel, f"{job_id}.mp4", meta)
-        self.db.finish_job(job_id, {"video": sha, "url": f"/v1/jobs/{job_id}/video", **meta, **extra})
+            for i in range(len(seeds)):
+                take_path(out, i).unlink(missing_ok=True)
+        first = {k: v for k, v in takes[0].items() if k not in ("seconds", "batch")}
+        self.db.finish_job(job_id, {  # the first take's fields at the top, as before takes existed
+            **first, "url": f"/v1/jobs/{job_id}/video", **extra, "takes": takes})
 
     def _extract(self, worker: Worker, job: dict) -> None:
         job_id, p = job["id"], job["params"]
@@ -328,15 +356,24 @@ class WorkerPool:
             raise FlexiActError(f"the video {p['video']} is no longer on the server; upload it again")
         wd = work_dir(self.config.data_dir, job["action"])
         wd.mkdir(parents=True, exist_ok=True)
+        inputs = {"video": self.store.path(video_file["path"]), "preview_image": None}
+        if p.get("preview_image"):
+            image_file = self.db.get_file(p["preview_image"])
+            if image_file is None:
+                raise FlexiActError(f"the preview image {p['preview_image']} is no longer on the server; upload it "
+                                    "again or leave preview_image out")
+            inputs["preview_image"] = self.store.path(image_file["path"])
         out = self.store.tmp_path(".safetensors")
+        previews = wd / "train" / PREVIEWS_DIR
         try:
-            done = worker.executor.run("extract", p, {"video": self.store.path(video_file["path"])}, wd / "train",
-                                       out, self._hooks(job_id, pause=self.should_pause_extraction))
+            done = worker.executor.run("extract", p, inputs, wd / "train", out,
+                                       self._hooks(job_id, pause=self.should_pause_extraction, previews=previews))
             sha, _rel, _size = self.store.adopt(out)
         finally:
             out.unlink(missing_ok=True)
+            self._collect_previews(job_id, previews)  # the last ones, also of a paused or failed run
         meta = done["meta"]
         self.db.finish_job(job_id, {"action": job["action"], "file": sha, "final_loss": meta.get("final_loss"),
-                                    "resumed_from": done["resumed_from"]},
-                           action_update={"file": sha, "meta": meta})
+                                    "resumed_from": done["resumed_from"], "steps_trained": meta["steps_trained"]},
+                           action_update={"file": sha, "meta": meta}, step=meta["steps_trained"])
         shutil.rmtree(wd, ignore_errors=True)

@@ -21,6 +21,8 @@ def create_action(svc: Svc, body: ActionCreate) -> dict:
     """Queue an extraction; the same request for the same model returns the existing action instead."""
     video = svc.file_of_kind(body.video, "video")
     media.check_trim(media.VideoInfo(**video["meta"]), body.start_s, body.end_s)
+    if body.preview_image is not None:
+        svc.file_of_kind(body.preview_image, "image")
     action, job = svc.queue_extraction(body)
     return {"action": action, "job": job_out(job)}
 

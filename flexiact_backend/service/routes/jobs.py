@@ -1,4 +1,5 @@
-"""Generations and jobs: queue a generation, list and follow jobs, cancel, download the video."""
+"""Generations and jobs: queue a generation, list and follow jobs, cancel or finish early, download videos
+(each take of a generation, each preview of an extraction)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,15 @@ import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Path as PathParam, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, StreamingResponse
 
 from ..context import Svc
 from ..db import TERMINAL
 from ..errors import APIError
-from ..schemas import GenerationCreate, Job, JobAccepted, JobList, JobStatus, ObjectId, job_out
+from ..schemas import (MAX_TAKES, GenerationCreate, Job, JobAccepted, JobList, JobStatus, ObjectId, Preview,
+                       job_out)
 
 SSE_POLL_S = 0.25
 SSE_HEARTBEAT_S = 15.0
@@ -58,20 +60,66 @@ def cancel_job(svc: Svc, job_id: ObjectId) -> dict:
     return {"job": job_out(job)}
 
 
+@router.post("/jobs/{job_id}/finish", response_model=JobAccepted)
+def finish_job(svc: Svc, job_id: ObjectId) -> dict:
+    """A running extraction stops at its next step and its action becomes ready from the tokens so far."""
+    job = svc.job_or_404(job_id)
+    if job["kind"] != "extract":
+        raise APIError(409, "not_an_extraction", f"job {job_id} is a generation; only an extraction can be "
+                       "finished early (cancel a generation instead)")
+    if job["status"] in TERMINAL:
+        raise APIError(409, "not_running", f"job {job_id} already ended ({job['status']}); there is nothing to "
+                       "finish")
+    if job["step"] == 0:
+        raise APIError(409, "not_started", f"job {job_id} has not trained a step yet, so there are no tokens to "
+                       "keep; wait until it trains, or cancel it")
+    svc.db.request_finish(job_id)
+    return {"job": job_out(svc.job_or_404(job_id))}
+
+
 @router.get("/jobs/{job_id}/video", response_class=FileResponse, responses={
     200: {"content": {"video/mp4": {"schema": {"type": "string", "format": "binary"}}},
-          "description": "the generated video"}})
-def job_video(svc: Svc, job_id: ObjectId) -> FileResponse:
+          "description": "the generated video (of one take: `take`, from 0)"}})
+def job_video(svc: Svc, job_id: ObjectId, take: Annotated[int, Query(ge=0, lt=MAX_TAKES)] = 0) -> FileResponse:
     job = svc.job_or_404(job_id)
     if job["kind"] != "generate":
         raise APIError(404, "not_found", f"job {job_id} is an extraction; it has no video")
     if job["status"] != "succeeded":
         raise APIError(409, "not_ready", f"job {job_id} is {job['status']}; the video exists once it succeeds")
-    rec = svc.db.get_file(job["result"]["video"])
-    if rec is None:
-        raise APIError(410, "gone", f"the video of job {job_id} was removed by retention; generate it again")
-    return FileResponse(svc.present(svc.store.path(rec["path"]), f"the video of job {job_id}"),
-                        media_type="video/mp4", filename=f"flexiact-{job_id}.mp4")
+    takes = job["result"].get("takes") or [job["result"]]
+    if take >= len(takes):
+        raise APIError(404, "not_found", f"job {job_id} made {len(takes)} take(s); ask for take 0 to {len(takes) - 1}")
+    what = f"the video of job {job_id}" + (f" (take {take})" if len(takes) > 1 else "")
+    return svc.video_response(takes[take]["video"], what, f"flexiact-{job_id}-take{take}.mp4")
+
+
+@router.get("/jobs/{job_id}/previews", response_model=list[Preview])
+def list_previews(svc: Svc, job_id: ObjectId) -> list[dict]:
+    """An extraction's preview videos so far, oldest first, each rendered at a training step."""
+    job = svc.job_or_404(job_id)
+    if job["kind"] != "extract":
+        raise APIError(404, "not_found", f"job {job_id} is a generation; only extractions have previews")
+    out = []
+    for preview in svc.db.list_previews(job_id):
+        rec = svc.db.get_file(preview["file"])
+        if rec is not None:
+            meta = {k: rec["meta"][k] for k in ("frames", "fps", "duration_s", "width", "height")}
+            out.append({"step": preview["step"], "url": f"/v1/jobs/{job_id}/previews/{preview['step']}",
+                        "created_at": preview["created_at"], **meta})
+    return out
+
+
+@router.get("/jobs/{job_id}/previews/{step}", response_class=FileResponse, responses={
+    200: {"content": {"video/mp4": {"schema": {"type": "string", "format": "binary"}}},
+          "description": "the preview rendered at that training step"}})
+def preview_video(svc: Svc, job_id: ObjectId, step: Annotated[int, PathParam(ge=0, le=100_000)]) -> FileResponse:
+    svc.job_or_404(job_id)
+    preview = svc.db.get_preview(job_id, step)
+    if preview is None:
+        steps = ", ".join(str(p["step"]) for p in svc.db.list_previews(job_id)) or "none yet"
+        raise APIError(404, "not_found", f"job {job_id} has no preview at step {step}; its previews: {steps}")
+    return svc.video_response(preview["file"], f"the preview of job {job_id} at step {step}",
+                              f"flexiact-{job_id}-step{step}.mp4")
 
 
 @router.get("/jobs/{job_id}/events", response_class=StreamingResponse, responses={
