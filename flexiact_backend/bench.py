@@ -1,4 +1,4 @@
-"""`flexiact-backend bench {attention,extract,generate,media,full}`: speed and memory as JSON plus a table.
+"""`flexiact-backend bench {attention,extract,generate,media,full,takes}`: speed and memory as JSON plus a table.
 
 Ratios measured in one run are what to compare: the machines are shared and noisy.
 """
@@ -98,10 +98,13 @@ def bench_attention(tokens: int, heads: int, head_dim: int, motion: int, text: i
 
 
 def bench_extract(args: argparse.Namespace) -> dict:
-    """Training step with cached latents against one that re-encodes the crop and caption every step."""
+    """Training step with cached latents against one that re-encodes the crop and caption every step, and what
+    a preview (PREVIEW_STEPS denoising steps with the tokens so far) costs as a share of the extraction."""
+    from PIL import Image
+
     from .cli import _load_generator
     from .augmentation import crop_boxes, crop_frames
-    from .extraction import ExtractionConfig, FAETrainer, encode_video, prepare_training_data
+    from .extraction import PREVIEW_STEPS, ExtractionConfig, FAETrainer, encode_video, moved, prepare_training_data, render_preview
     from .media import read_clip, write_mp4
 
     generator = _load_generator(args)
@@ -130,10 +133,26 @@ def bench_extract(args: argparse.Namespace) -> dict:
 
         results = {"cached_latents": _timed(trainer.train_step, generator.device, args.steps),
                    "reencode_every_step": _timed(reencode_step, generator.device, args.steps)}
-    for r in results.values():
-        r["steps_per_s"] = 1.0 / r["median_s"]
+        for r in results.values():
+            r["steps_per_s"] = 1.0 / r["median_s"]
+        # As in extract_action: the VAE and text encoder wait off the device and come back for each preview.
+        idle = (generator.pipe.vae, generator.pipe.text_encoder)
+        image = Image.fromarray(crop[0])
+        with moved(idle, ["cpu"] * len(idle)) as home:
+            def preview() -> None:
+                with moved(idle, home):
+                    render_preview(generator, image, "a block slides", seed=0)
+
+            results["preview"] = _timed(preview, generator.device, args.preview_repeats)
+    step_s, preview_s = results["cached_latents"]["median_s"], results["preview"]["median_s"]
+    previews = args.extraction_steps // args.preview_every if args.preview_every else 0
+    results["preview"]["steps_equivalent"] = preview_s / step_s
     return {"benchmark": "extract", "model": info.id, "device": str(generator.device), "steps": args.steps,
-            "speedup_cached": results["reencode_every_step"]["median_s"] / results["cached_latents"]["median_s"], "results": results}
+            "speedup_cached": results["reencode_every_step"]["median_s"] / results["cached_latents"]["median_s"],
+            "preview_steps": PREVIEW_STEPS, "preview_every": args.preview_every, "extraction_steps": args.extraction_steps,
+            "previews_per_extraction": previews,
+            "preview_share_of_extraction": previews * preview_s / (args.extraction_steps * step_s + previews * preview_s),
+            "results": results}
 
 
 def bench_generate(args: argparse.Namespace) -> dict:
@@ -340,6 +359,28 @@ def bench_full(args: argparse.Namespace) -> dict:
     return report
 
 
+def bench_takes(args: argparse.Namespace) -> dict:
+    """N takes in one batch (guidance batch 2N) against the same N takes one after another on the warm model."""
+    from PIL import Image
+
+    from .cli import _load_generator
+
+    generator = _load_generator(args)
+    y, x = np.mgrid[0:480, 0:720]
+    image = Image.fromarray(np.stack([x * 255 // 719, y * 255 // 479, (x // 60 + y // 60) % 2 * 255], -1).astype(np.uint8))
+    seeds = list(range(args.takes))
+    results = {}
+    for label, max_batch in (("batched", None), ("one_by_one", 1)):
+        def run() -> None:
+            generator.generate_takes(image, "a figure waves", seeds=seeds, steps=args.denoise_steps, max_batch=max_batch)
+
+        results[label] = {**_timed(run, generator.device, args.steps), **_memory(run, generator.device)}
+        results[label]["s_per_take"] = results[label]["median_s"] / args.takes
+    return {"benchmark": "takes", "model": generator.info.id, "device": str(generator.device), "takes": args.takes,
+            "denoise_steps": args.denoise_steps,
+            "speedup_batched": results["one_by_one"]["median_s"] / results["batched"]["median_s"], "results": results}
+
+
 def format_table(report: dict) -> str:
     """The results as aligned columns; a variant without some measurement shows a blank there."""
     keys = list(dict.fromkeys(k for r in report["results"].values() for k in r))
@@ -362,6 +403,8 @@ def run_benchmarks(args: argparse.Namespace) -> int:
         report = bench_media(args)
     elif args.bench == "full":
         report = bench_full(args)
+    elif args.bench == "takes":
+        report = bench_takes(args)
     else:
         report = bench_generate(args)
     text = json.dumps(report, indent=2)
@@ -396,13 +439,18 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", type=Path)
     p.set_defaults(func=run_benchmarks)
-    for name, helptext in (("extract", "training step: cached latents vs re-encoding each step"),
+    for name, helptext in (("extract", "training step: cached latents vs re-encoding each step; preview share"),
                            ("generate", "transformer step: LoRA folded vs unfolded, bias on/off")):
         p = sub.add_parser(name, help=helptext)
         _model_args(p)
         p.add_argument("--steps", type=int, default=10, help="timed repeats")
         p.add_argument("--json", type=Path)
         p.set_defaults(func=run_benchmarks)
+        if name == "extract":
+            p.add_argument("--preview-every", type=int, default=500, help="steps between previews (the default "
+                           "checkpoint interval) for the share of the extraction")
+            p.add_argument("--extraction-steps", type=int, default=3000, help="the extraction the share is of")
+            p.add_argument("--preview-repeats", type=int, default=3, help="timed previews")
     p = sub.add_parser("full", help="CogVideoX-5B-I2V size with random weights: every phase and mode (or --estimate)")
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--estimate", action="store_true", help="memory and FLOPs on fake tensors on the CPU (no GPU needed)")
@@ -414,5 +462,12 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=50, help="denoising steps of the request->mp4 run")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats of each phase")
     p.add_argument("--modes", nargs="+", choices=FULL_MODES, default=list(FULL_MODES))
+    p.add_argument("--json", type=Path)
+    p.set_defaults(func=run_benchmarks)
+    p = sub.add_parser("takes", help="N takes batched on the device vs one after another")
+    _model_args(p)
+    p.add_argument("--takes", type=int, default=4)
+    p.add_argument("--denoise-steps", type=int, default=10, help="denoising steps of each take")
+    p.add_argument("--steps", type=int, default=2, help="timed repeats")
     p.add_argument("--json", type=Path)
     p.set_defaults(func=run_benchmarks)

@@ -95,6 +95,7 @@ def _reference_clip(args: argparse.Namespace, work_dir: Path) -> Path:
 
 def run_extract(args: argparse.Namespace) -> int:
     from .extraction import extract_action
+    from .generation import GenerationResult
 
     steps = args.steps or PRESETS[args.preset]
     out = Path(args.out)
@@ -113,9 +114,16 @@ def run_extract(args: argparse.Namespace) -> int:
                 if update.get("loss") is not None:
                     bar.set_postfix(loss=f"{update['loss']:.4f}")
 
+        previews = out.with_name(out.name + ".previews")
+
+        def preview(step: int, result: GenerationResult) -> None:
+            previews.mkdir(parents=True, exist_ok=True)
+            bar.write(f"preview at step {step}: {result.write_mp4(previews / f'step_{step:06d}.mp4')}")
+
         meta = extract_action(generator, video=video, start_s=args.start, end_s=args.end, caption=args.caption,
                               name=args.name or out.stem, out=out, work_dir=work_dir, steps=steps, seed=args.seed,
-                              checkpoint_every=args.checkpoint_every, progress=progress)
+                              checkpoint_every=args.checkpoint_every, progress=progress, preview=preview,
+                              preview_every=args.preview_every)
     last = f"last step's loss {meta['losses'][-1]:.4f}, " if meta.get("losses") else ""
     print(f"wrote {out} after {meta['steps']} steps, {last}mean loss of the last fifth {meta['final_loss']:.4f}")
     return 0
@@ -183,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--work-dir", type=Path, help="checkpoints and cached latents (default OUT.work)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in the work dir")
+    p.add_argument("--preview-every", type=int, default=0,
+                   help="write a short preview mp4 every N steps to OUT.previews/ (default 0: none)")
     p.add_argument("--out", type=Path, required=True, help="action .safetensors to write")
     p.set_defaults(func=run_extract)
 

@@ -30,7 +30,7 @@ from torch import nn
 from .actions import write_action
 from .atomic import write_atomically
 from .augmentation import crop_boxes, crop_frames, plan_sampling, window_starts
-from .errors import Cancelled, Paused
+from .errors import Cancelled, FlexiActError, Paused
 from .generation import FlexiActGenerator, GenerationResult
 from .media import check_trim, probe_video, read_clip
 from .presets import PRESETS
@@ -321,6 +321,8 @@ def extract_action(
     video = Path(video)
     clip_sha = file_sha256(video)
     report = progress or (lambda _: None)
+    if preview_every < 0:
+        raise FlexiActError(f"preview_every is {preview_every}: give 0 (no previews) or a number of steps")
     if preview is not None and preview_every and preview_image is None:
         preview_image = Image.fromarray(read_clip(video, start_s, end_s, 1)[0])
     with generator.lock:

@@ -136,7 +136,9 @@ def test_cli_extract_import_generate(tiny_model_dir, motion_clip, tmp_path, targ
     target_image.save(image)
     action = tmp_path / "slide.safetensors"
     assert main(["extract", "--model", str(tiny_model_dir), "--device", "cpu", "--video", str(motion_clip), "--start", "0",
-                 "--end", "2", "--caption", "a block slides", "--steps", "6", "--checkpoint-every", "3", "--out", str(action)]) == 0
+                 "--end", "2", "--caption", "a block slides", "--steps", "6", "--checkpoint-every", "3", "--preview-every", "3",
+                 "--out", str(action)]) == 0
+    assert sorted(p.name for p in (tmp_path / "slide.safetensors.previews").iterdir()) == ["step_000003.mp4", "step_000006.mp4"]
     printed = capsys.readouterr()
     assert "last step's loss" in printed.out and "training" in printed.err  # the bar names the phase it is in
     assert main(["extract", "--model", str(tiny_model_dir), "--device", "cpu", "--video", str(motion_clip), "--end", "2",
