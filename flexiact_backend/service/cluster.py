@@ -28,7 +28,7 @@ from ..atomic import write_atomically
 from ..errors import Cancelled, FlexiActError, Paused
 from ..tiny import ensure_tiny_model
 from .config import ServiceConfig
-from .runner import OOM_MESSAGE, Hooks, JobRunner, is_cuda_failure
+from .runner import OOM_MESSAGE, Hooks, JobRunner, is_cuda_failure, take_path
 from .worker import CUDA_MESSAGE, WorkerLost
 
 log = logging.getLogger("flexiact.service")
@@ -80,7 +80,7 @@ class JobActor:
         self._events: list[dict] = []
         self._work: Path | None = None
         self._sent: dict[str, tuple[int, int]] = {}
-        self._cancel = self._pause = False
+        self._cancel = self._pause = self._finish = False
 
     def load(self) -> dict:
         """Load the pipeline on this actor's GPU (or the CPU); the tiny model is built locally, no files shared."""
@@ -112,15 +112,17 @@ class JobActor:
         work_dir.mkdir(parents=True)
         write_work(work_dir, work)
         with self._lock:
-            self._events, self._cancel, self._pause = [], False, False
+            self._events, self._cancel, self._pause, self._finish = [], False, False, False
             self._work = work_dir
             self._sent = {rel: _signature(work_dir / rel) for rel in work}
         out = job_dir / f"output{OUTPUT_SUFFIX[kind]}"
-        hooks = Hooks(progress=self._progress, cancel=lambda: self._cancel, pause=lambda: self._pause)
+        hooks = Hooks(progress=self._progress, cancel=lambda: self._cancel, pause=lambda: self._pause,
+                      finish=lambda: self._finish)
         try:
             assert self.runner is not None, "run before load"
             result = self.runner.run(kind, params, paths, work_dir if kind == "extract" else None, out, hooks)
-            answer = {"result": result, "output": out.read_bytes()}
+            takes = [take_path(out, i).read_bytes() for i in range(1, len(result.get("takes") or ()))]
+            answer = {"result": result, "output": out.read_bytes(), "takes": takes}
         except Exception as exc:  # every failure is reported to the service, which decides what it means
             answer = {"error": _describe(exc)}
         try:
@@ -131,11 +133,12 @@ class JobActor:
                 self._work = None
             shutil.rmtree(job_dir, ignore_errors=True)
 
-    def poll(self, cancel: bool, pause: bool) -> dict:
-        """Take the service's cancel and pause wishes; give back progress events and new work files."""
+    def poll(self, cancel: bool, pause: bool, finish: bool = False) -> dict:
+        """Take the service's cancel, pause and finish wishes; give back progress events and new work files."""
         with self._lock:
             self._cancel = self._cancel or cancel
             self._pause = pause
+            self._finish = self._finish or finish
             return self._drain()
 
     def _progress(self, **event: object) -> None:
@@ -233,7 +236,8 @@ class RayExecutor:
                 self._apply(self._get(poll), work_dir, hooks)
                 poll, heard = None, time.monotonic()
             if poll is None:
-                poll = self.actor.poll.remote(hooks.cancel(), kind == "extract" and hooks.pause())
+                extract = kind == "extract"
+                poll = self.actor.poll.remote(hooks.cancel(), extract and hooks.pause(), extract and hooks.finish())
             elif time.monotonic() - heard > LOST_AFTER_S:
                 self._restart()
                 raise WorkerLost(f"the actor did not answer for {LOST_AFTER_S:.0f} s")
@@ -242,6 +246,8 @@ class RayExecutor:
         if "error" in answer:
             raise self._error(answer["error"])
         write_atomically(out, lambda tmp: Path(tmp).write_bytes(answer["output"]))
+        for i, data in enumerate(answer.get("takes") or (), start=1):  # a generation's other takes
+            write_atomically(take_path(out, i), lambda tmp, data=data: Path(tmp).write_bytes(data))
         return answer["result"]
 
     def _get(self, ref: ray.ObjectRef) -> dict:
