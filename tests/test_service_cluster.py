@@ -19,6 +19,7 @@ pytestmark = pytest.mark.cluster
 
 CHECKPOINT_EVERY = 5
 EXTRACT_STEPS = 150
+PREVIEW_EVERY = 75
 #: A safety net for worker states to change; never a performance bound.
 STATE_WAIT_S = 180.0
 
@@ -81,7 +82,7 @@ def test_two_actors_then_kill_minus_9_mid_extraction_resumes_from_checkpoint(
     image = upload(client, png_bytes(3, (80, 60)), "image/png", "target.png")
     status, body = client.request("POST", "/v1/actions", json_body={
         "name": "slide", "caption": "a square slides", "video": clip["id"], "start_s": 0, "end_s": 2,
-        "steps": EXTRACT_STEPS})
+        "steps": EXTRACT_STEPS, "preview_every": PREVIEW_EVERY})
     assert status == 202, body
     action, extraction = body["action"], body["job"]
     history: list[dict] = []
@@ -115,6 +116,9 @@ def test_two_actors_then_kill_minus_9_mid_extraction_resumes_from_checkpoint(
     assert action["status"] == "ready" and action["meta"]["steps"] == EXTRACT_STEPS
     status, raw = client.request("GET", f"/v1/actions/{action['id']}/file")
     assert status == 200 and hashlib.sha256(raw).hexdigest() == action["file"]
+    # the previews rendered in the actors came back with the work files, one per preview step
+    previews = client.request("GET", f"/v1/jobs/{extraction['id']}/previews")[1]
+    assert [p["step"] for p in previews] == [75, 150], previews  # type: ignore[union-attr]
     # Ray restarts the killed actor: it comes back as a new process with the pipeline loaded again
     back = wait_workers(client, lambda ws: all(w["state"] == "idle" for w in ws)
                         and victim["pid"] not in {w["pid"] for w in ws}, "back after the kill")
