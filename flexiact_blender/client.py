@@ -187,10 +187,22 @@ class BackendClient:
         """POST /v1/jobs/{id}/cancel."""
         return self._json("POST", f"/v1/jobs/{urllib.parse.quote(job_id)}/cancel")
 
-    def download_video(self, job_id: str, dest: str) -> str:
-        """Stream the job's mp4 to `dest` through a temporary file, so a partial file never looks done."""
-        conn, response = self._open("GET", f"/v1/jobs/{urllib.parse.quote(job_id)}/video",
-                                    headers={"Accept": "video/mp4"})
+    def finish(self, job_id: str) -> dict[str, Any]:
+        """POST /v1/jobs/{id}/finish: a running extraction stops at its next step, its action ready as it is."""
+        return self._json("POST", f"/v1/jobs/{urllib.parse.quote(job_id)}/finish")
+
+    def previews(self, job_id: str) -> list[dict[str, Any]]:
+        """GET /v1/jobs/{id}/previews: the extraction's previews so far, oldest first."""
+        return list(self._json("GET", f"/v1/jobs/{urllib.parse.quote(job_id)}/previews") or [])
+
+    def download_video(self, job_id: str, dest: str, take: int = 0) -> str:
+        """The job's mp4 (one take of it) to `dest`."""
+        return self.download(f"/v1/jobs/{urllib.parse.quote(job_id)}/video?take={int(take)}", dest)
+
+    def download(self, path: str, dest: str) -> str:
+        """Stream an mp4 the backend serves at `path` to `dest` through a temporary file, so a partial file
+        never looks done."""
+        conn, response = self._open("GET", path, headers={"Accept": "video/mp4"})
         tmp = dest + ".part"
         try:
             os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)

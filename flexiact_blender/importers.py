@@ -2,7 +2,8 @@
 
 The shot's own render stays the camera's: importing the first strip into a scene that had none keeps the
 Sequencer out of its F12 render (Post Processing › Sequencer off); the strip plays in the Sequencer's preview.
-The plane is parented to the camera, filling its view at PLANE_DISTANCE, and is left out of FlexiAct's captures.
+The plane is parented to the camera, filling its view at PLANE_DISTANCE, and is left out of FlexiAct's captures. Takes are stacked on free channels; training previews go to a named preview
+channel. Each import keeps its settings as `flexiact_*` custom properties.
 """
 
 from __future__ import annotations
@@ -20,15 +21,23 @@ from .reference import strips_of
 
 #: How far in front of the camera the plane sits (in the camera's local units).
 PLANE_DISTANCE = 5.0
+PARAM_PREFIX = "flexiact_"
+#: The Sequencer channel training previews go to (named so, so the next preview finds it).
+PREVIEW_CHANNEL = "FlexiAct Preview"
 
 
 def _store_params(target: Any, params: dict[str, Any]) -> None:
     """Keep the generation's parameters on the imported item, as `flexiact_*` custom properties."""
     for key, value in params.items():
         if isinstance(value, (int, float, str)) and not isinstance(value, bool):
-            target[f"flexiact_{key}"] = value
+            target[f"{PARAM_PREFIX}{key}"] = value
         elif value is not None:
-            target[f"flexiact_{key}"] = json.dumps(value)
+            target[f"{PARAM_PREFIX}{key}"] = json.dumps(value)
+
+
+def stored_params(target: Any) -> dict[str, Any]:
+    """The parameters `_store_params` kept on an imported strip or object (empty for anything else)."""
+    return {key[len(PARAM_PREFIX):]: target[key] for key in target.keys() if key.startswith(PARAM_PREFIX)}
 
 
 def _first_free_channel(scene: bpy.types.Scene, start: int, end: int, ignore: str = "") -> int:
@@ -58,6 +67,41 @@ def import_as_strip(scene: bpy.types.Scene, path: str, frame_start: int,
     if free != strip.channel:
         strip.channel = free
     _store_params(strip, params or {})
+    return strip
+
+
+def import_takes(scene: bpy.types.Scene, takes: list[tuple[str, dict[str, Any]]], frame_start: int,
+                 chosen: int) -> list[bpy.types.Sequence]:
+    """One strip per (clip, parameters), all starting at `frame_start`, stacked on free channels; only the
+    `chosen` one is unmuted."""
+    strips = [import_as_strip(scene, path, frame_start, params) for path, params in takes]
+    for i, strip in enumerate(strips):
+        strip.mute = i != chosen
+    return strips
+
+
+def import_preview(scene: bpy.types.Scene, path: str, frame_start: int,
+                   params: dict[str, Any]) -> bpy.types.Sequence:
+    """A training preview as a strip at `frame_start` on the preview channel; a preview it overlaps there is
+    replaced, so the channel shows the latest. The first free channel becomes the preview channel if none is."""
+    if not os.path.isfile(bpy.path.abspath(path)):
+        raise FileNotFoundError(f"Preview clip not found: {path}")
+    if scene.sequence_editor is None:
+        scene.sequence_editor_create()
+    editor, strips = scene.sequence_editor, strips_of(scene)
+    name = os.path.splitext(os.path.basename(path))[0]
+    strip = strips.new_movie(name=name, filepath=path, channel=_first_free_channel(scene, frame_start, frame_start + 1),
+                             frame_start=frame_start)
+    start, end = strip.frame_final_start, strip.frame_final_end
+    named = next((i for i, c in enumerate(editor.channels) if i and c.name == PREVIEW_CHANNEL), 0)
+    for old in [s for s in strips if s != strip and s.channel == named and s.get(f"{PARAM_PREFIX}preview_step")
+                is not None and s.frame_final_start < end and s.frame_final_end > start]:
+        strips.remove(old)
+    busy = {s.channel for s in strips if s != strip and s.frame_final_start < end and s.frame_final_end > start}
+    channel = named if named and named not in busy else _first_free_channel(scene, start, end, ignore=strip.name)
+    strip.channel = channel
+    editor.channels[channel].name = PREVIEW_CHANNEL
+    _store_params(strip, params)
     return strip
 
 
@@ -167,3 +211,17 @@ def adopt_unsaved_results(blend_path: str) -> int:
         if new:
             image.filepath = new
     return len(moved)
+
+
+def set_plane_movie(obj: bpy.types.Object, path: str, params: dict[str, Any]) -> None:
+    """Make an imported plane play another clip of the same length (another take), with that clip's settings."""
+    if not os.path.isfile(bpy.path.abspath(path)):
+        raise FileNotFoundError(f"Generated clip not found: {path}")
+    image = bpy.data.images.load(path, check_existing=True)
+    image.source = "MOVIE"
+    for material in obj.data.materials:
+        for node in material.node_tree.nodes if material and material.node_tree else ():
+            if node.type == "TEX_IMAGE":
+                node.image = image
+                node.image_user.frame_duration = image.frame_duration
+    _store_params(obj, params)

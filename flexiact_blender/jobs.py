@@ -21,9 +21,10 @@ from bpy.app.handlers import persistent
 
 from . import runner
 from .client import BackendClient, BackendError
-from .importers import adopt_unsaved_results, import_as_plane, import_as_strip
+from .importers import adopt_unsaved_results, import_as_plane, import_preview, import_takes, set_plane_movie
 from .preferences import make_client, output_dir, stored_path
 from .properties import ACTIVE_STATUSES
+from .reference import strips_of
 from .requests import Request
 
 POLL_S = 0.5
@@ -71,14 +72,15 @@ class Poller:
                 if stop.is_set():
                     return
                 try:
-                    job, video = fetch(w.client, w.job_id, w.kind, w.dest)
+                    job, videos, preview = fetch(w.client, w.job_id, w.kind, w.dest)
                 except BackendError as exc:
                     gone = exc.status == 404
                     runner.post(lambda w=w, message=exc.message, gone=gone: _poll_failed(w, message, gone))
                     if gone:
                         self._unwatch(w)
                     continue
-                runner.post(lambda w=w, job=job, video=video: _poll_answered(w, job, video))
+                runner.post(lambda w=w, job=job, videos=videos, preview=preview:
+                            _poll_answered(w, job, videos, preview))
                 if job.get("status") in TERMINAL:
                     self._unwatch(w)
             stop.wait(POLL_S)
@@ -99,13 +101,40 @@ class Poller:
 POLLER = Poller()
 
 
-def fetch(client: BackendClient, job_id: str, kind: str, dest: str) -> tuple[dict[str, Any], str]:
-    """The job's state; for a finished generation also its clip, downloaded to `dest` once."""
+def take_path(dest: str, take: int) -> str:
+    """Where take `take` of a generation is downloaded (the first take at `dest` itself)."""
+    stem, ext = os.path.splitext(dest)
+    return dest if take == 0 else f"{stem}_take{take}{ext}"
+
+
+def preview_path(dest: str, step: int) -> str:
+    """Where an extraction's preview from training step `step` is downloaded."""
+    stem, ext = os.path.splitext(dest)
+    return f"{stem}_step{step}{ext}"
+
+
+def fetch(client: BackendClient, job_id: str, kind: str,
+          dest: str) -> tuple[dict[str, Any], list[str], dict[str, Any] | None]:
+    """The job's state; for a finished generation every take's clip, for an extraction its latest preview,
+    each downloaded next to `dest` once."""
     job = client.job(job_id)
-    video = ""
+    videos: list[str] = []
+    preview = None
     if kind == "GENERATE" and job.get("status") == "succeeded" and dest:
-        video = dest if os.path.isfile(dest) else client.download_video(job_id, dest)
-    return job, video
+        for i in range(len((job.get("result") or {}).get("takes") or [None])):
+            path = take_path(dest, i)
+            videos.append(path if os.path.isfile(path) else client.download_video(job_id, path, take=i))
+    if kind == "EXTRACT" and dest and job.get("step"):
+        try:
+            latest = (client.previews(job_id) or [None])[-1]
+            if latest is not None:
+                path = preview_path(dest, int(latest["step"]))
+                if not os.path.isfile(path):
+                    client.download(latest["url"], path)
+                preview = {"step": int(latest["step"]), "frames": int(latest.get("frames") or 0), "path": path}
+        except BackendError:  # a preview is a look ahead, not the job: the job's own state decides its fate
+            preview = None
+    return job, videos, preview
 
 
 # -- main thread -------------------------------------------------------------------------------------
@@ -120,11 +149,11 @@ def _announce_end(scene: bpy.types.Scene, record: Any) -> None:
     announce(problem or f"{record.label}: done", bool(problem))
 
 
-def _poll_answered(w: _Watch, job: dict[str, Any], video: str) -> None:
+def _poll_answered(w: _Watch, job: dict[str, Any], videos: list[str], preview: dict[str, Any] | None) -> None:
     scene, record = find_record(w.scene, w.key)
     if record is None:
         return
-    apply_job(scene, record, job, video)
+    apply_job(scene, record, job, videos, preview)
     if record.status not in ACTIVE_STATUSES:
         _announce_end(scene, record)
 
@@ -218,8 +247,10 @@ def result_path(record: Any) -> str:
     return os.path.join(output_dir(), f"flexiact_{record.key[:12]}.mp4")
 
 
-def apply_job(scene: bpy.types.Scene, record: Any, job: dict[str, Any], video: str = "") -> None:
-    """Copy the backend's job state into the record; import a finished clip that is not imported yet."""
+def apply_job(scene: bpy.types.Scene, record: Any, job: dict[str, Any], videos: list[str] | tuple[str, ...] = (),
+              preview: dict[str, Any] | None = None) -> None:
+    """Copy the backend's job state into the record (its takes, its latest preview); import a finished
+    generation that is not imported yet."""
     record.job_id = str(job.get("id", record.job_id))
     record.status = str(job.get("status", "queued")).upper()
     record.phase = str(job.get("phase") or "")
@@ -234,21 +265,45 @@ def apply_job(scene: bpy.types.Scene, record: Any, job: dict[str, Any], video: s
         scene.flexiact.last_error = f"{record.label} failed: {record.error}"
     if record.kind == "EXTRACT" and record.status == "SUCCEEDED" and record.action_id:
         scene.flexiact.action_id = record.action_id
-    if video:
-        record.video_path = stored_path(video)
+    if videos:
+        record.video_path = stored_path(videos[0])
+        if len(record.takes) != len(videos):
+            seeds = [t.get("seed", 0) for t in (job.get("result") or {}).get("takes") or [{}]]
+            record.takes.clear()
+            for seed, path in zip(seeds, videos):
+                take = record.takes.add()
+                take.seed, take.video_path = int(seed), stored_path(path)
+    if preview is not None and preview["step"] > record.preview_step:
+        record.preview_step, record.preview_frames = preview["step"], preview["frames"]
+        record.preview_path = stored_path(preview["path"])
     if record.kind == "GENERATE" and record.status == "SUCCEEDED" and record.video_path and not record.imported:
         import_record(scene, record)
 
 
-def import_record(scene: bpy.types.Scene, record: Any) -> None:
-    """Import a finished clip as the record asks (strip, plane or both), once."""
+def _takes(record: Any) -> list[tuple[str, dict[str, Any]]]:
+    """(clip, settings) of each take, each with its own seed (one entry for a clip without takes)."""
     params = dict(json.loads(record.params_json or "{}"), job=record.job_id)
+    params.pop("takes", None)
+    if len(record.takes) < 2:
+        return [(record.video_path, params)]
+    return [(t.video_path, dict(params, seed=t.seed, take=i)) for i, t in enumerate(record.takes)]
+
+
+def import_record(scene: bpy.types.Scene, record: Any) -> None:
+    """Import a finished generation as the record asks (strip, plane or both), once; several takes become
+    strips stacked at the same start, only the chosen one unmuted, and the plane plays the chosen one."""
+    takes = _takes(record)
+    chosen = min(record.take_index, len(takes) - 1)
     size = (record.model_width or 1, record.model_height or 1)
     try:
         if record.import_mode in {"STRIP", "BOTH"}:
-            record.strip_name = import_as_strip(scene, record.video_path, record.frame_start, params).name
+            strips = import_takes(scene, takes, record.frame_start, chosen)
+            for take, strip in zip(record.takes if len(takes) > 1 else (), strips):
+                take.strip_name = strip.name
+            record.strip_name = strips[chosen].name
         if record.import_mode in {"PLANE", "BOTH"}:
-            record.plane_name = import_as_plane(scene, record.video_path, record.frame_start, size,
+            path, params = takes[chosen]
+            record.plane_name = import_as_plane(scene, path, record.frame_start, size,
                                                 scene.flexiact.plane_fill_camera, params).name
     except (FileNotFoundError, RuntimeError) as exc:
         record.error = f"Import failed: {exc}"
@@ -257,13 +312,37 @@ def import_record(scene: bpy.types.Scene, record: Any) -> None:
     record.imported = True
 
 
+def choose_take(scene: bpy.types.Scene, record: Any, index: int) -> None:
+    """Make take `index` (wrapping around) the chosen one: its strip alone unmuted, the plane playing it."""
+    takes = _takes(record)
+    record.take_index = index % len(takes)
+    strips = strips_of(scene)
+    for i, take in enumerate(record.takes):
+        strip = strips.get(take.strip_name) if strips is not None and take.strip_name else None
+        if strip is not None:
+            strip.mute = i != record.take_index
+            if i == record.take_index:
+                record.strip_name = strip.name
+    plane = bpy.data.objects.get(record.plane_name) if record.plane_name else None
+    if plane is not None:
+        set_plane_movie(plane, *takes[record.take_index])
+
+
+def import_preview_record(scene: bpy.types.Scene, record: Any) -> bpy.types.Sequence:
+    """The extraction's latest preview as a strip at the playhead, on the preview channel."""
+    caption = json.loads(record.params_json or "{}").get("caption", "")
+    params = {"action": record.action_id, "prompt": caption, "preview_step": record.preview_step,
+              "job": record.job_id}
+    return import_preview(scene, bpy.path.abspath(record.preview_path), scene.frame_current, params)
+
+
 def run_blocking(client: BackendClient, scene: bpy.types.Scene, record: Any) -> None:
     """Poll the job to its end on this thread, printing progress, importing the result."""
     last = ""
     dest = result_path(record)
     while record.status in ACTIVE_STATUSES:
-        job, video = fetch(client, record.job_id, record.kind, dest)
-        apply_job(scene, record, job, video)
+        job, videos, preview = fetch(client, record.job_id, record.kind, dest)
+        apply_job(scene, record, job, videos, preview)
         line = f"{record.status.lower()} {record.phase} {record.progress * 100:.0f}%"
         if line != last:
             print(f"FlexiAct {record.kind.lower()} {record.job_id[:8]}: {line}", flush=True)

@@ -11,12 +11,13 @@ import random
 from typing import Any, Callable
 
 import bpy
-from bpy.props import EnumProperty, StringProperty
+from bpy.props import EnumProperty, IntProperty, StringProperty
 
 from . import jobs, requests, runner
 from .capture import CaptureError, capture_target
 from .client import BackendError
 from .connection import CONNECTION, HEALTH_TIMEOUT_S, check, with_health
+from .importers import stored_params
 from .launcher import LAUNCHER
 from .preferences import get_prefs, make_client, output_dir, start_command, stored_path, user_dir
 from .properties import ACTIVE_STATUSES
@@ -327,6 +328,120 @@ class FLEXIACT_OT_cancel_job(bpy.types.Operator):
         return _answer(self, context, runner.call(lambda: client.cancel(job_id), done, _wait()))
 
 
+def _running_extraction(context: bpy.types.Context, key: str) -> Any:
+    record = _selected_record(context, key)
+    return record if record is not None and record.kind == "EXTRACT" and record.job_id else None
+
+
+class FLEXIACT_OT_finish_job(bpy.types.Operator):
+    """Stop the extraction at its next step and keep the action as it is now (ready to generate with)"""
+
+    bl_idname = "flexiact.finish_job"
+    bl_label = "Finish Now"
+
+    key: StringProperty(description="The extraction to finish (default: the selected job)")
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        record = _running_extraction(context, self.key)
+        if record is None or record.status not in ACTIVE_STATUSES:
+            return _fail(self, context, "Select a running extraction to finish.")
+        try:
+            client = make_client(context)
+        except BackendError as exc:
+            return _fail(self, context, exc.message)
+        scene_name, key, job_id = context.scene.name, record.key, record.job_id
+
+        def done(answer: dict[str, Any] | None, error: BackendError | None) -> str:
+            if error is not None:
+                return _refused(scene_name, error)
+            scene, rec = jobs.find_record(scene_name, key)
+            if rec is not None:
+                rec.finish_requested = True
+                jobs.apply_job(scene, rec, answer["job"])
+            return ""
+
+        return _answer(self, context, runner.call(lambda: client.finish(job_id), done, _wait()),
+                       "The extraction finishes at its next step")
+
+
+class FLEXIACT_OT_import_preview(bpy.types.Operator):
+    """Put the extraction's latest preview in the Sequencer at the playhead, on the preview channel"""
+
+    bl_idname = "flexiact.import_preview"
+    bl_label = "Import Preview"
+    bl_options = {"REGISTER", "UNDO"}
+
+    key: StringProperty(description="The extraction whose preview to import (default: the selected job)")
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        record = _running_extraction(context, self.key)
+        if record is None or not record.preview_path:
+            return _fail(self, context, "No preview yet: the extraction renders one every Preview Every steps.")
+        try:
+            strip = jobs.import_preview_record(context.scene, record)
+        except (FileNotFoundError, RuntimeError) as exc:
+            return _fail(self, context, f"Import failed: {exc}")
+        self.report({"INFO"}, f"Imported the preview from step {record.preview_step} as {strip.name}")
+        return {"FINISHED"}
+
+
+class FLEXIACT_OT_switch_take(bpy.types.Operator):
+    """Choose another take of the generation: its strip is unmuted (the others muted) and the plane plays it"""
+
+    bl_idname = "flexiact.switch_take"
+    bl_label = "Switch Take"
+    bl_options = {"REGISTER", "UNDO"}
+
+    key: StringProperty(description="The generation (default: the selected job)")
+    offset: IntProperty(default=1, description="How many takes to move by (-1: previous, 1: next)")
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        record = _selected_record(context, self.key)
+        if record is None or len(record.takes) < 2 or not record.imported:
+            return _fail(self, context, "Select an imported generation with several takes.")
+        try:
+            jobs.choose_take(context.scene, record, record.take_index + self.offset)
+        except (FileNotFoundError, RuntimeError) as exc:
+            return _fail(self, context, f"Switching takes failed: {exc}")
+        take = record.takes[record.take_index]
+        self.report({"INFO"}, f"Take {record.take_index + 1} of {len(record.takes)} (seed {take.seed})")
+        return {"FINISHED"}
+
+
+def settings_source(context: bpy.types.Context) -> Any:
+    """The imported strip or object whose settings Use These Settings reads: the Sequencer's active strip,
+    else the active object, if it carries a FlexiAct generation's settings."""
+    editor = context.scene.sequence_editor if context.scene else None
+    for item in (editor.active_strip if editor else None, context.active_object):
+        if item is not None and set(requests.GENERATION_SETTINGS) & set(stored_params(item)):
+            return item
+    return None
+
+
+class FLEXIACT_OT_use_settings(bpy.types.Operator):
+    """Fill the Generate panel from the selected FlexiAct strip or plane (prompt, seed, action, steps, guidance,
+    weights), e.g. to re-run a good take at more steps"""
+
+    bl_idname = "flexiact.use_settings"
+    bl_label = "Use These Settings"
+    bl_options = {"REGISTER", "UNDO"}
+
+    @classmethod
+    def poll(cls, context: bpy.types.Context) -> bool:
+        if settings_source(context) is None:
+            cls.poll_message_set("Select a strip or plane that FlexiAct imported")
+            return False
+        return True
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        source = settings_source(context)
+        if source is None:
+            return _fail(self, context, "Select a strip or plane that FlexiAct imported.")
+        used = requests.apply_settings(context.scene.flexiact, stored_params(source))
+        self.report({"INFO"}, f"Settings of {source.name}: {', '.join(used)}")
+        return {"FINISHED"}
+
+
 class FLEXIACT_OT_refresh_actions(bpy.types.Operator):
     """List the backend's action library"""
 
@@ -589,4 +704,5 @@ CLASSES = (FLEXIACT_OT_test_connection, FLEXIACT_OT_backend_start, FLEXIACT_OT_b
            FLEXIACT_OT_import_result, FLEXIACT_OT_cancel_job, FLEXIACT_OT_refresh_actions,
            FLEXIACT_OT_import_action_file, FLEXIACT_OT_randomize_seed, FLEXIACT_OT_copy_report,
            FLEXIACT_OT_rename_action, FLEXIACT_OT_delete_action, FLEXIACT_OT_clear_finished_jobs,
-           FLEXIACT_OT_delete_job, FLEXIACT_OT_show_result, FLEXIACT_OT_copy_command, FLEXIACT_OT_report)
+           FLEXIACT_OT_delete_job, FLEXIACT_OT_show_result, FLEXIACT_OT_copy_command, FLEXIACT_OT_report,
+           FLEXIACT_OT_finish_job, FLEXIACT_OT_import_preview, FLEXIACT_OT_switch_take, FLEXIACT_OT_use_settings)

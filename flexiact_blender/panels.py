@@ -146,6 +146,7 @@ def draw_action(layout: Any, context: bpy.types.Context) -> None:
     col.prop(settings, "extract_steps")
     layout.label(text=estimate(settings.extract_steps, "extract"), icon="TIME")
     layout.prop(settings, "extract_seed")
+    layout.prop(settings, "preview_every")
     layout.operator("flexiact.extract_action", icon="ARMATURE_DATA")
     row = layout.row()
     row.label(text="Action library")
@@ -167,6 +168,7 @@ def draw_generate(layout: Any, context: bpy.types.Context) -> None:
     row = layout.row(align=True)
     row.prop(settings, "seed")
     row.operator("flexiact.randomize_seed", text="", icon="FILE_REFRESH")
+    layout.prop(settings, "takes")
     col = layout.column(align=True)
     for name in ("steps", "guidance", "lora_weight"):
         col.prop(settings, name)
@@ -181,6 +183,7 @@ def draw_generate(layout: Any, context: bpy.types.Context) -> None:
     if settings.import_mode in {"PLANE", "BOTH"}:
         layout.prop(settings, "plane_fill_camera")
     layout.operator("flexiact.generate", icon="RENDER_ANIMATION")
+    layout.operator("flexiact.use_settings", icon="PASTEDOWN")
 
 
 def _eta(seconds: float) -> str:
@@ -197,7 +200,8 @@ def _status(record: Any) -> str:
         text += f" · #{record.queue_position} in queue"
     elif record.status == "RUNNING" and record.worker:
         text += f" on {record.worker}"
-    return f"{text} · {record.phase}{_eta(record.eta_s)}"
+    phase = "finishing" if record.finish_requested else record.phase
+    return f"{text} · {phase}{_eta(record.eta_s)}"
 
 
 def draw_jobs(layout: Any, context: bpy.types.Context) -> None:
@@ -219,6 +223,8 @@ def draw_jobs(layout: Any, context: bpy.types.Context) -> None:
             row.operator("flexiact.delete_job", text="", icon="TRASH").key = record.key
         if record.status in ACTIVE_STATUSES:
             box.progress(factor=record.progress, type="BAR", text=_status(record))
+            if record.kind == "EXTRACT" and record.job_id:
+                _draw_preview(box, record)
         elif record.status == "FAILED":
             box.label(text=record.error or "Failed", icon="ERROR")
             box.operator("flexiact.copy_report", icon="COPYDOWN").key = record.key
@@ -231,6 +237,33 @@ def draw_jobs(layout: Any, context: bpy.types.Context) -> None:
                 box.label(text=record.error, icon="ERROR")
             if record.kind == "GENERATE" and record.video_path:
                 box.operator("flexiact.import_result", icon="IMPORT").key = record.key
+            if record.kind == "GENERATE" and record.imported and len(record.takes) > 1:
+                _draw_takes(box, record)
+            if record.kind == "EXTRACT" and record.preview_path:
+                _draw_preview(box, record)
+
+
+def _draw_preview(box: Any, record: Any) -> None:
+    """The latest training preview of an extraction, with Import Preview and (while it runs) Finish Now."""
+    row = box.row(align=True)
+    if record.preview_path:
+        row.label(text=f"Preview · step {record.preview_step} · {record.preview_frames} frames", icon="SEQUENCE")
+        row.operator("flexiact.import_preview", text="", icon="IMPORT").key = record.key
+    else:
+        row.label(text="No preview yet", icon="SEQUENCE")
+    if record.status in ACTIVE_STATUSES and not record.finish_requested:
+        box.operator("flexiact.finish_job", icon="CHECKMARK").key = record.key
+
+
+def _draw_takes(box: Any, record: Any) -> None:
+    """Previous / next take, and which one is chosen."""
+    take = record.takes[record.take_index]
+    row = box.row(align=True)
+    op = row.operator("flexiact.switch_take", text="", icon="TRIA_LEFT")
+    op.key, op.offset = record.key, -1
+    row.label(text=f"Take {record.take_index + 1}/{len(record.takes)} · seed {take.seed}")
+    op = row.operator("flexiact.switch_take", text="", icon="TRIA_RIGHT")
+    op.key, op.offset = record.key, 1
 
 
 class FLEXIACT_UL_actions(bpy.types.UIList):

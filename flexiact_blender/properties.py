@@ -12,6 +12,14 @@ from .requests import EXTRACTION_DEFAULTS, GENERATION_DEFAULTS
 ACTIVE_STATUSES = {"SUBMITTING", "QUEUED", "RUNNING"}
 
 
+class FlexiActTake(bpy.types.PropertyGroup):
+    """One take of a generation: its seed, its downloaded clip and the strip it was imported as."""
+
+    seed: IntProperty()
+    video_path: StringProperty(subtype="FILE_PATH")
+    strip_name: StringProperty()
+
+
 class FlexiActJob(bpy.types.PropertyGroup):
     """One backend job as this scene knows it; kept in the .blend so polling resumes after reopening."""
 
@@ -44,6 +52,12 @@ class FlexiActJob(bpy.types.PropertyGroup):
     imported: BoolProperty(description="The result has been imported (each result is imported once)")
     strip_name: StringProperty(name="Strip", description="The imported strip")
     plane_name: StringProperty(name="Plane", description="The imported image plane")
+    takes: CollectionProperty(type=FlexiActTake, description="Every take of a generation, in seed order")
+    take_index: IntProperty(description="The chosen take: its strip is the one unmuted, the plane plays it")
+    preview_step: IntProperty(description="The training step of the latest preview (0: none yet)")
+    preview_frames: IntProperty()
+    preview_path: StringProperty(subtype="FILE_PATH", description="The latest preview, downloaded")
+    finish_requested: BoolProperty(description="Finish Now was pressed: the extraction stops at its next step")
 
 
 class FlexiActActionItem(bpy.types.PropertyGroup):
@@ -128,6 +142,9 @@ class FlexiActSettings(bpy.types.PropertyGroup):
     extract_seed: IntProperty(name="Extraction Seed", min=0, max=2**31 - 1, default=EXTRACTION_DEFAULTS["seed"],
                               description="Random seed of the extraction's training (the same seed and inputs "
                                           "give the same action)")
+    preview_every: IntProperty(name="Preview Every", min=0, max=100000, default=500,
+                               description="Render a short preview of the action every this many training steps "
+                                           "(0: no previews)")
     action_id: StringProperty(name="Action", description="The backend action to generate with")
     actions: CollectionProperty(type=FlexiActActionItem, description="The backend's action library, as last "
                                                                      "listed (Refresh lists it again)")
@@ -144,6 +161,8 @@ class FlexiActSettings(bpy.types.PropertyGroup):
                        description="Denoising steps of the generation (more: finer, slower)")
     guidance: FloatProperty(name="Guidance", min=0.0, max=50.0, default=GENERATION_DEFAULTS["guidance_scale"],
                             description="How strongly the clip follows the prompt (classifier-free guidance)")
+    takes: IntProperty(name="Takes", min=1, max=8, default=1,
+                       description="How many videos to make, with seeds Seed, Seed+1, …, stacked as strips")
     lora_weight: FloatProperty(name="RefAdapter Weight", min=0.0, max=4.0,
                                default=GENERATION_DEFAULTS["lora_weight"],
                                description="How closely the clip keeps the target frame's look and layout")
@@ -173,7 +192,7 @@ class FlexiActSettings(bpy.types.PropertyGroup):
     last_error: StringProperty(description="The last problem, shown in the panel")
 
 
-CLASSES = (FlexiActJob, FlexiActActionItem, FlexiActSettings)
+CLASSES = (FlexiActTake, FlexiActJob, FlexiActActionItem, FlexiActSettings)
 
 
 def register() -> None:

@@ -16,6 +16,11 @@ GENERATION_DEFAULTS: dict[str, Any] = {"seed": 42, "steps": 50, "guidance_scale"
                                        "reweight_scale": 1.0, "high_timesteps": 0.8}
 #: ActionCreate's defaults (its steps are the backend's "standard" preset).
 EXTRACTION_DEFAULTS: dict[str, Any] = {"seed": 0, "steps": 3000}
+#: A generation's settings: the API's field name → the `scene.flexiact` property that holds it. Imported strips
+#: keep these fields as custom properties, and "Use These Settings" reads them back through this table.
+GENERATION_SETTINGS: dict[str, str] = {"action": "action_id", "prompt": "prompt", "seed": "seed", "steps": "steps",
+                                       "guidance_scale": "guidance", "lora_weight": "lora_weight",
+                                       "reweight_scale": "reweight_scale", "high_timesteps": "transition"}
 
 
 @dataclass(frozen=True)
@@ -42,7 +47,8 @@ def extraction(settings: bpy.types.PropertyGroup, video_path: str, start_s: floa
     caption = settings.caption.strip()
     name = caption[:60]
     body = {"name": name, "caption": caption, "start_s": round(start_s, 4), "end_s": round(end_s, 4),
-            "steps": settings.extract_steps, "seed": settings.extract_seed}
+            "steps": settings.extract_steps, "seed": settings.extract_seed,
+            "preview_every": settings.preview_every}
     return Request("/v1/actions", body, video_path, "video", f"Extract '{name}'", fps)
 
 
@@ -53,8 +59,18 @@ def generation(settings: bpy.types.PropertyGroup, image_path: str, fps: float) -
             "guidance_scale": settings.guidance, "lora_weight": settings.lora_weight,
             "reweight_scale": settings.reweight_scale if settings.reweighting else None,
             "high_timesteps": settings.transition, "fit": "crop", "step_cache": settings.step_cache,
-            "fps": round(fps, 6)}
+            "fps": round(fps, 6), "takes": settings.takes}
     return Request("/v1/generations", body, image_path, "image", f"Generate '{prompt[:40]}'")
+
+
+def apply_settings(settings: bpy.types.PropertyGroup, stored: dict[str, Any]) -> list[str]:
+    """Fill `settings` from a generation's stored fields (an imported strip's); returns the fields used."""
+    used = []
+    for field, name in GENERATION_SETTINGS.items():
+        if field in stored:
+            setattr(settings, name, type(getattr(settings, name))(stored[field]))
+            used.append(field)
+    return used
 
 
 def action_import(file_path: str, name: str, caption: str) -> Request:

@@ -10,7 +10,8 @@ import pytest
 
 from conftest import MODULE, make_scene, make_video
 
-OPERATORS = ("capture_target", "extract_action", "generate", "import_result", "cancel_job", "test_connection")
+OPERATORS = ("capture_target", "extract_action", "generate", "import_result", "cancel_job", "test_connection",
+             "finish_job", "import_preview", "switch_take", "use_settings")
 
 
 class Recorder:
@@ -82,7 +83,7 @@ def test_operators_and_settings_have_the_documented_names(addon: Any) -> None:
     make_scene()
     props = bpy.context.scene.flexiact.bl_rna.properties
     for name in ("reference_source", "reference_path", "reference_strip", "clip_start", "clip_end", "caption",
-                 "extract_steps", "prompt", "seed", "steps", "import_mode", "action_id"):
+                 "extract_steps", "prompt", "seed", "steps", "import_mode", "action_id", "takes", "preview_every"):
         assert name in props, name
     assert {i.identifier for i in props["reference_source"].enum_items} == {"FILE", "STRIP", "SCENE"}
     assert {i.identifier for i in props["import_mode"].enum_items} == {"STRIP", "PLANE", "BOTH"}

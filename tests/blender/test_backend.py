@@ -14,6 +14,7 @@ import bpy
 import pytest
 
 from conftest import make_scene, make_video, point_at_test_backend
+from test_addon import draw_all
 
 pytestmark = pytest.mark.backend
 
@@ -469,3 +470,104 @@ def test_extract_from_a_rendered_image_sequence(backend: Any, tmp_path: Path, so
         f"{backend.backend_url}/v1/actions/{record.action_id}",
         headers={"Authorization": f"Bearer {backend.token}"}), timeout=10).read())
     assert action["start_s"] == (0.25 if source == "STRIP" else 0.0) and action["end_s"] == 1.0
+
+
+def _tick_until(runner: Any, done: Any, what: str) -> None:
+    """Drive the runner's timer by hand (timers never fire in bpy-as-a-module) until `done()` holds."""
+    deadline = time.monotonic() + 300
+    while not done():
+        assert time.monotonic() < deadline, f"no {what} after 300 s"
+        time.sleep(runner.TICK_S)
+        runner.timer_tick()
+
+
+def test_preview_import_and_finish_now(backend: Any, addon: Any, tmp_path: Path) -> None:
+    """A long extraction shows its latest preview; Import Preview puts it at the playhead on the preview channel,
+    a newer preview replaces it there; Finish Now makes the action ready from the steps trained so far."""
+    scene = make_scene()
+    s = scene.flexiact
+    s.caption, s.extract_steps, s.preview_every = "a square slides", 100_000, 3
+    s.extract_seed = bpy.app.version[0] * 100 + bpy.app.version[1]  # one backend, every Blender: a new action each
+    clip = make_video(tmp_path / "ref.mp4", "24", 48)
+    request = addon.requests.extraction(s, str(clip), 0.0, 1.0)  # within one model clip: one window per crop
+    assert request.body["preview_every"] == 3
+    key = addon.jobs.submit(scene, _client(addon), "EXTRACT", request, (96, 64), wait=False)
+    _scene, record = addon.jobs.find_record(scene.name, key)
+    with pytest.raises(RuntimeError, match="No preview yet"):
+        bpy.ops.flexiact.import_preview(key=key)
+    _tick_until(addon.runner, lambda: record.preview_step >= 3, "preview")
+    assert record.status == "RUNNING" and record.preview_frames == _health(backend.backend_url)["model"]["frames"]
+    assert Path(bpy.path.abspath(record.preview_path)).is_file()
+    rec = draw_all()  # the Jobs panel shows it, with both buttons
+    assert f"Preview · step {record.preview_step} · {record.preview_frames} frames" in rec.kinds("label")
+    assert {"flexiact.import_preview", "flexiact.finish_job"} <= set(rec.kinds("operator"))
+
+    scene.frame_current = 7
+    assert bpy.ops.flexiact.import_preview(key=key) == {"FINISHED"}
+    editor = scene.sequence_editor
+    (strip,) = [x for x in _strips(scene)]
+    assert strip.frame_final_start == 7 and editor.channels[strip.channel].name == "FlexiAct Preview"
+    assert strip["flexiact_preview_step"] == record.preview_step and strip["flexiact_job"] == record.job_id
+    first_step = record.preview_step
+    _tick_until(addon.runner, lambda: record.preview_step > first_step, "newer preview")
+    assert bpy.ops.flexiact.import_preview(key=key) == {"FINISHED"}
+    (strip,) = [x for x in _strips(scene)]  # the newer preview replaced the older one on the preview channel
+    assert strip["flexiact_preview_step"] == record.preview_step > first_step
+
+    assert bpy.ops.flexiact.finish_job(key=key) == {"FINISHED"}
+    assert record.finish_requested and "flexiact.finish_job" not in draw_all().kinds("operator")
+    _tick_until(addon.runner, lambda: record.status == "SUCCEEDED", "finished extraction")
+    _drive_timer(addon.runner)
+    action = _client(addon)._json("GET", f"/v1/actions/{record.action_id}")
+    assert action["status"] == "ready" and 3 <= action["meta"]["steps_trained"] < 100_000
+    assert s.action_id == record.action_id
+    with pytest.raises(RuntimeError, match="running extraction"):
+        bpy.ops.flexiact.finish_job(key=key)
+
+
+def test_takes_stacked_switched_and_settings_round_trip(backend: Any, addon: Any, action_id: str,
+                                                        tmp_path: Path) -> None:
+    """Three takes: three strips at one start on free channels, one unmuted; the switcher moves which one plays,
+    the plane follows; Use These Settings on a take's strip fills the panel with that take's settings."""
+    scene = make_scene()
+    s = scene.flexiact
+    s.capture_engine = "WORKBENCH"
+    assert bpy.ops.flexiact.capture_target() == {"FINISHED"}
+    s.action_id, s.prompt, s.steps, s.seed, s.takes, s.guidance = action_id, "a cube slides", 2, 40, 3, 5.5
+    s.import_mode = "BOTH"
+    scene.frame_current = 4
+    assert bpy.ops.flexiact.generate() == {"FINISHED"}
+    record = s.jobs[-1]
+    assert record.status == "SUCCEEDED" and record.imported and len(record.takes) == 3
+    strips = [_strips(scene)[t.strip_name] for t in record.takes]
+    assert [x.frame_final_start for x in strips] == [4, 4, 4] and len({x.channel for x in strips}) == 3
+    assert [x.mute for x in strips] == [False, True, True]
+    assert [x["flexiact_seed"] for x in strips] == [40, 41, 42] == [t.seed for t in record.takes]
+    assert len({Path(bpy.path.abspath(t.video_path)).read_bytes() for t in record.takes}) == 3
+    plane = bpy.data.objects[record.plane_name]
+
+    def plane_clip() -> str:
+        tex = next(n for n in plane.active_material.node_tree.nodes if n.type == "TEX_IMAGE")
+        return bpy.path.abspath(tex.image.filepath)
+
+    assert plane_clip() == bpy.path.abspath(record.takes[0].video_path)
+    assert "Take 1/3 · seed 40" in draw_all("sequencer").kinds("label")
+    assert bpy.ops.flexiact.switch_take(key=record.key, offset=1) == {"FINISHED"}
+    assert [x.mute for x in strips] == [True, False, True] and record.take_index == 1
+    assert plane_clip() == bpy.path.abspath(record.takes[1].video_path) and plane["flexiact_seed"] == 41
+    assert bpy.ops.flexiact.switch_take(key=record.key, offset=-2) == {"FINISHED"}  # wraps to the last take
+    assert [x.mute for x in strips] == [True, True, False] and record.strip_name == strips[2].name
+
+    s.prompt, s.seed, s.steps, s.guidance, s.action_id = "something else", 1, 9, 1.0, ""
+    scene.sequence_editor.active_strip = None
+    bpy.context.view_layer.objects.active = None
+    assert not bpy.ops.flexiact.use_settings.poll()  # nothing FlexiAct made is selected
+    scene.sequence_editor.active_strip = strips[1]
+    assert bpy.ops.flexiact.use_settings() == {"FINISHED"}
+    assert (s.prompt, s.seed, s.steps, s.guidance, s.action_id) == ("a cube slides", 41, 2, 5.5, action_id)
+    assert s.lora_weight == pytest.approx(strips[1]["flexiact_lora_weight"])
+    assert s.transition == pytest.approx(strips[1]["flexiact_high_timesteps"])
+    scene.sequence_editor.active_strip = None
+    s.seed = 1
+    bpy.context.view_layer.objects.active = plane  # the plane plays take 3: its settings
+    assert bpy.ops.flexiact.use_settings() == {"FINISHED"} and s.seed == 42
