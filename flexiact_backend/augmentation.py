@@ -1,4 +1,4 @@
-"""FAE training augmentation: how a reference trim becomes training clips (FLEXIACT.md, "FAE").
+"""FAE training augmentation: how a reference trim becomes training clips.
 
 - Tempo: the trim is sampled at the model's frame rate, so a motion is learned at its real speed. A trim longer
   than the model's clip gives windows of the model's length (a bounded set per crop, each encoded once); a

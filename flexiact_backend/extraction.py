@@ -1,6 +1,6 @@
 """FAE action extraction: train one clip's motion tokens, resumable, observable and without wasted compute.
 
-The objective is FLEXIACT.md's: v-prediction turned into x0, `w(t) = 1/(1 - alphas_cumprod[t])` weighted MSE,
+The objective is the FlexiAct authors' FAE training objective: v-prediction turned into x0, `w(t) = 1/(1 - alphas_cumprod[t])` weighted MSE,
 plus the temporal term (ratio 1.0) on `sqrt(2)*x[i+1] - x[i]` of a random latent frame pair; uniform timesteps,
 image-latent dropout 0.05, caption dropout 0.1, RefAdapter off, AdamW (3e-3, betas 0.9/0.95, wd 1e-4),
 grad-norm clip 1.0. The trim is taken at the model's frame rate (`augmentation`): each step trains on one of a
@@ -49,7 +49,7 @@ PreviewFn = Callable[[int, GenerationResult], None]
 
 @dataclass(frozen=True)
 class ExtractionConfig:
-    """FLEXIACT.md's training recipe; every field is recorded in the action's metadata."""
+    """The authors' FAE training recipe; every field is recorded in the action's metadata."""
 
     steps: int = PRESETS["standard"]
     seed: int = 0
@@ -244,7 +244,7 @@ class FAETrainer:
         )
 
     def loss(self) -> torch.Tensor:
-        """FLEXIACT.md's objective on one random window of one random crop at one uniform random timestep."""
+        """The FAE objective on one random window of one random crop at one uniform random timestep."""
         cfg, data, d = self.config, self.data, self.draw()
         x0 = data.latents[d.crop, d.window].unsqueeze(0).to(self.device, torch.float32)
         image = data.image_latents[d.crop, d.window].unsqueeze(0).to(self.device, self.dtype)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from flexiact_backend.media import write_mp4
-from flexiact_backend.service.bench import Client, png_bytes
+from flexiact_backend.tools.serve_bench import Client, png_bytes
 from flexiact_backend.service.process import ServerProcess
 
 TERMINAL = ("succeeded", "failed", "cancelled")

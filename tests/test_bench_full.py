@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from flexiact_backend.cli import main
-from flexiact_backend.estimate import LiveBytes, estimate_full
-from flexiact_backend.full_size import FullSize
+from flexiact_backend.tools.cli import main
+from flexiact_backend.tools.estimate import LiveBytes, estimate_full
+from flexiact_backend.tools.full_size import FullSize
 
 
 @pytest.mark.slow

@@ -68,7 +68,7 @@ def test_addon_in_blender(version: str, extension_zip: Path, backend: ServerProc
            "PYTHONDONTWRITEBYTECODE": "1"}
     port = free_port()  # for the add-on's own local-backend launcher
     env["FLEXIACT_TEST_LAUNCH_URL"] = f"http://127.0.0.1:{port}"
-    env["FLEXIACT_TEST_LAUNCH_COMMAND"] = (f"{sys.executable} -m flexiact_backend.service serve --tiny "
+    env["FLEXIACT_TEST_LAUNCH_COMMAND"] = (f"{sys.executable} -m flexiact_backend serve --tiny "
                                            f"--port {port} --data-dir {tmp_path / 'launched'}")
     env.pop("PYTHONPATH", None)
     cmd = [str(_python(version)), "-m", "pytest", "-q", "-c", "tests/blender/pytest.ini",

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from flexiact_backend.cli import main
+from flexiact_backend.tools.cli import main
 from flexiact_backend.media import probe_video
 from tests.media_fixtures import coded_frame
 

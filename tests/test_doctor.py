@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flexiact_backend.cli import main
+from flexiact_backend.tools.cli import main
 from flexiact_backend.service.process import free_port
 from flexiact_backend.tiny import ensure_tiny_model
 

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from flexiact_backend.actions import import_published_action, read_action
-from flexiact_backend.cli import main
+from flexiact_backend.tools.cli import main
 from flexiact_backend.errors import Cancelled, CheckpointError, MediaError, Paused
 from flexiact_backend.extraction import CHECKPOINT_NAME, ExtractionConfig, FAETrainer, extract_action, prepare_training_data
 from flexiact_backend.media import probe_video, read_clip, write_mp4

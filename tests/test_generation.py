@@ -18,7 +18,7 @@ from flexiact_backend.model import reweight_schedule
 
 
 def rule(t: float, timesteps: list[int], scale: float, h: float) -> float | None:
-    """FLEXIACT.md's rule, written out independently of the code under test."""
+    """The paper's rule (S above t*, a half cosine down to t=700, off below), independent of the code."""
     t_star = next(x for x in timesteps if x < 1000 * h)
     if t > t_star:
         return scale

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 
 from flexiact_backend.errors import FlexiActError
-from flexiact_backend.hub import check_disk, check_network
+from flexiact_backend.tools.hub import check_disk, check_network
 
 
 def test_download_without_network_fails_with_message(tmp_path: Path) -> None:
     target = tmp_path / "weights"
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
     env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # nothing listens on the discard port: as good as no network
-    result = subprocess.run([sys.executable, "-c", "from flexiact_backend.cli import main; raise SystemExit(main())",
+    result = subprocess.run([sys.executable, "-c", "from flexiact_backend.tools.cli import main; raise SystemExit(main())",
                              "download", "--dir", str(target), "--accept-license"],
                             capture_output=True, text=True, env=env)
     assert result.returncode == 2

@@ -59,7 +59,7 @@ def randomise(adapter: FlexiActAdapter, seed: int = 2) -> None:
 
 
 class NaiveFlexiAct:
-    """The semantics of FLEXIACT.md spelled out: dense logits, explicit additive bias, RoPE on video only."""
+    """FlexiAct's attention spelled out: dense logits, explicit additive bias, RoPE on video only."""
 
     def __init__(self, tokens: torch.Tensor, loras: dict, lora_factor: float, bias: float | None) -> None:
         self.tokens, self.loras, self.lora_factor, self.bias = tokens, loras, lora_factor, bias

@@ -349,7 +349,7 @@ def test_failing_job_reports_why_and_the_next_job_runs(client: Client, server: S
 
 
 def test_twenty_clients_poll_and_upload_while_a_job_runs(client: Client, image: dict) -> None:
-    from flexiact_backend.service.bench import run_load
+    from flexiact_backend.tools.serve_bench import run_load
 
     job = _generate(client, image, steps=1000)
     wait_job(client, job["id"], ("running",), min_step=1)

@@ -69,7 +69,7 @@ def test_limits_answer_413(server: ServerProcess, tmp_path: Path) -> None:
 
 
 def test_refuses_non_loopback_address_without_token(tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "flexiact_backend.service", "serve", "--tiny", "--host", "0.0.0.0",
+    cmd = [sys.executable, "-m", "flexiact_backend", "serve", "--tiny", "--host", "0.0.0.0",
            "--data-dir", str(tmp_path)]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={"PATH": "/usr/bin:/bin"})
     assert run.returncode != 0

@@ -52,7 +52,7 @@ def client(server: ServerProcess) -> Client:
 ])
 def test_studio_flags_that_cannot_work_are_refused_before_anything_starts(
         args: tuple[str, ...], message: str, tmp_path: Path) -> None:
-    run = subprocess.run([sys.executable, "-m", "flexiact_backend.service", "serve", "--tiny", "--data-dir",
+    run = subprocess.run([sys.executable, "-m", "flexiact_backend", "serve", "--tiny", "--data-dir",
                           str(tmp_path), *args], capture_output=True, text=True, timeout=120)
     assert run.returncode != 0 and message in run.stderr, run.stderr
     assert not (tmp_path / "state.sqlite3").exists()

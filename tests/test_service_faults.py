@@ -116,7 +116,7 @@ def test_read_only_data_dir_is_a_clear_start_up_error(tmp_path: Path) -> None:
     data_dir = tmp_path / "ro"
     data_dir.mkdir()
     with read_only(data_dir):
-        cmd = [sys.executable, "-m", "flexiact_backend.service", "serve", "--tiny", "--data-dir", str(data_dir),
+        cmd = [sys.executable, "-m", "flexiact_backend", "serve", "--tiny", "--data-dir", str(data_dir),
                "--port", "1"]
         run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert run.returncode != 0

@@ -18,7 +18,7 @@ DAY = 86400.0
 
 
 def _gc(data_dir: Path, *args: str) -> dict:
-    cmd = [sys.executable, "-m", "flexiact_backend.service", "gc", "--data-dir", str(data_dir), "--json", *args]
+    cmd = [sys.executable, "-m", "flexiact_backend", "gc", "--data-dir", str(data_dir), "--json", *args]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     return json.loads(run.stdout)

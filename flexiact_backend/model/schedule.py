@@ -1,4 +1,4 @@
-"""Frequency-aware reweighting schedule (FLEXIACT.md, "Frequency-aware reweighting at generation time").
+"""Frequency-aware reweighting schedule (FlexiAct paper, arXiv 2503.05639: a bias on video-to-motion attention).
 
 High-noise timesteps shape motion, so video queries get an additive bias `s` on the motion-token keys while
 the timestep is high; it decays with a half cosine from 1000*h down to 700 and is off below.

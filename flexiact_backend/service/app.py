@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from .. import __version__
 from .config import ServiceConfig
 from .context import Service
-from .errors import ERROR_RESPONSES, install_error_handlers
+from .api_errors import ERROR_RESPONSES, install_error_handlers
 from .guard import RequestGuard
 from .routes import actions, files, health, jobs
 

@@ -8,6 +8,9 @@ from pathlib import Path
 
 from .retention import RetentionPolicy
 
+#: Where the service keeps its database, uploads, actions and results unless told otherwise.
+DEFAULT_DATA_DIR = Path(os.environ.get("FLEXIACT_DATA_DIR", Path.home() / ".local" / "share" / "flexiact-backend"))
+
 
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)

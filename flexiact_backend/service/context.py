@@ -23,7 +23,7 @@ from ..model_info import read_model_info
 from ..tiny import ensure_tiny_model
 from .config import ServiceConfig
 from .db import Database
-from .errors import APIError, path_redactor
+from .api_errors import APIError, path_redactor
 from .schemas import ActionCreate, GenerationCreate
 from .retention import collect, tree_bytes
 from .storage import FileStore

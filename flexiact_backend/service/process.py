@@ -27,7 +27,7 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`python -m flexiact_backend.service serve --tiny` (or `--model`) on 127.0.0.1, output to data_dir/server.log."""
+    """`python -m flexiact_backend serve --tiny` (or `--model`) on 127.0.0.1, output to data_dir/server.log."""
 
     def __init__(self, data_dir: Path, *, model_dir: Path | None = None, token: str | None = None,
                  extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None, port: int | None = None) -> None:
@@ -43,7 +43,7 @@ class ServerProcess:
         """Start and wait until /v1/health says the model is loaded (or the process dies)."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         model = ["--model", str(self.model_dir)] if self.model_dir else ["--tiny"]
-        cmd = [sys.executable, "-m", "flexiact_backend.service", "serve", *model, "--data-dir", str(self.data_dir),
+        cmd = [sys.executable, "-m", "flexiact_backend", "serve", *model, "--data-dir", str(self.data_dir),
                "--port", str(self.port), *(["--token", self.token] if self.token else []), *self.extra_args]
         env = {**os.environ, **self.env}
         with open(self.log_path, "ab") as log:

@@ -21,7 +21,7 @@ from ..model.checkpoints import check_torch_archive
 from ..errors import CheckpointError, MediaError
 from .config import Limits
 from .context import Service
-from .errors import APIError
+from .api_errors import APIError
 from .storage import TooLarge, safe_suffix, sha256_file
 
 VIDEO_SUFFIXES = {".mp4", ".mov", ".webm", ".mkv", ".avi", ".m4v", ".mpg", ".mpeg", ".mxf", ".mts", ".m2ts",

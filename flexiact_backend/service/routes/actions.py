@@ -9,7 +9,7 @@ from ... import media
 from ...actions import expected_action_shapes, import_published_action
 from ...errors import CheckpointError
 from ..context import Svc
-from ..errors import APIError
+from ..api_errors import APIError
 from ..schemas import (Action, ActionAccepted, ActionCreate, ActionImport, ActionList, ActionRename, ObjectId,
                        job_out)
 

@@ -7,7 +7,7 @@ from fastapi import APIRouter
 from ... import __version__
 from ...presets import PRESETS
 from ..context import Svc
-from ..errors import ERROR_RESPONSES
+from ..api_errors import ERROR_RESPONSES
 from ..schemas import Health
 
 router = APIRouter(tags=["service"])

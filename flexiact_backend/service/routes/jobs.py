@@ -15,7 +15,7 @@ from fastapi.responses import FileResponse, StreamingResponse
 
 from ..context import Svc
 from ..db import TERMINAL
-from ..errors import APIError
+from ..api_errors import APIError
 from ..schemas import (MAX_TAKES, GenerationCreate, Job, JobAccepted, JobList, JobStatus, ObjectId, Preview,
                        job_out)
 

@@ -13,10 +13,10 @@ import torch
 from diffusers import AutoencoderKLCogVideoX, CogVideoXImageToVideoPipeline, CogVideoXTransformer3DModel
 from transformers import T5Config, T5EncoderModel
 
-from .generation import FlexiActGenerator
-from .model import attach_flexiact
-from .model_info import ModelInfo
-from .tiny import make_scheduler, make_tokenizer
+from ..generation import FlexiActGenerator
+from ..model import attach_flexiact
+from ..model_info import ModelInfo
+from ..tiny import make_scheduler, make_tokenizer
 
 FULL_LAYERS, FULL_TEXT_LAYERS = 42, 24
 FULL_FRAMES, FULL_HEIGHT, FULL_WIDTH = 49, 480, 720

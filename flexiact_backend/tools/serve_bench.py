@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .process import ServerProcess
+from ..service.process import ServerProcess
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -247,7 +247,7 @@ def bench_cluster(*, address: str | None = None, workers: int = 2, jobs: int = 8
     `workers` CPUs started here), its actors loaded before the clock starts; the clock runs from the first
     submission to the last job's end.
     """
-    from .process import LocalRayCluster
+    from ..service.process import LocalRayCluster
 
     cluster = None
     if address is None:

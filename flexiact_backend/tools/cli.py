@@ -4,42 +4,21 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 from tqdm import tqdm
 
 from .doctor import add_doctor_command
-from .errors import FlexiActError
-from .presets import PRESETS
-from .generation import TEMPOS
+from ..errors import FlexiActError
+from ..presets import PRESETS
+from ..generation import TEMPOS
 from .hub import add_download_command
-from .model.attention import ATTENTION_BACKENDS
-from .service.cli import add_bench_serve, add_gc_command, add_serve_command
-
-
-def _model_args(p: argparse.ArgumentParser) -> None:
-    group = p.add_mutually_exclusive_group(required=True)
-    group.add_argument("--model", type=Path, help="diffusers folder of CogVideoX-5B-I2V (or any FlexiAct-ready pipeline)")
-    group.add_argument("--tiny", action="store_true", help="the built-in tiny random model (built in a cache folder)")
-    p.add_argument("--device", help="compute device (default: CUDA if available, else CPU)")
-    p.add_argument("--refadapter", type=Path, help="RefAdapter checkpoint (.pt or .safetensors) if not in the model folder")
-    p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (warmed up at load)")
-    p.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="padded",
-                   help="how the biased attention is computed (all exact; `bench attention` compares them)")
-
-
-def _load_generator(args: argparse.Namespace):
-    from .generation import FlexiActGenerator
-    from .tiny import ensure_tiny_model
-
-    model = args.model or ensure_tiny_model(Path(tempfile.gettempdir()) / "flexiact-tiny")
-    return FlexiActGenerator.from_pretrained(model, device=args.device, refadapter=args.refadapter, compile=args.compile,
-                                             attention_backend=args.attention_backend)
+from .model_args import add_model_args, load_generator
+from .serve import add_bench_serve, add_gc_command, add_serve_command
 
 
 def run_make_tiny_model(args: argparse.Namespace) -> int:
-    from .tiny import make_tiny_model
+    from ..tiny import make_tiny_model
 
     print(make_tiny_model(args.dir, seed=args.seed))
     return 0
@@ -55,11 +34,11 @@ def _check_paths(args: argparse.Namespace) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from .media import open_image
+    from ..media import open_image
 
     _check_paths(args)
     image = open_image(args.image)
-    generator = _load_generator(args)
+    generator = load_generator(args)
     with tqdm(total=args.steps, desc="generate", unit="step", file=sys.stderr) as bar:
         result = generator.generate(
             image, args.prompt, action=args.action, seed=args.seed, steps=args.steps, guidance_scale=args.guidance,
@@ -76,8 +55,8 @@ def run_generate(args: argparse.Namespace) -> int:
 def _reference_clip(args: argparse.Namespace, work_dir: Path) -> Path:
     """The reference as a clip, its trim checked, before the model loads. An image sequence (a folder or a
     pattern such as shot_####.png) is written once to a lossless clip at --fps in the work dir."""
-    from .media import check_trim, probe_video
-    from .sequences import encode_sequence, looks_like_sequence
+    from ..media import check_trim, probe_video
+    from ..sequences import encode_sequence, looks_like_sequence
 
     video = Path(args.video)
     if looks_like_sequence(video):
@@ -94,8 +73,8 @@ def _reference_clip(args: argparse.Namespace, work_dir: Path) -> Path:
 
 
 def run_extract(args: argparse.Namespace) -> int:
-    from .extraction import extract_action
-    from .generation import GenerationResult
+    from ..extraction import extract_action
+    from ..generation import GenerationResult
 
     steps = args.steps or PRESETS[args.preset]
     out = Path(args.out)
@@ -104,7 +83,7 @@ def run_extract(args: argparse.Namespace) -> int:
     if not args.resume and (work_dir / "checkpoint.pt").exists():
         raise FlexiActError(f"{work_dir} holds a checkpoint of an earlier run: pass --resume to continue it, or remove it")
     video = _reference_clip(args, work_dir)
-    generator = _load_generator(args)
+    generator = load_generator(args)
     with tqdm(total=steps, desc="extract", unit="step", file=sys.stderr) as bar:
         def progress(update: dict) -> None:
             if update.get("phase") and update["phase"] != bar.desc:  # decoding, encoding, training, saving
@@ -130,7 +109,7 @@ def run_extract(args: argparse.Namespace) -> int:
 
 
 def run_import_action(args: argparse.Namespace) -> int:
-    from .actions import import_published_action
+    from ..actions import import_published_action
 
     meta = import_published_action(args.file, name=args.name, caption=args.caption, out=args.out)
     print(f"wrote {args.out}: {meta['num_layers']} layers x {meta['num_motion_tokens']} tokens x {meta['width']}")
@@ -153,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=run_make_tiny_model)
 
     p = sub.add_parser("generate", help="generate a video of the target image performing an action")
-    _model_args(p)
+    add_model_args(p)
     p.add_argument("--action", type=Path, help="action file (.safetensors) or published FAE .pt")
     p.add_argument("--image", type=Path, required=True, help="target frame (PNG/JPEG)")
     p.add_argument("--prompt", required=True)
@@ -176,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=run_generate)
 
     p = sub.add_parser("extract", help="train an action (FAE motion tokens) on a reference clip")
-    _model_args(p)
+    add_model_args(p)
     p.add_argument("--video", type=Path, required=True,
                    help="reference clip, or an image sequence: a folder of numbered frames or a pattern such as "
                         "shot_####.png (PNG, JPEG, TIFF, EXR)")

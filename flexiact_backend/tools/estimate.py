@@ -21,8 +21,8 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from .full_size import TEXT_LENGTH, FullSize, build_modules
-from .tiny import make_scheduler
-from .model import attach_flexiact, reweight_schedule, rotary_embeddings
+from ..tiny import make_scheduler
+from ..model import attach_flexiact, reweight_schedule, rotary_embeddings
 
 #: Sustained dense bf16 throughput the time estimates assume (an H100 SXM reaches about this on large matmuls).
 DEFAULT_TFLOPS = 800.0

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .model import ATTENTION_BACKENDS, biased_attention, rotary_embeddings
+from ..model import ATTENTION_BACKENDS, biased_attention, rotary_embeddings
+from .model_args import add_model_args, load_generator
 
 
 class LargestTensor(TorchDispatchMode):
@@ -102,12 +103,11 @@ def bench_extract(args: argparse.Namespace) -> dict:
     a preview (PREVIEW_STEPS denoising steps with the tokens so far) costs as a share of the extraction."""
     from PIL import Image
 
-    from .cli import _load_generator
-    from .augmentation import crop_boxes, crop_frames
-    from .extraction import PREVIEW_STEPS, ExtractionConfig, FAETrainer, encode_video, moved, prepare_training_data, render_preview
-    from .media import read_clip, write_mp4
+    from ..augmentation import crop_boxes, crop_frames
+    from ..extraction import PREVIEW_STEPS, ExtractionConfig, FAETrainer, encode_video, moved, prepare_training_data, render_preview
+    from ..media import read_clip, write_mp4
 
-    generator = _load_generator(args)
+    generator = load_generator(args)
     info = generator.info
     with tempfile.TemporaryDirectory() as tmp:
         clip = Path(tmp) / "clip.mp4"
@@ -157,9 +157,8 @@ def bench_extract(args: argparse.Namespace) -> dict:
 
 def bench_generate(args: argparse.Namespace) -> dict:
     """Per-step time of the transformer with the LoRA folded against the LoRA branch computed each step."""
-    from .cli import _load_generator
 
-    generator = _load_generator(args)
+    generator = load_generator(args)
     info, pipe = generator.info, generator.pipe
     t = pipe.transformer
     frames = (info.frames - 1) // pipe.vae_scale_factor_temporal + 1
@@ -200,7 +199,7 @@ def bench_media(args: argparse.Namespace) -> dict:
 
     import imageio_ffmpeg
 
-    from .media import probe_video, read_clip
+    from ..media import probe_video, read_clip
 
     with tempfile.TemporaryDirectory() as tmp:
         clip = Path(tmp) / "clip.mp4"
@@ -259,8 +258,8 @@ def _quantize_fp8(transformer: torch.nn.Module) -> None:
 
 def _full_phases(generator, size, steps: int, repeats: int, step_cache: bool, lora_weight: float, memory_saving: bool) -> dict:
     """Each phase of one mode: text encoding, biased and unbiased steps, VAE decode, request->mp4, extraction step."""
-    from .extraction import ExtractionConfig, FAETrainer, TrainingData, off_device
-    from .model.recompute import selective_checkpointing
+    from ..extraction import ExtractionConfig, FAETrainer, TrainingData, off_device
+    from ..model.recompute import selective_checkpointing
 
     pipe, device, adapter = generator.pipe, generator.device, generator.adapter
     t, dtype = pipe.transformer, pipe.transformer.dtype
@@ -363,9 +362,8 @@ def bench_takes(args: argparse.Namespace) -> dict:
     """N takes in one batch (guidance batch 2N) against the same N takes one after another on the warm model."""
     from PIL import Image
 
-    from .cli import _load_generator
 
-    generator = _load_generator(args)
+    generator = load_generator(args)
     y, x = np.mgrid[0:480, 0:720]
     image = Image.fromarray(np.stack([x * 255 // 719, y * 255 // 479, (x // 60 + y // 60) % 2 * 255], -1).astype(np.uint8))
     seeds = list(range(args.takes))
@@ -416,7 +414,6 @@ def run_benchmarks(args: argparse.Namespace) -> int:
 
 
 def add_bench_commands(sub: argparse._SubParsersAction) -> None:
-    from .cli import _model_args
 
     p = sub.add_parser("attention", help="exact biased attention vs the published dense mask")
     p.add_argument("--tokens", type=int, default=4096, help="sequence length L (17,550 + 452 at full size)")
@@ -442,7 +439,7 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     for name, helptext in (("extract", "training step: cached latents vs re-encoding each step; preview share"),
                            ("generate", "transformer step: LoRA folded vs unfolded, bias on/off")):
         p = sub.add_parser(name, help=helptext)
-        _model_args(p)
+        add_model_args(p)
         p.add_argument("--steps", type=int, default=10, help="timed repeats")
         p.add_argument("--json", type=Path)
         p.set_defaults(func=run_benchmarks)
@@ -465,7 +462,7 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", type=Path)
     p.set_defaults(func=run_benchmarks)
     p = sub.add_parser("takes", help="N takes batched on the device vs one after another")
-    _model_args(p)
+    add_model_args(p)
     p.add_argument("--takes", type=int, default=4)
     p.add_argument("--denoise-steps", type=int, default=10, help="denoising steps of each take")
     p.add_argument("--steps", type=int, default=2, help="timed repeats")

@@ -15,10 +15,10 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from .generation import REFADAPTER_FILES
+from ..generation import REFADAPTER_FILES
 from .hub import MODEL_FOLDER, default_weights_dir
-from .model_info import read_model_info
-from .service.cli import DEFAULT_DATA_DIR
+from ..model_info import read_model_info
+from ..service.config import DEFAULT_DATA_DIR
 
 MIN_TORCH = (2, 5)
 #: bf16 CogVideoX-5B-I2V with T5-XXL resident; below this use --memory-saving (offload, VAE tiling).

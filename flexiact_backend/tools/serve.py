@@ -9,9 +9,9 @@ import logging
 import os
 from pathlib import Path
 
-from .retention import RetentionPolicy
+from ..service.config import DEFAULT_DATA_DIR
+from ..service.retention import RetentionPolicy
 
-DEFAULT_DATA_DIR = Path(os.environ.get("FLEXIACT_DATA_DIR", Path.home() / ".local" / "share" / "flexiact-backend"))
 
 
 def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -62,15 +62,15 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from .auth import check_bind
+    from ..service.auth import check_bind
 
     check_bind(args.host, args.token)  # before the slow imports: a refusal should be instant
     check_ray_args(args)
     import uvicorn
 
-    from .app import create_app
-    from .config import Limits, ServiceConfig
-    from .protocol import timed_h11
+    from ..service.app import create_app
+    from ..service.config import Limits, ServiceConfig
+    from ..service.protocol import timed_h11
 
     limits = Limits()
     overrides = {"video_bytes": args.max_video_bytes, "image_bytes": args.max_image_bytes,
@@ -119,7 +119,7 @@ def add_gc_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
 
 
 def run_gc(args: argparse.Namespace) -> int:
-    from .retention import collect
+    from ..service.retention import collect
 
     if not (args.data_dir / "state.sqlite3").is_file():
         raise SystemExit(f"{args.data_dir} is not a FlexiAct data dir (no state.sqlite3 in it)")
@@ -186,7 +186,7 @@ def add_bench_serve(subparsers: argparse._SubParsersAction) -> argparse.Argument
 
 
 def run_bench_serve(args: argparse.Namespace) -> int:
-    from .bench import bench_cluster, bench_serve, format_cluster_table, format_table
+    from .serve_bench import bench_cluster, bench_serve, format_cluster_table, format_table
 
     if args.ray is not None:
         if importlib.util.find_spec("ray") is None:
@@ -207,15 +207,3 @@ def _print_report(report: dict, table: str, json_path: Path | None) -> None:
     print(table)
     if json_path:
         json_path.write_text(text)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m flexiact_backend.service {serve,bench}` until the main CLI has these commands."""
-    parser = argparse.ArgumentParser(prog="python -m flexiact_backend.service")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_serve_command(sub)
-    add_gc_command(sub)
-    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
-    add_bench_serve(bench)
-    args = parser.parse_args(argv)
-    return args.func(args)

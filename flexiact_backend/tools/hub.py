@@ -17,10 +17,10 @@ import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .errors import FlexiActError
-from .generation import REFADAPTER_FILES
-from .model_info import REAL_MODEL_ID
-from .service.cli import DEFAULT_DATA_DIR
+from ..errors import FlexiActError
+from ..generation import REFADAPTER_FILES
+from ..model_info import REAL_MODEL_ID
+from ..service.config import DEFAULT_DATA_DIR
 
 FLEXIACT_REPO = "shiyi0408/FlexiAct"
 REFADAPTER_NAME = REFADAPTER_FILES[1]  # the published file name

@@ -1,0 +1,1 @@
+"""The tools around the pipeline and the service: the CLI, benchmarks, doctor, the hub download."""
