@@ -25,6 +25,7 @@ from .actions import motion_duration_s, read_action_metadata
 from .errors import Cancelled, CheckpointError
 from .media import FitMapping, fit_target_image, retime_frames, write_mp4
 from .model import ATTENTION_BACKENDS, FlexiActAdapter, StepCache, attach_flexiact, compile_blocks, reweight_schedule, reweighting
+from .presets import GENERATION_DEFAULTS
 from .model_info import ModelInfo, read_model_info
 
 #: Where a pipeline folder may carry its RefAdapter (the published file name, or the project's safetensors).
@@ -43,12 +44,12 @@ class GenerationSettings:
     """Every knob of one generation, with FlexiAct's published defaults."""
 
     prompt: str
-    seed: int = 42
-    steps: int = 50
-    guidance_scale: float = 6.0
-    lora_weight: float = 0.7
-    reweight_scale: float | None = 1.0
-    transition: float = 0.8
+    seed: int = GENERATION_DEFAULTS.seed
+    steps: int = GENERATION_DEFAULTS.steps
+    guidance_scale: float = GENERATION_DEFAULTS.guidance_scale
+    lora_weight: float = GENERATION_DEFAULTS.lora_weight
+    reweight_scale: float | None = GENERATION_DEFAULTS.reweight_scale
+    transition: float = GENERATION_DEFAULTS.transition
     fit: str = "crop"
     tempo: str = "reference"
     step_cache: bool = False
@@ -163,12 +164,12 @@ class FlexiActGenerator:
         prompt: str,
         *,
         action: str | Path | Mapping[str, torch.Tensor] | None = None,
-        seed: int = 42,
-        steps: int = 50,
-        guidance_scale: float = 6.0,
-        lora_weight: float = 0.7,
-        reweight_scale: float | None = 1.0,
-        transition: float = 0.8,
+        seed: int = GENERATION_DEFAULTS.seed,
+        steps: int = GENERATION_DEFAULTS.steps,
+        guidance_scale: float = GENERATION_DEFAULTS.guidance_scale,
+        lora_weight: float = GENERATION_DEFAULTS.lora_weight,
+        reweight_scale: float | None = GENERATION_DEFAULTS.reweight_scale,
+        transition: float = GENERATION_DEFAULTS.transition,
         fit: str = "crop",
         tempo: str = "reference",
         step_cache: bool = False,
@@ -193,11 +194,11 @@ class FlexiActGenerator:
         *,
         seeds: Sequence[int],
         action: str | Path | Mapping[str, torch.Tensor] | None = None,
-        steps: int = 50,
-        guidance_scale: float = 6.0,
-        lora_weight: float = 0.7,
-        reweight_scale: float | None = 1.0,
-        transition: float = 0.8,
+        steps: int = GENERATION_DEFAULTS.steps,
+        guidance_scale: float = GENERATION_DEFAULTS.guidance_scale,
+        lora_weight: float = GENERATION_DEFAULTS.lora_weight,
+        reweight_scale: float | None = GENERATION_DEFAULTS.reweight_scale,
+        transition: float = GENERATION_DEFAULTS.transition,
         fit: str = "crop",
         tempo: str = "reference",
         step_cache: bool = False,

@@ -1,4 +1,7 @@
-"""Extraction step presets: the one table the CLI, the service and (through GET /v1/health) the add-on use.
+"""Defaults and presets: the one table the CLI, the service and (through the API) the add-on use.
+
+Generation defaults are FlexiAct's published ones: seed 42, 50 DPM steps, classifier-free guidance 6.0, RefAdapter
+weight 0.7, reweighting bias 1.0 until 0.8 of the timesteps. Extraction presets:
 
 "standard" is where the authors judged their actions (3,000-4,000 steps, checkpoints every 500). "quick" is an
 honest draft at a third of that: two checkpoints in, enough to see whether the reference, its trim and the
@@ -7,4 +10,19 @@ caption carry the motion before paying for the standard run; it is not a finishe
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 PRESETS: dict[str, int] = {"quick": 1000, "standard": 3000}
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    seed: int = 42
+    steps: int = 50
+    guidance_scale: float = 6.0
+    lora_weight: float = 0.7
+    reweight_scale: float = 1.0
+    transition: float = 0.8
+
+
+GENERATION_DEFAULTS = GenerationDefaults()

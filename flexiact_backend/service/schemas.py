@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 from fastapi import Path as PathParam
 from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 
-from ..presets import PRESETS
+from ..presets import GENERATION_DEFAULTS, PRESETS
 
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 UUID_PATTERN = r"^[0-9a-f]{32}$"
@@ -155,15 +155,16 @@ class GenerationCreate(_Request):
     action: str | None = Field(None, pattern=UUID_PATTERN, description="a ready action's id; null: no action")
     image: str = Field(pattern=SHA256_PATTERN, description="id of an uploaded target image")
     prompt: str = Field(min_length=1, max_length=2000)
-    seed: int = Field(42, ge=0, le=2**31 - 1)
-    steps: int = Field(50, ge=1, le=1000)
-    guidance_scale: float = Field(6.0, ge=0, le=50)
-    lora_weight: float = Field(0.7, ge=0, le=4)
-    reweight_scale: float | None = Field(1.0, ge=0, le=20, description="bias on the motion tokens at high-noise "
+    seed: int = Field(GENERATION_DEFAULTS.seed, ge=0, le=2**31 - 1)
+    steps: int = Field(GENERATION_DEFAULTS.steps, ge=1, le=1000)
+    guidance_scale: float = Field(GENERATION_DEFAULTS.guidance_scale, ge=0, le=50)
+    lora_weight: float = Field(GENERATION_DEFAULTS.lora_weight, ge=0, le=4)
+    reweight_scale: float | None = Field(GENERATION_DEFAULTS.reweight_scale, ge=0, le=20,
+                                         description="bias on the motion tokens at high-noise "
                                          "steps, as the paper describes; null switches it off, as the authors' "
                                          "released inference script runs")
     high_timesteps: float = Field(
-        0.8, gt=0, le=1000,
+        GENERATION_DEFAULTS.transition, gt=0, le=1000,
         description="where the high-noise (motion) timesteps end: a fraction of 1000 (0.8) or a timestep (800)")
     fit: Literal["crop", "pad"] = "crop"
     fps: float | None = Field(None, ge=1, le=240, description="frame rate of the returned video (its duration "

@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from .doctor import add_doctor_command
 from ..errors import FlexiActError
-from ..presets import PRESETS
+from ..presets import GENERATION_DEFAULTS, PRESETS
 from ..generation import TEMPOS
 from .hub import add_download_command
 from .model_args import add_model_args, load_generator
@@ -137,15 +137,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", type=Path, required=True, help="target frame (PNG/JPEG)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--out", type=Path, required=True, help="mp4 to write")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--guidance", type=float, default=6.0)
-    p.add_argument("--lora-weight", type=float, default=0.7, help="RefAdapter weight")
-    p.add_argument("--reweight-scale", type=float, default=1.0,
+    p.add_argument("--steps", type=int, default=GENERATION_DEFAULTS.steps)
+    p.add_argument("--seed", type=int, default=GENERATION_DEFAULTS.seed)
+    p.add_argument("--guidance", type=float, default=GENERATION_DEFAULTS.guidance_scale)
+    p.add_argument("--lora-weight", type=float, default=GENERATION_DEFAULTS.lora_weight,
+                   help="RefAdapter weight")
+    p.add_argument("--reweight-scale", type=float, default=GENERATION_DEFAULTS.reweight_scale,
                    help="motion strength: bias on motion tokens at high timesteps (the paper's reweighting)")
     p.add_argument("--no-reweight", action="store_true",
                    help="no frequency-aware reweighting, as the authors' released inference script runs")
-    p.add_argument("--transition", type=float, default=0.8, help="fraction of 1000 where the bias starts to decay")
+    p.add_argument("--transition", type=float, default=GENERATION_DEFAULTS.transition,
+                   help="fraction of 1000 where the bias starts to decay")
     p.add_argument("--fit", choices=("crop", "pad"), default="crop")
     p.add_argument("--fps", type=float, help="frame rate of the mp4 (its duration does not depend on it)")
     p.add_argument("--tempo", choices=TEMPOS, default="reference",
