@@ -15,9 +15,9 @@ ACTIVE_STATUSES = {"SUBMITTING", "QUEUED", "RUNNING"}
 class FlexiActTake(bpy.types.PropertyGroup):
     """One take of a generation: its seed, its downloaded clip and the strip it was imported as."""
 
-    seed: IntProperty()
-    video_path: StringProperty(subtype="FILE_PATH")
-    strip_name: StringProperty()
+    seed: IntProperty(name="Seed", description="The noise seed this take was generated with")
+    video_path: StringProperty(name="Clip", subtype="FILE_PATH", description="The take's downloaded clip")
+    strip_name: StringProperty(name="Strip", description="The Sequencer strip this take was imported as")
 
 
 class FlexiActJob(bpy.types.PropertyGroup):
@@ -55,7 +55,7 @@ class FlexiActJob(bpy.types.PropertyGroup):
     takes: CollectionProperty(type=FlexiActTake, description="Every take of a generation, in seed order")
     take_index: IntProperty(description="The chosen take: its strip is the one unmuted, the plane plays it")
     preview_step: IntProperty(description="The training step of the latest preview (0: none yet)")
-    preview_frames: IntProperty()
+    preview_frames: IntProperty(name="Preview Frames", description="Frame count of the latest training preview")
     preview_path: StringProperty(subtype="FILE_PATH", description="The latest preview, downloaded")
     finish_requested: BoolProperty(description="Finish Now was pressed: the extraction stops at its next step")
 

@@ -258,7 +258,7 @@ def _quantize_fp8(transformer: torch.nn.Module) -> None:
 
 def _full_phases(generator, size, steps: int, repeats: int, step_cache: bool, lora_weight: float, memory_saving: bool) -> dict:
     """Each phase of one mode: text encoding, biased and unbiased steps, VAE decode, request->mp4, extraction step."""
-    from ..extraction import ExtractionConfig, FAETrainer, TrainingData, off_device
+    from ..extraction import ExtractionConfig, FAETrainer, TrainingData, moved
     from ..model.recompute import selective_checkpointing
 
     pipe, device, adapter = generator.pipe, generator.device, generator.adapter
@@ -306,7 +306,8 @@ def _full_phases(generator, size, steps: int, repeats: int, step_cache: bool, lo
     for p in trainer.params:
         p.requires_grad_(True)
     # As extraction does: the VAE and text encoder leave the GPU while the tokens train (offloading already does it).
-    idle_models = contextlib.nullcontext() if device.type == "cpu" or memory_saving else off_device(pipe.vae, pipe.text_encoder)
+    idle_models = (contextlib.nullcontext() if device.type == "cpu" or memory_saving
+                   else moved((pipe.vae, pipe.text_encoder), ("cpu", "cpu")))
     try:
         with idle_models:
             for label, func in (("extraction_step", None), ("extraction_step_selective_recompute", selective_checkpointing())):
