@@ -129,6 +129,8 @@ def test_a_node_removed_while_idle_leaves_the_service_serving(client: Client, cl
     ws = wait_workers(client, lambda ws: all(w["state"] == "idle" for w in ws), "idle")
     assert sorted(w["node"] for w in ws) == ["127.0.0.2", "127.0.0.3"], ws
     cluster.remove_node(cluster.nodes[1])  # the node at 127.0.0.3 leaves the cluster
+    after = wait_workers(client, lambda ws: {w["node"]: w["state"] for w in ws} == {
+        "127.0.0.2": "idle", "127.0.0.3": "dead"}, "dead on the removed node only")
     image = upload(client, png_bytes(4, (80, 60)), "image/png", "target2.png")
     for takes in (2, 1):  # two in a row: whichever worker claims one, both must finish
         status, body = client.request("POST", "/v1/generations",
@@ -138,8 +140,6 @@ def test_a_node_removed_while_idle_leaves_the_service_serving(client: Client, cl
         assert done["status"] == "succeeded", done
         assert len(done["result"]["takes"]) == takes  # every take came back from the actor
         assert client.request("GET", f"/v1/jobs/{done['id']}/video?take={takes - 1}")[0] == 200
-    after = wait_workers(client, lambda ws: {w["node"]: w["state"] for w in ws} == {
-        "127.0.0.2": "idle", "127.0.0.3": "dead"}, "dead on the removed node only")
     assert next(w for w in after if w["node"] == "127.0.0.2")["id"] == done["worker"]
     assert client.request("GET", "/v1/health")[1]["status"] == "ok"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -124,13 +125,21 @@ def test_read_only_data_dir_is_a_clear_start_up_error(tmp_path: Path) -> None:
 
 
 def _fill(path: Path, leave: int) -> Path:
-    """A filler file that takes all free space on `path`'s disk but about `leave` bytes."""
+    """A filler file that takes all free space on `path`'s disk but about `leave` bytes.
+
+    A disk that the running job has already filled cannot even create it: then it is full already, as wanted.
+    """
     filler = path / "filler"
-    with open(filler, "wb") as f:
+    try:
+        f = open(filler, "wb", buffering=0)  # unbuffered: closing must not flush a write the full disk refused
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        return filler
+    with f:
         try:
             while True:
                 f.write(b"\0" * 65536)
-                f.flush()
         except OSError:
             pass
     os.truncate(filler, max(0, filler.stat().st_size - leave))
@@ -178,7 +187,7 @@ def test_disk_full_mid_upload_and_mid_result_write(tmp_path: Path) -> None:
             assert job["status"] == "failed" and job["error"]["code"] == "insufficient_storage", job
             assert "disk is full" in job["error"]["message"] and str(disk) not in job["error"]["message"]
             assert _partial_files(server.data_dir) == []
-            filler.unlink()
+            filler.unlink(missing_ok=True)
 
             assert client.request("GET", "/v1/health")[1]["disk"]["free_bytes"] > 1024**2  # it serves on
             upload(client, png_bytes(13), "image/png", "after.png")

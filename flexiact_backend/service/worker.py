@@ -116,11 +116,26 @@ class Worker:
                 "job": self.job}
 
 
-def _disk_full(exc: Exception) -> bool:
-    """A full disk, as the OS or SQLite reports it."""
-    if isinstance(exc, OSError):
-        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
-    return isinstance(exc, sqlite3.OperationalError) and "full" in str(exc)
+#: Free bytes below which a failed job is put down to the full disk, though its error did not say so.
+DISK_FULL_FREE_BYTES = 1024**2
+
+
+def _disk_full(exc: BaseException, data_dir: Path) -> bool:
+    """A full disk, as the OS or SQLite reports it anywhere in the error's chain, or as the disk itself shows.
+
+    Why the last: an encoder writing into a full disk (ffmpeg behind a pipe) fails with no error number.
+    """
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(seen, sqlite3.OperationalError) and "full" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        return shutil.disk_usage(data_dir).free < DISK_FULL_FREE_BYTES
+    except OSError:
+        return False
 
 
 def work_dir(data_dir: Path, action_id: str) -> Path:
@@ -274,7 +289,7 @@ class WorkerPool:
             self.db.fail_job(job_id, "failed", exc.code, str(exc))
         except Exception as exc:  # a bug or an environment problem: the job fails, the worker lives on
             log.error("job %s failed:\n%s", job_id, traceback.format_exc())
-            if _disk_full(exc):
+            if _disk_full(exc, self.config.data_dir):
                 self.db.fail_job(job_id, "failed", "insufficient_storage", DISK_FULL_MESSAGE)
             elif is_cuda_failure(exc):
                 self.db.fail_job(job_id, "failed", "cuda_error", CUDA_MESSAGE.format(error=exc))
