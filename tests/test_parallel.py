@@ -15,7 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
+from flexiact_backend.extraction import ExtractionConfig, FAETrainer, prepare_training_data
 from flexiact_backend.generation import FlexiActGenerator
+from flexiact_backend.media import write_mp4
+from flexiact_backend.parallel.extraction import extraction_ranks
 from flexiact_backend.parallel.launch import run_ranks
 from flexiact_backend.parallel.sequence_parallel import parallelize
 from flexiact_backend.parallel.ulysses import gather, heads_to_sequence, own_slice, sequence_to_heads, shard_sizes
@@ -68,12 +71,44 @@ def _latents(generator: FlexiActGenerator, **options) -> tuple[list[np.ndarray],
     return seen, result.frames
 
 
-def _generate_on_rank(device: torch.device, model_dir: Path, configs: list[ParallelConfig]) -> list:
+def _training_data(generator: FlexiActGenerator, clip: Path, cache: Path):
+    return prepare_training_data(generator, video=clip, clip_sha256="slide", start_s=0.0, end_s=2.0, caption="a block slides",
+                                 seed=0, num_crops=2, windows_per_crop=2, cache_dir=cache)[0]
+
+
+def _extraction_step(generator: FlexiActGenerator, trainer: FAETrainer) -> dict:
+    """One training step (selective recompute on, as `extract_action` runs it): loss, clipped gradient, new tokens."""
+    transformer = generator.pipe.transformer
+    for p in trainer.params:
+        p.requires_grad_(True)
+    transformer.enable_gradient_checkpointing()
+    try:
+        loss = trainer.train_step()
+    finally:
+        transformer.disable_gradient_checkpointing()
+    return {"loss": loss, "grad": torch.cat([p.grad.flatten() for p in trainer.params]).numpy(),
+            "tokens": torch.cat([p.detach().flatten() for p in trainer.params]).numpy()}
+
+
+def _on_rank(device: torch.device, model_dir: Path, configs: list[ParallelConfig], clip: Path, cache: Path) -> dict:
+    """Every check one world size serves: generations on each mesh, a sequence- and a data-parallel step."""
     generator = _load(model_dir, device)
-    results = []
+    world = torch.distributed.get_world_size()
+    results: dict = {"generation": [], "attention_inputs": []}
+    seen = results["attention_inputs"]  # (batch, video tokens) each attention really ran on: proof of the split
+    generator.pipe.transformer.transformer_blocks[0].attn1.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(tuple(kwargs["hidden_states"].shape[:2])), with_kwargs=True)
     for config in configs:
         with parallelize(generator.pipe.transformer, build_mesh(config)):
-            results.append(_latents(generator))
+            results["generation"].append(_latents(generator))
+    data = _training_data(generator, clip, cache)
+    for mode, config in (("sequence", ParallelConfig(ulysses=world)), ("data", ParallelConfig(data=world))):
+        generator.adapter.load_action(_action(generator))
+        ranks = extraction_ranks(build_mesh(config))
+        trainer = ranks.trainer(generator, data, ExtractionConfig(seed=5, windows_per_step=world))
+        with ranks.training(generator):
+            results[mode] = _extraction_step(generator, trainer)
+    results["attention_inputs"] = sorted(set(seen))
     return results
 
 
@@ -99,8 +134,26 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def single(model_dir: Path) -> tuple[list[np.ndarray], np.ndarray]:
-    return _latents(_load(model_dir, torch.device("cpu")))
+def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    frames = np.zeros((24, 64, 96, 3), np.uint8)
+    for i in range(24):
+        frames[i, 20:40, 4 + 3 * i : 24 + 3 * i] = 255
+    path = tmp_path_factory.mktemp("clips") / "slide.mp4"
+    write_mp4(path, frames, 12)
+    return path
+
+
+@pytest.fixture(scope="module")
+def single(model_dir: Path, clip: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One process: the generation, and one extraction step on 1, 2 and 4 windows (cache shared with the ranks)."""
+    generator = _load(model_dir, torch.device("cpu"))
+    cache = tmp_path_factory.mktemp("cache")
+    data = _training_data(generator, clip, cache)
+    steps = {}
+    for windows in (2, 4):
+        generator.adapter.load_action(_action(generator))
+        steps[windows] = _extraction_step(generator, FAETrainer(generator, data, ExtractionConfig(seed=5, windows_per_step=windows)))
+    return {"generation": _latents(generator), "extraction": steps, "cache": cache}
 
 
 def test_uneven_shards_round_trip() -> None:
@@ -116,14 +169,40 @@ def test_uneven_shards_round_trip() -> None:
         np.testing.assert_array_equal(r["replicated_grad"], np.full((3, 4), 2.0))
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_generation_on_ranks_equals_one_process(model_dir: Path, single, world: int) -> None:
-    ranks = run_ranks(_generate_on_rank, world, (model_dir, GENERATION_CONFIGS[world]), timeout_s=TIMEOUT_S)
-    steps, frames = single
+@pytest.fixture(scope="module", params=[2, 4])
+def ranks(request: pytest.FixtureRequest, model_dir: Path, clip: Path, single: dict) -> tuple[int, list[dict]]:
+    world = request.param
+    return world, run_ranks(_on_rank, world, (model_dir, GENERATION_CONFIGS[world], clip, single["cache"]), timeout_s=TIMEOUT_S)
+
+
+def test_generation_on_ranks_equals_one_process(single: dict, ranks) -> None:
+    world, results = ranks
+    steps, frames = single["generation"]
     assert len(steps) == STEPS
+    tokens = 3 * 4 * 6  # the tiny model's video tokens: 3 latent frames of 4 x 6 patches
+    shapes = {(2, tokens // c.ulysses) if c.cfg == 1 else (1, tokens // c.ulysses) for c in GENERATION_CONFIGS[world]}
+    shapes |= {(1, tokens // world), (1, tokens)}  # the sequence-parallel and the data-parallel extraction step
+    assert all(set(map(tuple, r["attention_inputs"])) == shapes for r in results)
     for config_index, config in enumerate(GENERATION_CONFIGS[world]):
-        for rank, results in enumerate(ranks):
-            got_steps, got_frames = results[config_index]
+        for rank, result in enumerate(results):
+            got_steps, got_frames = result["generation"][config_index]
             for i, (a, b) in enumerate(zip(got_steps, steps, strict=True)):
                 assert np.abs(a - b).max() <= 1e-5, f"{config} rank {rank} step {i}: {np.abs(a - b).max()}"
             assert np.abs(got_frames.astype(int) - frames.astype(int)).max() <= 1, f"{config} rank {rank} frames"
+
+
+@pytest.mark.parametrize("mode", ["sequence", "data"])
+def test_extraction_step_on_ranks_equals_one_process(single: dict, ranks, mode: str) -> None:
+    """Sequence mode: each rank's gradient is one process's on the same windows. Data mode: the ranks' summed
+    share equals one process's mean over the same `world` windows (drawn in the same order)."""
+    world, results = ranks
+    expected = single["extraction"][world]
+    scale = np.abs(expected["grad"]).max()
+    assert scale > 1e-6  # a real gradient reaches the motion tokens
+    for rank, result in enumerate(results):
+        got = result[mode]
+        assert abs(got["loss"] - expected["loss"]) <= 1e-5 * max(1.0, abs(expected["loss"])), f"{mode} rank {rank} loss"
+        error = np.abs(got["grad"] - expected["grad"]).max()
+        print(f"{mode} world {world} rank {rank}: gradient max {scale:.3g}, max error {error:.3g}")
+        assert error <= min(1e-5, 1e-4 * scale), f"{mode} rank {rank}: {error}"  # the tiny model's gradients are small
+        assert np.abs(got["tokens"] - expected["tokens"]).max() <= 1e-5
