@@ -368,6 +368,8 @@ def extract_action(
     video = Path(video)
     clip_sha = file_sha256(video)
     report = (progress if ranks.leader else None) or (lambda _: None)
+    if windows_per_step < 1:
+        raise FlexiActError(f"windows_per_step is {windows_per_step}: give 1 or more windows per step")
     if preview_every < 0:
         raise FlexiActError(f"preview_every is {preview_every}: give 0 (no previews) or a number of steps")
     previewing = ranks.agree(preview is not None and preview_every > 0)  # every rank renders, the leader reports

@@ -8,6 +8,7 @@ raised here, so a lost rank fails the attempt instead of hanging it.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -17,10 +18,11 @@ import torch.multiprocessing as tmp
 from torch.multiprocessing.spawn import ProcessException
 from torch.utils._pytree import tree_map
 
+from ..errors import FlexiActError
 from .util import destroy_distributed, free_port, init_distributed
 
 
-class RankFailed(RuntimeError):
+class RankFailed(FlexiActError):
     """A rank of a multi-rank job raised, died, or the job ran past its time."""
 
 
@@ -35,6 +37,8 @@ def _plain(value: Any) -> Any:
 
 def _rank_main(rank: int, world_size: int, port: int, results: Any, fn: Callable[..., Any], args: tuple) -> None:
     device = init_distributed(rank, world_size, port=port)
+    if device.type == "cpu":  # CPU ranks share the cores instead of each claiming all of them
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     try:
         results.put((rank, _plain(fn(device, *args))))
     finally:
@@ -64,7 +68,8 @@ def run_ranks(fn: Callable[..., Any], world_size: int, args: tuple = (), *, time
             if deadline is not None and time.monotonic() > deadline:
                 raise RankFailed(f"the {world_size}-rank job ran past {timeout_s:g} s")
     except ProcessException as e:
-        raise RankFailed(f"rank {e.error_index} of {world_size} failed: {e}") from e
+        last = [line for line in str(e).splitlines() if line.strip()][-1]  # the error, without the rank's traceback
+        raise RankFailed(f"rank {e.error_index} of {world_size} failed: {last}") from e
     finally:
         for process in context.processes:
             if process.is_alive():
