@@ -24,6 +24,7 @@ from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..model import ATTENTION_BACKENDS, biased_attention, rotary_embeddings
+from .bench_parallel import add_bench_parallel, bench_parallel
 from .model_args import add_model_args, load_generator
 
 
@@ -404,6 +405,8 @@ def run_benchmarks(args: argparse.Namespace) -> int:
         report = bench_full(args)
     elif args.bench == "takes":
         report = bench_takes(args)
+    elif args.bench == "parallel":
+        report = bench_parallel(args)
     else:
         report = bench_generate(args)
     text = json.dumps(report, indent=2)
@@ -469,3 +472,4 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=2, help="timed repeats")
     p.add_argument("--json", type=Path)
     p.set_defaults(func=run_benchmarks)
+    add_bench_parallel(sub).set_defaults(func=run_benchmarks)
