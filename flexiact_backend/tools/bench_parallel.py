@@ -135,3 +135,70 @@ def add_bench_parallel(sub: argparse._SubParsersAction) -> argparse.ArgumentPars
     p.add_argument("--repeats", type=int, default=3, help="timed repeats of each piece of work")
     p.add_argument("--json", type=Path)
     return p
+
+
+def bench_windows(args: argparse.Namespace) -> dict:
+    """How the loss per step changes with the windows per step (data mode's N; computed in one process, which the
+    tests hold equal to N data-parallel ranks): held-out loss on fixed draws, every `eval_every` steps."""
+    from ..extraction import ExtractionConfig, FAETrainer, prepare_training_data
+    from ..media import write_mp4
+
+    if args.device is None:
+        torch.set_num_threads(1)  # many short steps: one thread is the fastest on a small shared CPU
+    generator = load_generator(args)
+    info = generator.info
+    frames = np.zeros((info.frames * 3, info.height, info.width, 3), np.uint8)
+    for i in range(len(frames)):  # a block sliding right, then a second one falling: motion worth learning
+        x = i * info.width // (2 * len(frames))
+        frames[i, info.height // 3 : 2 * info.height // 3, x : x + info.width // 4] = 255
+        frames[i, i * info.height // (2 * len(frames)) :][: info.height // 5, -info.width // 5 :] = 128
+    with tempfile.TemporaryDirectory() as tmp:
+        clip = Path(tmp) / "clip.mp4"
+        write_mp4(clip, frames, info.fps)
+        data = prepare_training_data(generator, video=clip, clip_sha256="windows", start_s=0.0, end_s=len(frames) / info.fps,
+                                     caption="a block slides", seed=0, num_crops=12, windows_per_crop=4, cache_dir=Path(tmp))[0]
+    held_out = FAETrainer(generator, data, ExtractionConfig(seed=10_000))
+    draws = [held_out.draw() for _ in range(args.eval_draws)]
+    curves: dict[str, dict] = {}
+    for windows in args.windows:
+        generator.adapter.reset_action()
+        trainer = FAETrainer(generator, data, ExtractionConfig(seed=args.seed, windows_per_step=windows))
+        curve, started = {}, time.perf_counter()
+        for step in range(args.steps + 1):
+            if step % args.eval_every == 0:
+                with torch.no_grad():
+                    curve[step] = float(np.mean([trainer.loss(d).item() for d in draws]))
+            if step < args.steps:
+                for p in trainer.params:
+                    p.requires_grad_(True)
+                trainer.train_step()
+                for p in trainer.params:
+                    p.requires_grad_(False)
+        curves[str(windows)] = {"held_out_loss": curve, "seconds": time.perf_counter() - started}
+    base = curves[str(args.windows[0])]["held_out_loss"]
+    results = {}
+    for windows, c in curves.items():
+        loss = c["held_out_loss"]
+        # The step at which this N first reaches the loss the first N (usually 1) has at its last step.
+        target = base[args.steps]
+        reached = next((s for s, v in loss.items() if v <= target), None)
+        results[f"{windows} windows per step"] = {
+            "windows_per_step": int(windows), "loss_start": loss[0], "loss_mid": loss[max(k for k in loss if k <= args.steps // 2)],
+            "loss_end": loss[args.steps], f"step_reaching_{args.windows[0]}_window_end_loss": reached,
+        }
+    return {"benchmark": "windows", "model": info.id, "steps": args.steps, "eval_every": args.eval_every,
+            "eval_draws": args.eval_draws, "seed": args.seed,
+            "note": "held-out loss: mean FAE loss on fixed draws (crop, window, timestep, noise) never trained on",
+            "curves": curves, "results": results}
+
+
+def add_bench_windows(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("windows", help="loss per step against windows per step (what data-parallel GPUs buy)")
+    add_model_args(p)
+    p.add_argument("--windows", type=int, nargs="+", default=[1, 2, 4, 8], help="windows per step to compare")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--eval-every", type=int, default=25)
+    p.add_argument("--eval-draws", type=int, default=32, help="held-out draws the loss is measured on")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path)
+    return p
