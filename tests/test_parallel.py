@@ -26,6 +26,8 @@ from flexiact_backend.parallel.util import ParallelConfig, build_mesh
 from flexiact_backend.tiny import make_tiny_model
 
 STEPS = 4
+#: 6 steps: two biased (999, 833), then the step cache may serve from step 3 on.
+CACHE_STEPS = 6
 TIMEOUT_S = 240
 GENERATION_CONFIGS = {2: [ParallelConfig(cfg=2), ParallelConfig(ulysses=2)],
                       4: [ParallelConfig(ulysses=4), ParallelConfig(cfg=2, ulysses=2)]}
@@ -51,8 +53,8 @@ def _action(generator: FlexiActGenerator) -> dict[str, torch.Tensor]:
     return {k: torch.randn(v.shape, generator=g) for k, v in generator.adapter.action_state_dict().items()}
 
 
-def _latents(generator: FlexiActGenerator, **options) -> tuple[list[np.ndarray], np.ndarray]:
-    """Each step's latents (read off the scheduler) and the frames of one generation."""
+def _latents(generator: FlexiActGenerator, steps: int = STEPS, **options) -> tuple[list[np.ndarray], np.ndarray, list[int]]:
+    """Each step's latents (read off the scheduler), the frames and the step-cached steps of one generation."""
     scheduler = generator.pipe.scheduler
     seen: list[np.ndarray] = []
     step = scheduler.step
@@ -65,10 +67,10 @@ def _latents(generator: FlexiActGenerator, **options) -> tuple[list[np.ndarray],
 
     scheduler.step = recording
     try:
-        result = generator.generate(_image(), "a person walks", action=_action(generator), steps=STEPS, seed=3, **options)
+        result = generator.generate(_image(), "a person walks", action=_action(generator), steps=steps, seed=3, **options)
     finally:
         del scheduler.step
-    return seen, result.frames
+    return seen, result.frames, result.cached_steps
 
 
 def _training_data(generator: FlexiActGenerator, clip: Path, cache: Path):
@@ -101,6 +103,8 @@ def _on_rank(device: torch.device, model_dir: Path, configs: list[ParallelConfig
     for config in configs:
         with parallelize(generator.pipe.transformer, build_mesh(config)):
             results["generation"].append(_latents(generator))
+    with parallelize(generator.pipe.transformer, build_mesh(configs[-1])):  # each rank caches its own shard
+        results["step_cache"] = _latents(generator, steps=CACHE_STEPS, step_cache=True)
     data = _training_data(generator, clip, cache)
     for mode, config in (("sequence", ParallelConfig(ulysses=world)), ("data", ParallelConfig(data=world))):
         generator.adapter.load_action(_action(generator))
@@ -153,7 +157,8 @@ def single(model_dir: Path, clip: Path, tmp_path_factory: pytest.TempPathFactory
     for windows in (2, 4):
         generator.adapter.load_action(_action(generator))
         steps[windows] = _extraction_step(generator, FAETrainer(generator, data, ExtractionConfig(seed=5, windows_per_step=windows)))
-    return {"generation": _latents(generator), "extraction": steps, "cache": cache}
+    return {"generation": _latents(generator), "step_cache": _latents(generator, steps=CACHE_STEPS, step_cache=True),
+            "extraction": steps, "cache": cache}
 
 
 def test_uneven_shards_round_trip() -> None:
@@ -177,18 +182,21 @@ def ranks(request: pytest.FixtureRequest, model_dir: Path, clip: Path, single: d
 
 def test_generation_on_ranks_equals_one_process(single: dict, ranks) -> None:
     world, results = ranks
-    steps, frames = single["generation"]
-    assert len(steps) == STEPS
+    assert len(single["generation"][0]) == STEPS
     tokens = 3 * 4 * 6  # the tiny model's video tokens: 3 latent frames of 4 x 6 patches
     shapes = {(2, tokens // c.ulysses) if c.cfg == 1 else (1, tokens // c.ulysses) for c in GENERATION_CONFIGS[world]}
     shapes |= {(1, tokens // world), (1, tokens)}  # the sequence-parallel and the data-parallel extraction step
     assert all(set(map(tuple, r["attention_inputs"])) == shapes for r in results)
-    for config_index, config in enumerate(GENERATION_CONFIGS[world]):
+    runs = [(config, i) for i, config in enumerate(GENERATION_CONFIGS[world])] + [(f"{GENERATION_CONFIGS[world][-1]} + step cache", None)]
+    for config, index in runs:
+        expected = single["generation"] if index is not None else single["step_cache"]
         for rank, result in enumerate(results):
-            got_steps, got_frames = result["generation"][config_index]
-            for i, (a, b) in enumerate(zip(got_steps, steps, strict=True)):
+            got_steps, got_frames, cached = result["generation"][index] if index is not None else result["step_cache"]
+            assert cached == expected[2]
+            for i, (a, b) in enumerate(zip(got_steps, expected[0], strict=True)):
                 assert np.abs(a - b).max() <= 1e-5, f"{config} rank {rank} step {i}: {np.abs(a - b).max()}"
-            assert np.abs(got_frames.astype(int) - frames.astype(int)).max() <= 1, f"{config} rank {rank} frames"
+            assert np.abs(got_frames.astype(int) - expected[1].astype(int)).max() <= 1, f"{config} rank {rank} frames"
+    assert single["step_cache"][2], "the step cache served no step: the check above would prove nothing about it"
 
 
 @pytest.mark.parametrize("mode", ["sequence", "data"])

@@ -202,3 +202,18 @@ def add_bench_windows(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path)
     return p
+
+
+def multi_gpu_phases(model: Path | None = None, repeats: int = 3) -> dict:
+    """The N-GPU phases of `make gpu-check`: `bench parallel` on 2, 4 and 8 GPUs as present (each against 1 GPU on
+    the same work; `model` defaults to the tiny model). Skipped, with the reason, below 2 GPUs."""
+    gpus = available_gpus()
+    if gpus < 2:
+        return {"phase": "multi_gpu", "skipped": f"{gpus} GPU(s) here; the N-GPU phases need at least 2"}
+    runs = {}
+    for n in (2, 4, 8):
+        if n <= gpus:
+            args = argparse.Namespace(model=model, tiny=model is None, device=None, refadapter=None, compile=False,
+                                      attention_backend="padded", gpus=n, denoise_steps=50, repeats=repeats)
+            runs[f"{n} GPUs"] = bench_parallel(args)
+    return {"phase": "multi_gpu", "gpus": gpus, "gpu": torch.cuda.get_device_name(0), "runs": runs}
