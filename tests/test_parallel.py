@@ -214,3 +214,22 @@ def test_extraction_step_on_ranks_equals_one_process(single: dict, ranks, mode: 
         print(f"{mode} world {world} rank {rank}: gradient max {scale:.3g}, max error {error:.3g}")
         assert error <= min(1e-5, 1e-4 * scale), f"{mode} rank {rank}: {error}"  # the tiny model's gradients are small
         assert np.abs(got["tokens"] - expected["tokens"]).max() <= 1e-5
+
+
+@pytest.mark.slow
+def test_cli_data_parallel_extraction_equals_one_process_with_as_many_windows(clip: Path, tmp_path: Path) -> None:
+    """`extract --gpus 2 --parallel data` (two CPU ranks: the leader prepares the cache, reports and writes) gives
+    the action one process trains with `--windows-per-step 2`; `--gpus 0` is refused before anything loads."""
+    from safetensors.torch import load_file
+
+    from flexiact_backend.tools.cli import build_parser, main
+
+    common = ["extract", "--tiny", "--video", str(clip), "--end", "2", "--caption", "a block slides", "--steps", "2"]
+    assert main([*common, "--windows-per-step", "2", "--out", str(tmp_path / "one.safetensors")]) == 0
+    assert main([*common, "--gpus", "2", "--parallel", "data", "--out", str(tmp_path / "two.safetensors")]) == 0
+    one, two = load_file(tmp_path / "one.safetensors"), load_file(tmp_path / "two.safetensors")
+    assert one.keys() == two.keys()
+    assert max(float(one[k].abs().max()) for k in one) > 0  # the tokens trained
+    assert max(float((one[k] - two[k]).abs().max()) for k in one) <= 1e-5
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*common, "--gpus", "0", "--out", str(tmp_path / "x.safetensors")])
