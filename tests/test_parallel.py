@@ -17,7 +17,6 @@ from PIL import Image
 
 from flexiact_backend.extraction import ExtractionConfig, FAETrainer, prepare_training_data
 from flexiact_backend.generation import FlexiActGenerator
-from flexiact_backend.media import write_mp4
 from flexiact_backend.parallel.extraction import extraction_ranks
 from flexiact_backend.parallel.launch import run_ranks
 from flexiact_backend.parallel.sequence_parallel import parallelize
@@ -138,21 +137,11 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    frames = np.zeros((24, 64, 96, 3), np.uint8)
-    for i in range(24):
-        frames[i, 20:40, 4 + 3 * i : 24 + 3 * i] = 255
-    path = tmp_path_factory.mktemp("clips") / "slide.mp4"
-    write_mp4(path, frames, 12)
-    return path
-
-
-@pytest.fixture(scope="module")
-def single(model_dir: Path, clip: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def single(model_dir: Path, motion_clip: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One process: the generation, and one extraction step on 1, 2 and 4 windows (cache shared with the ranks)."""
     generator = _load(model_dir, torch.device("cpu"))
     cache = tmp_path_factory.mktemp("cache")
-    data = _training_data(generator, clip, cache)
+    data = _training_data(generator, motion_clip, cache)
     steps = {}
     for windows in (2, 4):
         generator.adapter.load_action(_action(generator))
@@ -175,9 +164,9 @@ def test_uneven_shards_round_trip() -> None:
 
 
 @pytest.fixture(scope="module", params=[2, 4])
-def ranks(request: pytest.FixtureRequest, model_dir: Path, clip: Path, single: dict) -> tuple[int, list[dict]]:
+def ranks(request: pytest.FixtureRequest, model_dir: Path, motion_clip: Path, single: dict) -> tuple[int, list[dict]]:
     world = request.param
-    return world, run_ranks(_on_rank, world, (model_dir, GENERATION_CONFIGS[world], clip, single["cache"]), timeout_s=TIMEOUT_S)
+    return world, run_ranks(_on_rank, world, (model_dir, GENERATION_CONFIGS[world], motion_clip, single["cache"]), timeout_s=TIMEOUT_S)
 
 
 def test_generation_on_ranks_equals_one_process(single: dict, ranks) -> None:
@@ -217,14 +206,14 @@ def test_extraction_step_on_ranks_equals_one_process(single: dict, ranks, mode: 
 
 
 @pytest.mark.slow
-def test_cli_data_parallel_extraction_equals_one_process_with_as_many_windows(clip: Path, tmp_path: Path) -> None:
+def test_cli_data_parallel_extraction_equals_one_process_with_as_many_windows(motion_clip: Path, tmp_path: Path) -> None:
     """`extract --gpus 2 --parallel data` (two CPU ranks: the leader prepares the cache, reports and writes) gives
     the action one process trains with `--windows-per-step 2`; `--gpus 0` is refused before anything loads."""
     from safetensors.torch import load_file
 
     from flexiact_backend.tools.cli import build_parser, main
 
-    common = ["extract", "--tiny", "--video", str(clip), "--end", "2", "--caption", "a block slides", "--steps", "2"]
+    common = ["extract", "--tiny", "--video", str(motion_clip), "--end", "2", "--caption", "a block slides", "--steps", "2"]
     assert main([*common, "--windows-per-step", "2", "--out", str(tmp_path / "one.safetensors")]) == 0
     assert main([*common, "--gpus", "2", "--parallel", "data", "--out", str(tmp_path / "two.safetensors")]) == 0
     one, two = load_file(tmp_path / "one.safetensors"), load_file(tmp_path / "two.safetensors")
