@@ -29,7 +29,7 @@ from ..errors import Cancelled, FlexiActError, Paused
 from ..tiny import ensure_tiny_model
 from .config import ServiceConfig
 from .runner import OOM_MESSAGE, Hooks, JobRunner, is_cuda_failure, take_path
-from .worker import CUDA_MESSAGE, WorkerLost
+from .executor import CUDA_MESSAGE, WorkerLost
 
 log = logging.getLogger("flexiact.service")
 

@@ -21,7 +21,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Literal
 
 import torch
 
@@ -30,6 +30,7 @@ from ..errors import Cancelled, FlexiActError, Paused
 from ..model_info import ModelInfo
 from .config import ServiceConfig
 from .db import Database
+from .executor import CUDA_MESSAGE, Executor, WorkerLost, work_dir
 from .runner import (OOM_MESSAGE, PREVIEWS_DIR, Hooks, JobRunner, is_cuda_failure, resolve_devices,
                      take_path)
 from .storage import FileStore
@@ -39,8 +40,6 @@ log = logging.getLogger("flexiact.service")
 DISK_FULL_MESSAGE = ("The server's disk filled up while this job wrote its files; nothing partial was kept. If the "
                      "server's disk is full, free space on it (or run `flexiact-backend gc`), then submit the job "
                      "again.")
-CUDA_MESSAGE = ("The GPU reported an error ({error}); the job failed and its worker is restarting. Submit the job "
-                "again; if it fails the same way, check the GPU with `nvidia-smi` and `flexiact-backend doctor`.")
 #: The database is written at most this often per job (and always on a phase change or the last step).
 PROGRESS_INTERVAL_S = 0.2
 #: How often studio mode looks for GPUs that joined the cluster.
@@ -49,28 +48,6 @@ GROW_EVERY_S = 2.0
 PREVIEW_SCAN_S = 1.0
 
 WorkerState = Literal["loading", "idle", "busy", "dead"]
-
-
-class WorkerLost(Exception):
-    """The worker's process or machine went away (or stopped answering); its job goes back to the queue."""
-
-
-class Executor(Protocol):
-    """Where a worker runs its jobs: in this process (LocalExecutor) or in a Ray actor (cluster.RayExecutor)."""
-
-    def load(self) -> dict | None:
-        """Load the pipeline (once); returns {node, device, device_name, pid}, or None: not yet, ask again."""
-        ...
-
-    def alive(self) -> bool:
-        """False once the worker is known to be gone; cheap, never blocks."""
-        ...
-
-    def run(self, kind: str, params: dict, inputs: dict[str, Path | None], work_dir: Path | None, out: Path,
-            hooks: Hooks) -> dict:
-        """JobRunner.run wherever the worker lives; the output lands in `out` (take i of a generation in
-        `take_path(out, i)`), work files (an extraction's previews too) in `work_dir`."""
-        ...
 
 
 class LocalExecutor:
@@ -136,11 +113,6 @@ def _disk_full(exc: BaseException, data_dir: Path) -> bool:
         return shutil.disk_usage(data_dir).free < DISK_FULL_FREE_BYTES
     except OSError:
         return False
-
-
-def work_dir(data_dir: Path, action_id: str) -> Path:
-    """Where an action's extraction keeps its caches and checkpoints; a retry of the same action resumes here."""
-    return Path(data_dir) / "work" / action_id
 
 
 class WorkerPool:
