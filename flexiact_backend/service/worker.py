@@ -28,9 +28,10 @@ import torch
 from .. import media
 from ..errors import Cancelled, FlexiActError, Paused
 from ..model_info import ModelInfo
+from .cluster import RayCluster
 from .config import ServiceConfig
 from .db import Database
-from .executor import CUDA_MESSAGE, Executor, WorkerLost, work_dir
+from .executor import CUDA_MESSAGE, ClusterDown, Executor, WorkerLost, work_dir
 from .runner import (OOM_MESSAGE, PREVIEWS_DIR, Hooks, JobRunner, is_cuda_failure, resolve_devices,
                      take_path)
 from .storage import FileStore
@@ -129,14 +130,13 @@ class WorkerPool:
         self._wake = threading.Condition()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._cluster = None
+        self._cluster: RayCluster | None = None
 
     def start(self) -> None:
         if self.config.ray_address:
-            from .cluster import RayCluster  # Ray is imported only by those who asked for it
-
             self._cluster = RayCluster(self.config, self.model_dir, refadapter=self.refadapter,
                                        memory_saving=self.memory_saving)
+            self._cluster.start()
             self._spawn(self._grow, "flexiact-ray-nodes")
             return
         for device in resolve_devices(self.config.devices):
@@ -169,6 +169,8 @@ class WorkerPool:
             try:
                 for executor in self._cluster.new_executors(len(self.workers)):  # type: ignore[union-attr]
                     self.add_worker(executor)
+            except WorkerLost:  # the cluster is unreachable: its supervisor says so and reconnects
+                pass
             except Exception:  # the cluster may be briefly unreachable; the next look may succeed
                 log.exception("looking for new Ray nodes failed")
             self._stop.wait(GROW_EVERY_S)
@@ -181,6 +183,14 @@ class WorkerPool:
     def should_pause_extraction(self) -> bool:
         """True when a generation waits and no worker is idle: the extraction yields at this checkpoint."""
         return not any(w.state == "idle" for w in self.workers) and self.db.generation_queued()
+
+    def cluster_health(self) -> dict | None:
+        """Studio mode: the Ray cluster's connection as /v1/health's `cluster`; None on one machine."""
+        return self._cluster.health() if self._cluster is not None else None
+
+    def queue_note(self) -> str | None:
+        """What a client queueing a job should know now (the cluster is unreachable), else None."""
+        return self._cluster.note() if self._cluster is not None else None
 
     def workers_health(self) -> list[dict]:
         return [w.health() for w in self.workers]
@@ -244,6 +254,11 @@ class WorkerPool:
                 self._generate(worker, job)
             else:
                 self._extract(worker, job)
+        except ClusterDown as exc:
+            log.warning("%s lost the Ray cluster while running job %s (%s); the job waits in the queue", worker.id,
+                        job_id, exc)
+            worker.state = "dead"
+            self.db.requeue(job_id, "requeued")
         except WorkerLost as exc:
             log.warning("%s lost while running job %s (%s); the job goes back to the queue", worker.id, job_id, exc)
             worker.state = "dead"
