@@ -68,8 +68,8 @@ def cluster_auth(address: str, timeout_s: float = 60.0) -> str | None:
 
     Asked from a process of its own without the token (ray_driver.probe_auth): does the head answer a stranger?
     """
-    from .ray_driver import auth_probe_env
-
+    if _reachable(address, require_port=True):  # down (or not host:port): Ray's client would wait a minute
+        return None
     try:
         run = subprocess.run([sys.executable, "-m", "flexiact_backend.service.ray_driver", "--probe-auth", address],
                              capture_output=True, text=True, timeout=timeout_s, env=auth_probe_env(dict(os.environ)))
@@ -78,16 +78,33 @@ def cluster_auth(address: str, timeout_s: float = 60.0) -> str | None:
     return run.stdout.strip() if run.returncode == 0 else None
 
 
-def _reachable(address: str, timeout_s: float = 2.0) -> str | None:
-    """None when something listens at host:port, else why not (e.g. 'connection refused')."""
+def auth_probe_env(environ: dict[str, str]) -> dict[str, str]:
+    """The environment of an authentication probe: the service's, with Ray's token and its mode taken out."""
+    env = {k: v for k, v in environ.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    return {**env, "RAY_AUTH_MODE": "disabled"}
+
+
+def _driver_main(*args: object) -> None:
+    """The driver child's entry: Ray is imported there, never in the service process."""
+    from .ray_driver import main
+
+    main(*args)  # type: ignore[arg-type]
+
+
+def _reachable(address: str, timeout_s: float = 2.0, *, require_port: bool = False) -> str | None:
+    """None when something listens at host:port, else why not (e.g. 'Connection refused').
+
+    An address that is not host:port (e.g. 'auto') counts as reachable unless `require_port`: only the
+    driver's own connection can tell.
+    """
     host, _, port = address.rpartition(":")
+    if not (host and port.isdigit()):
+        return "not a host:port address" if require_port else None
     try:
         with socket.create_connection((host, int(port)), timeout=timeout_s):
             return None
     except OSError as exc:
         return exc.strerror or type(exc).__name__
-    except ValueError:
-        return None  # not host:port (e.g. 'auto'): only the driver's own life tells
 
 
 class RemoteJobError(FlexiActError):
@@ -192,18 +209,19 @@ class RayCluster:
         why = _reachable(self.address)
         if why:
             raise ConnectionError(f"the Ray head at {self.address} does not answer ({why})")
-        from . import ray_driver  # only its name travels to the child; Ray is imported there
-
         parent, child = multiprocessing.Pipe()
         process = multiprocessing.get_context("spawn").Process(
-            target=ray_driver.main, args=(child, self.address, self.actor_args, self.resources),
+            target=_driver_main, args=(child, self.address, self.actor_args, self.resources),
             name="flexiact-ray-driver", daemon=True)
         process.start()
         child.close()
         link = _Link(self._epoch + 1, process, parent, "")
-        if not parent.poll(CONNECT_TIMEOUT_S):
-            self._end(link)
-            raise ConnectionError(f"joining the Ray cluster at {self.address} took over {CONNECT_TIMEOUT_S:.0f} s")
+        deadline = time.monotonic() + CONNECT_TIMEOUT_S
+        while not parent.poll(0.5):
+            if self._stop.is_set() or time.monotonic() > deadline:
+                self._end(link)
+                raise ConnectionError(f"joining the Ray cluster at {self.address} took over "
+                                      f"{CONNECT_TIMEOUT_S:.0f} s" if not self._stop.is_set() else "stopping")
         try:
             kind, info = parent.recv()
         except (EOFError, OSError):
@@ -253,6 +271,11 @@ class RayCluster:
     @property
     def epoch(self) -> int:
         return self._epoch
+
+    def head_lost(self) -> bool:
+        """Whether the head is gone now (asked when an actor was lost: was it the head's loss?)."""
+        link = self._link
+        return link is None or _reachable(link.gcs_address) is not None
 
     def health(self) -> dict:
         return {"address": self.address, "status": self.state, "reason": self.reason, "since": self.since,

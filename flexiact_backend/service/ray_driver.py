@@ -153,8 +153,8 @@ def main(conn: Connection, address: str, actor_args: tuple, resources: dict[str,
 def probe_auth(address: str) -> str:
     """'token' when the GCS at `address` refuses a client without a token, 'open' when it answers one.
 
-    Run in a process of its own with token authentication off (`auth_probe_env`): Ray reads the mode once
-    per process, and the service's own environment has it on.
+    Run in a process of its own with token authentication off (cluster.auth_probe_env): Ray reads the mode
+    once per process, and the service's own environment has it on.
     """
     from ray._raylet import GcsClient
     from ray.exceptions import AuthenticationError
@@ -164,12 +164,6 @@ def probe_auth(address: str) -> str:
     except AuthenticationError:
         return TOKEN
     return OPEN
-
-
-def auth_probe_env(environ: dict[str, str]) -> dict[str, str]:
-    """The environment of a probe: the service's, with Ray's token and its mode taken out."""
-    env = {k: v for k, v in environ.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
-    return {**env, "RAY_AUTH_MODE": "disabled"}
 
 
 if __name__ == "__main__":  # python -m flexiact_backend.service.ray_driver --probe-auth ADDRESS

@@ -254,15 +254,16 @@ class WorkerPool:
                 self._generate(worker, job)
             else:
                 self._extract(worker, job)
-        except ClusterDown as exc:
-            log.warning("%s lost the Ray cluster while running job %s (%s); the job waits in the queue", worker.id,
-                        job_id, exc)
-            worker.state = "dead"
-            self.db.requeue(job_id, "requeued")
         except WorkerLost as exc:
-            log.warning("%s lost while running job %s (%s); the job goes back to the queue", worker.id, job_id, exc)
             worker.state = "dead"
-            self.db.requeue_lost(job_id, self.config.max_job_restarts)
+            if isinstance(exc, ClusterDown) or (self._cluster is not None and self._cluster.head_lost()):
+                log.warning("%s lost the Ray cluster while running job %s (%s); the job waits in the queue",
+                            worker.id, job_id, exc)
+                self.db.requeue(job_id, "requeued")  # not the job's fault: its attempts are not counted
+            else:
+                log.warning("%s lost while running job %s (%s); the job goes back to the queue", worker.id, job_id,
+                            exc)
+                self.db.requeue_lost(job_id, self.config.max_job_restarts)
             self.wake()
         except Paused:
             self.db.requeue(job_id, "paused")
