@@ -41,15 +41,12 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_dead_scratch(temp_dir: Path) -> list[Path]:
-    """Remove the scratch folders of this machine's actors whose process is gone; returns what was removed."""
-    removed = []
+def remove_dead_scratch(temp_dir: Path) -> None:
+    """Remove the scratch folders of this machine's actors whose process is gone (killed: no cleanup ran)."""
     for path in temp_dir.glob(f"{SCRATCH_PREFIX}*"):
         pid = path.name.removeprefix(SCRATCH_PREFIX).split("-", 1)[0]
         if pid.isdigit() and not _pid_alive(int(pid)) and path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    return removed
 
 
 class JobActor:

@@ -39,8 +39,9 @@ class ServerProcess:
         self.proc: subprocess.Popen | None = None
         self.log_path = self.data_dir / "server.log"
 
-    def start(self, timeout_s: float = 600.0) -> ServerProcess:
-        """Start and wait until /v1/health says the model is loaded (or the process dies)."""
+    def start(self, timeout_s: float = 600.0, *, loaded: bool = True) -> ServerProcess:
+        """Start and wait until /v1/health says the model is loaded (or the process dies); `loaded=False`:
+        return at once."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         model = ["--model", str(self.model_dir)] if self.model_dir else ["--tiny"]
         cmd = [sys.executable, "-m", "flexiact_backend", "serve", *model, "--data-dir", str(self.data_dir),
@@ -48,7 +49,8 @@ class ServerProcess:
         env = {**os.environ, **self.env}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        self.wait_loaded(timeout_s)
+        if loaded:
+            self.wait_loaded(timeout_s)
         return self
 
     def health(self) -> dict | None:

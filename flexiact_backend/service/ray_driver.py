@@ -85,10 +85,6 @@ class Driver:
             self.nodes[key] = answer["node_id"]
         return "ok", answer
 
-    def drop(self, ids: list[int]) -> None:
-        for i in ids:
-            self.calls.pop(i, None)
-
     def kill(self, key: int) -> None:
         """End worker `key`'s actor for good; the next `submit` to the key starts a new one."""
         actor = self.actors.pop(key, None)
