@@ -37,7 +37,7 @@ log = logging.getLogger("flexiact.service")
 #: How often the service asks a busy actor for progress and passes on cancel and pause (well under a step).
 POLL_S = 0.2
 #: How often a wait on an actor's call asks the driver whether it has answered.
-TICK_S = 0.05
+TICK_S = 0.01
 #: An actor that answers nothing for this long is taken for lost: it is recreated, its job requeued.
 LOST_AFTER_S = 20.0
 #: How long one look at a starting (or restarting) actor waits before the worker thread looks around again.
