@@ -30,6 +30,8 @@ from .actor import JobActor
 #: What `probe_auth` prints for a cluster that answers a client without a token.
 OPEN = "open"
 TOKEN = "token"
+#: What the service may ask (Driver's methods of those names); "close" ends the child.
+REQUESTS = frozenset({"resources_total", "submit", "ready", "get", "kill"})
 #: How long a graceful end of the actors may take when the service stops.
 CLOSE_WAIT_S = 5.0
 
@@ -140,6 +142,8 @@ def main(conn: Connection, address: str, actor_args: tuple, resources: dict[str,
             conn.send(("ok", None))
             break
         try:
+            if op not in REQUESTS:
+                raise ValueError(f"no such request: {op}")
             conn.send(("ok", getattr(driver, op)(*args)))
         except Exception as exc:  # a failed request is answered, the child lives on
             conn.send(("error", f"{type(exc).__name__}: {exc}"))
