@@ -18,7 +18,7 @@ import torch.distributed as dist
 from ..extraction import ExtractionConfig, ExtractionRanks, FAETrainer, StepDraw, TrainingData
 from ..generation import FlexiActGenerator
 from .sequence_parallel import parallelize
-from .util import Mesh
+from .util import Mesh, ParallelConfig, build_mesh, leader_flag
 
 
 class DataParallelTrainer(FAETrainer):
@@ -51,9 +51,7 @@ class _RankGroup(ExtractionRanks):
         self.leader = dist.get_rank() == 0
 
     def agree(self, flag: bool) -> bool:
-        value = torch.tensor([int(bool(flag))])
-        dist.broadcast(value, src=0)
-        return bool(value.item())
+        return leader_flag(flag)
 
     def leader_first(self, fn: Callable[[], object]) -> object:
         if self.leader:
@@ -88,3 +86,8 @@ def extraction_ranks(mesh: Mesh) -> ExtractionRanks:
     if mesh.config.data == 1 and mesh.config.cfg == 1:
         return SequenceParallelRanks(mesh)
     raise ValueError(f"an extraction splits over one axis, sequence or data, not {mesh.config}")
+
+
+def extraction_ranks_for(gpus: int, mode: str) -> ExtractionRanks:
+    """This rank's part of a `gpus`-rank extraction in `mode` (every rank calls it, once the world is up)."""
+    return extraction_ranks(build_mesh(ParallelConfig.for_extraction(gpus, mode)))

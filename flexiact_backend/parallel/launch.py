@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 import torch.multiprocessing as tmp
-from torch.multiprocessing.spawn import ProcessException
+from torch.multiprocessing.spawn import ProcessException, ProcessExitedException
 from torch.utils._pytree import tree_map
 
 from ..errors import FlexiActError
@@ -25,9 +25,22 @@ from .util import destroy_distributed, free_port, init_distributed
 class RankFailed(FlexiActError):
     """A rank of a multi-rank job raised, died, or the job ran past its time."""
 
+    code = "rank_failed"
+
+
+class RankLost(RankFailed):
+    """A rank died (killed, crashed, out of host memory) or the job hung past its time: the attempt is lost, not
+    the request wrong, so a service retries it from its checkpoint."""
+
 
 def available_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def max_service_ranks() -> int:
+    """The most ranks the service runs one job on here: one per GPU, or without GPUs one CPU rank per core
+    (over gloo; more would only share the cores). The CLI and tests may oversubscribe CPU ranks on purpose."""
+    return available_gpus() or os.cpu_count() or 1
 
 
 def _plain(value: Any) -> Any:
@@ -66,7 +79,10 @@ def run_ranks(fn: Callable[..., Any], world_size: int, args: tuple = (), *, time
             if context.join(timeout=0.5):
                 break
             if deadline is not None and time.monotonic() > deadline:
-                raise RankFailed(f"the {world_size}-rank job ran past {timeout_s:g} s")
+                raise RankLost(f"the {world_size}-rank job ran past {timeout_s:g} s")
+    except ProcessExitedException as e:
+        raise RankLost(f"rank {e.error_index} of {world_size} was lost (exit code {e.exit_code}, "
+                       f"signal {e.signal_name})") from e
     except ProcessException as e:
         last = [line for line in str(e).splitlines() if line.strip()][-1]  # the error, without the rank's traceback
         raise RankFailed(f"rank {e.error_index} of {world_size} failed: {last}") from e

@@ -12,7 +12,7 @@ Everything between runs per token on its shard (norms, feed-forward, gates); the
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +23,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from .ulysses import gather, heads_to_sequence, own_slice, sequence_to_heads, shard_sizes
-from .util import Mesh
+from .util import Mesh, ParallelConfig, build_mesh
 
 TRANSFORMER_HOOK = "flexiact_parallel"
 SHARD_HOOK = "flexiact_parallel_shard"
@@ -148,3 +148,10 @@ def parallelize(transformer: CogVideoXTransformer3DModel, mesh: Mesh) -> Iterato
     finally:
         for module, name, _ in hooked:
             HookRegistry.check_if_exists_or_initialize(module).remove_hook(name, recurse=False)
+
+
+def parallel_generation(transformer: CogVideoXTransformer3DModel, gpus: int,
+                        guidance_scale: float) -> AbstractContextManager[None]:
+    """`parallelize` over a generation's mesh of `gpus` ranks: both guidance branches apart where there are two
+    and `gpus` is even, Ulysses over the rest (every rank calls it, once the world is up)."""
+    return parallelize(transformer, build_mesh(ParallelConfig.for_generation(gpus, guidance=guidance_scale > 1)))

@@ -60,6 +60,13 @@ def init_distributed(
     return device
 
 
+def leader_flag(flag: bool) -> bool:
+    """Rank 0's `flag` on every rank (a stop wish all ranks act on at the same step, or none does)."""
+    value = torch.tensor([int(bool(flag))])
+    dist.broadcast(value, src=0)
+    return bool(value.item())
+
+
 def destroy_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -161,6 +161,12 @@ class Service:
         return path
 
     # ---- domain rules ------------------------------------------------------------------------
+    def require_gpus(self, gpus: int) -> None:
+        """A 422 when no machine of this server runs one job on `gpus` GPUs; nothing is queued."""
+        refusal = self.pool.gpus_refusal(gpus)
+        if refusal is not None:
+            raise APIError(422, "too_many_gpus", refusal)
+
     def extraction_key(self, body: ActionCreate) -> str:
         """The same video, trim, steps, seed and caption on the same model is the same action."""
         fields = [self.info.id, body.video, body.start_s, body.end_s, body.steps, body.seed, body.caption]
@@ -168,6 +174,7 @@ class Service:
 
     def queue_extraction(self, body: ActionCreate) -> tuple[dict, dict]:
         """Queue an extraction (or return the existing action for the same request); returns (action, job)."""
+        self.require_gpus(body.gpus)
         self.require_free()
         action, job, _created = self.db.create_extraction(
             key=self.extraction_key(body), name=body.name, caption=body.caption, video=body.video,
@@ -177,6 +184,7 @@ class Service:
         return action, job
 
     def queue_generation(self, body: GenerationCreate) -> dict:
+        self.require_gpus(body.gpus)
         self.require_free()
         params = body.model_dump()
         params["transition"] = transition_fraction(body.high_timesteps)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..extraction import extract_action
+from ..extraction import ExtractionRanks, extract_action
 from ..generation import FlexiActGenerator, GenerationResult
 
 OOM_MESSAGE = ("The GPU ran out of memory. Close other programs using the GPU, or restart the backend with "
@@ -94,8 +94,11 @@ class JobRunner:
         return self.extract(params, inputs["video"], work_dir, out, hooks,  # type: ignore[arg-type]
                             preview_image=inputs.get("preview_image"))
 
-    def generate(self, p: dict, image_path: Path, action_path: Path | None, out: Path, hooks: Hooks) -> dict:
-        """One mp4 per take at the requested fps (`take_path(out, i)`); returns what the job's result adds."""
+    def generate(self, p: dict, image_path: Path, action_path: Path | None, out: Path, hooks: Hooks, *,
+                 leader: bool = True) -> dict:
+        """One mp4 per take at the requested fps (`take_path(out, i)`); returns what the job's result adds.
+
+        On a rank of a multi-rank job other than the leader, nothing is written and nothing returned."""
         hooks.progress(phase="loading", progress=0.0, step=None, total=1, eta_s=None)
 
         def progress(step: int, total: int, elapsed: float) -> None:
@@ -110,6 +113,8 @@ class JobRunner:
             transition=p["transition"], fit=p["fit"], tempo=p.get("tempo", "reference"),
             step_cache=p.get("step_cache", False), progress=progress,
             cancel=hooks.cancel)
+        if not leader:
+            return {}
         hooks.progress(phase="encoding", progress=0.95, step=None, total=1, eta_s=None)
         fps = p["fps"] or results[0].fps
         for i, result in enumerate(results):
@@ -120,9 +125,10 @@ class JobRunner:
                 "takes": [{"seed": r.settings.seed, "seconds": r.seconds, "batch": r.batch} for r in results]}
 
     def extract(self, p: dict, video_path: Path, work_dir: Path, out: Path, hooks: Hooks, *,
-                preview_image: Path | None = None) -> dict:
+                preview_image: Path | None = None, ranks: ExtractionRanks | None = None) -> dict:
         """Train the action into `out`, resuming from a checkpoint in `work_dir`; returns its metadata.
 
+        `ranks`: this process is one rank of a multi-rank extraction (only the leader writes `out`).
         Previews (every `preview_every` steps; None: at each checkpoint) go to `preview_path(work_dir, step)`.
         """
         total = int(p["steps"])
@@ -154,7 +160,7 @@ class JobRunner:
             name=p["name"], out=out, work_dir=work_dir, steps=total, seed=p["seed"],
             checkpoint_every=self.checkpoint_every, progress=progress, cancel=hooks.cancel, pause=hooks.pause,
             finish=hooks.finish, preview=preview, preview_every=self.checkpoint_every if every is None else every,
-            preview_image=image)
+            preview_image=image, ranks=ranks)
         meta.pop("losses", None)  # every step's loss: too long for the action's JSON
         # the first training report is step k+1 when the run resumed from a checkpoint at step k
         resumed_from = first_step[0] - 1 if first_step else total

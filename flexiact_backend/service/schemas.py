@@ -18,6 +18,13 @@ FileId = Annotated[str, PathParam(pattern=SHA256_PATTERN, description="sha256 of
 ObjectId = Annotated[str, PathParam(pattern=UUID_PATTERN, description="32 hex digits")]
 MAX_TAKES = 8
 Seed = Annotated[int, Field(ge=0, le=2**31 - 1)]
+#: The most GPUs a request may name; what a server actually runs one job on is checked at submission.
+MAX_GPUS = 64
+GPUS_FIELD = Field(1, ge=1, le=MAX_GPUS, description="GPUs one job runs on, all on one machine (default 1); more "
+                   "than the server's largest machine has is refused with a 422 naming its count. A server without "
+                   "GPUs runs that many CPU ranks, at most one per core. Extractions split each step's tokens "
+                   "(the same action as on one GPU, shorter steps); generations split the guidance branches and "
+                   "the tokens (the same video)")
 
 
 class _Request(BaseModel):
@@ -122,6 +129,7 @@ class ActionCreate(_Request):
         "null: at each checkpoint")
     preview_image: str | None = Field(None, pattern=SHA256_PATTERN, description="id of an uploaded image the "
                                       "previews animate; null: the first frame of the trim")
+    gpus: int = GPUS_FIELD
 
 
 class ActionRename(_Request):
@@ -191,6 +199,7 @@ class GenerationCreate(_Request):
     takes: int = Field(1, ge=1, le=MAX_TAKES, description="how many videos to make, with seeds seed, seed+1, ...")
     seeds: list[Seed] | None = Field(None, min_length=1, max_length=MAX_TAKES,
                                      description="an explicit seed per take (then `seed` is unused)")
+    gpus: int = GPUS_FIELD
 
     @model_validator(mode="after")
     def _one_seed_per_take(self) -> GenerationCreate:

@@ -28,10 +28,12 @@ import torch
 from .. import media
 from ..errors import Cancelled, FlexiActError, Paused
 from ..model_info import ModelInfo
+from ..parallel.launch import available_gpus, max_service_ranks
 from .cluster import RayCluster
 from .config import ServiceConfig
 from .db import Database
 from .executor import CUDA_MESSAGE, ClusterDown, Executor, WorkerLost, work_dir
+from .ranks import RankJob, run_job_on_ranks
 from .runner import (OOM_MESSAGE, PREVIEWS_DIR, Hooks, JobRunner, is_cuda_failure, resolve_devices,
                      take_path)
 from .storage import FileStore
@@ -62,7 +64,8 @@ class LocalExecutor:
         self.runner: JobRunner | None = None
 
     def load(self) -> dict:
-        self.runner = JobRunner.load(self.model_dir, self.device, **self.options)
+        if self.runner is None:  # loaded once: a job's lost rank (WorkerLost) leaves this process's model intact
+            self.runner = JobRunner.load(self.model_dir, self.device, **self.options)
         device = torch.device(self.device)
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else self.device
         return {"node": socket.gethostname(), "device": self.device, "device_name": name, "pid": os.getpid()}
@@ -73,6 +76,10 @@ class LocalExecutor:
     def run(self, kind: str, params: dict, inputs: dict[str, Path | None], work_dir: Path | None, out: Path,
             hooks: Hooks) -> dict:
         assert self.runner is not None, "run before load"
+        gpus = params.get("gpus", 1)
+        if gpus > 1:  # its own ranks, each loading the model for this job; this worker's model waits warm
+            job = RankJob(kind, params, inputs, work_dir, out, self.model_dir, self.options)
+            return run_job_on_ranks(gpus, job, hooks)
         return self.runner.run(kind, params, inputs, work_dir, out, hooks)
 
 
@@ -187,6 +194,21 @@ class WorkerPool:
     def cluster_health(self) -> dict | None:
         """Studio mode: the Ray cluster's connection as /v1/health's `cluster`; None on one machine."""
         return self._cluster.health() if self._cluster is not None else None
+
+    def gpus_refusal(self, gpus: int) -> str | None:
+        """Why a job on `gpus` GPUs cannot run here (the limit and what to do), else None."""
+        if gpus == 1:
+            return None
+        if self._cluster is not None:
+            return (f"gpus: {gpus}: several GPUs per job runs in local mode only for now (a server started without "
+                    "--ray); the Ray pool runs each job on one GPU. Ask for gpus: 1 here, or submit the job to a "
+                    f"local-mode server on a machine with {gpus} GPUs.")
+        limit = max_service_ranks()
+        if gpus <= limit:
+            return None
+        has = f"{limit} GPUs" if available_gpus() else f"no GPU, so it runs at most {limit} CPU ranks (one per core)"
+        return (f"gpus: {gpus}: this server's machine has {has}; ask for at most {limit}, or submit the job to a "
+                f"server on a machine with {gpus} GPUs.")
 
     def queue_note(self) -> str | None:
         """What a client queueing a job should know now (the cluster is unreachable), else None."""

@@ -68,12 +68,10 @@ def generate_on_rank(device, args: argparse.Namespace) -> int:
     """One rank of `generate --gpus N`: guidance branches on two ranks where N is even, Ulysses over the rest."""
     import torch.distributed as dist
 
-    from ..parallel.sequence_parallel import parallelize
-    from ..parallel.util import ParallelConfig, build_mesh
+    from ..parallel.sequence_parallel import parallel_generation
 
     generator = _rank_generator(device, args)
-    mesh = build_mesh(ParallelConfig.for_generation(args.gpus, guidance=args.guidance > 1))
-    with parallelize(generator.pipe.transformer, mesh):
+    with parallel_generation(generator.pipe.transformer, args.gpus, args.guidance):
         return _generate(generator, args, leader=dist.get_rank() == 0)
 
 
@@ -132,11 +130,10 @@ def run_extract(args: argparse.Namespace) -> int:
 
 def extract_on_rank(device, args: argparse.Namespace) -> int:
     """One rank of `extract --gpus N`, in the `--parallel` mode."""
-    from ..parallel.extraction import extraction_ranks
-    from ..parallel.util import ParallelConfig, build_mesh
+    from ..parallel.extraction import extraction_ranks_for
 
     generator = _rank_generator(device, args)
-    return _extract(generator, args, extraction_ranks(build_mesh(ParallelConfig.for_extraction(args.gpus, args.parallel))))
+    return _extract(generator, args, extraction_ranks_for(args.gpus, args.parallel))
 
 
 def _extract(generator, args: argparse.Namespace, ranks=None) -> int:

@@ -1,0 +1,126 @@
+"""One job on several ranks of this machine (local mode, `gpus: N`): the job's JobRunner on every rank.
+
+Why its own module: the ranks are processes (`parallel.launch.run_ranks`), so the job's hooks, which read and
+write the service's database, cannot go with them. The leader sends its progress through a queue and every rank
+reads the stop wishes (cancel, pause, finish) from events that a thread here keeps in step with the hooks. A rank
+that dies loses the attempt (WorkerLost): the job goes back to the queue and resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..errors import FlexiActError
+from ..parallel.extraction import extraction_ranks_for
+from ..parallel.launch import RankLost, run_ranks
+from ..parallel.sequence_parallel import parallel_generation
+from ..parallel.util import leader_flag
+from .executor import WorkerLost
+from .runner import Hooks, JobRunner
+
+#: How often the stop wishes are read from the hooks and the leader's progress passed on (seconds).
+RELAY_S = 0.1
+#: The service's extractions on several ranks keep the one-GPU math (the same action, shorter steps).
+EXTRACTION_MODE = "sequence"
+
+
+@dataclass(frozen=True)
+class RankJob:
+    """What every rank needs to run the job (sent to the rank processes, so plain values only)."""
+
+    kind: str
+    params: dict
+    inputs: dict[str, Path | None]
+    work_dir: Path | None
+    out: Path
+    model_dir: Path
+    options: dict
+
+
+@dataclass(frozen=True)
+class RankChannel:
+    """The service's side of the hooks, as the ranks see it: a progress queue and three stop wishes."""
+
+    progress: Any  # multiprocessing Queue of the leader's progress keywords
+    cancel: Any  # multiprocessing Events
+    pause: Any
+    finish: Any
+
+    @classmethod
+    def create(cls) -> RankChannel:
+        ctx = multiprocessing.get_context("spawn")
+        return cls(ctx.Queue(), ctx.Event(), ctx.Event(), ctx.Event())
+
+    def hooks(self, leader: bool) -> Hooks:
+        report = (lambda **kw: self.progress.put(kw)) if leader else (lambda **kw: None)
+        return Hooks(progress=report, cancel=self.cancel.is_set, pause=self.pause.is_set, finish=self.finish.is_set)
+
+    def relay(self, hooks: Hooks) -> None:
+        """Pass the leader's progress on and bring the stop wishes up to date (cancel and finish stay set)."""
+        while True:
+            try:
+                hooks.progress(**self.progress.get_nowait())
+            except queue.Empty:
+                break
+        for event, wish, sticky in ((self.cancel, hooks.cancel, True), (self.finish, hooks.finish, True),
+                                    (self.pause, hooks.pause, False)):
+            if wish():
+                event.set()
+            elif not sticky:
+                event.clear()
+
+
+def job_on_rank(device: torch.device, job: RankJob, channel: RankChannel) -> dict:
+    """One rank of the job: load the model on this rank's device, run its share; the leader returns the result.
+
+    A FlexiActError (a pause or cancel too) comes back as {"raised": error}, raised again in the service."""
+    leader = dist.get_rank() == 0
+    runner = JobRunner.load(job.model_dir, str(device), **job.options)
+    hooks = channel.hooks(leader)
+    gpus = dist.get_world_size()
+    try:
+        if job.kind == "generate":
+            # each rank checks for a cancel at the same step; all of them act on the leader's answer
+            hooks = Hooks(progress=hooks.progress, cancel=lambda: leader_flag(channel.cancel.is_set()),
+                          pause=hooks.pause)
+            with parallel_generation(runner.generator.pipe.transformer, gpus, job.params["guidance_scale"]):
+                return runner.generate(job.params, job.inputs["image"], job.inputs.get("action"),  # type: ignore[arg-type]
+                                       job.out, hooks, leader=leader)
+        assert job.work_dir is not None, "an extraction needs a work folder"
+        return runner.extract(job.params, job.inputs["video"], job.work_dir, job.out, hooks,  # type: ignore[arg-type]
+                              preview_image=job.inputs.get("preview_image"),
+                              ranks=extraction_ranks_for(gpus, EXTRACTION_MODE))
+    except FlexiActError as exc:
+        return {"raised": exc}
+
+
+def run_job_on_ranks(gpus: int, job: RankJob, hooks: Hooks) -> dict:
+    """Run `job` on `gpus` ranks of this machine; its result is the leader's, as a one-rank run returns it."""
+    channel = RankChannel.create()
+    done = threading.Event()
+
+    def relay() -> None:
+        while not done.wait(RELAY_S):
+            channel.relay(hooks)
+
+    relay_thread = threading.Thread(target=relay, name="flexiact-rank-relay", daemon=True)
+    relay_thread.start()
+    try:
+        result = run_ranks(job_on_rank, gpus, (job, channel))[0]
+    except RankLost as exc:
+        raise WorkerLost(str(exc)) from exc
+    finally:
+        done.set()
+        relay_thread.join()
+    channel.relay(hooks)  # the leader's last reports
+    if "raised" in result:
+        raise result["raised"]
+    return result

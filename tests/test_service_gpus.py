@@ -1,0 +1,120 @@
+"""`gpus: N` on the service's jobs, through a real server on loopback (local mode, CPU ranks over gloo here).
+
+A `gpus: 2` extraction trains the same action as the one-GPU job (sequence mode: same math, shorter steps);
+a rank killed mid-job loses the attempt and the job resumes from its checkpoint; more GPUs than the machine
+runs one job on is refused with the limit named.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flexiact_backend.parallel.launch import max_service_ranks
+from service_helpers import Client, ServerProcess, clip_bytes, png_bytes, upload, wait_job
+
+pytestmark = pytest.mark.slow
+two_ranks = pytest.mark.skipif(max_service_ranks() < 2, reason="this machine runs one rank per job")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    with ServerProcess(tmp_path_factory.mktemp("service-gpus"), extra_args=("--checkpoint-every", "2")) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerProcess) -> Client:
+    return Client(server.url)
+
+
+@pytest.fixture(scope="module")
+def clip(client: Client, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return upload(client, clip_bytes(tmp_path_factory.mktemp("clip") / "clip.mp4"), "video/mp4", "clip.mp4")
+
+
+def _extraction(client: Client, clip: dict, **fields) -> tuple[int, dict]:
+    body = {"name": "slide", "caption": "a square slides right", "video": clip["id"], "start_s": 0.0, "end_s": 2.0,
+            "steps": 4, "preview_every": 0, **fields}
+    return client.request("POST", "/v1/actions", json_body=body)  # type: ignore[return-value]
+
+
+def _action_tensors(client: Client, action_id: str, path: Path) -> dict[str, torch.Tensor]:
+    status, data = client.request("GET", f"/v1/actions/{action_id}/file")
+    assert status == 200, data
+    path.write_bytes(data)  # type: ignore[arg-type]
+    return load_file(path)
+
+
+@two_ranks
+def test_two_rank_extraction_trains_the_one_gpu_action(client: Client, clip: dict, tmp_path: Path) -> None:
+    status, one = _extraction(client, clip)
+    assert status == 202, one
+    job_one = wait_job(client, one["job"]["id"], ("succeeded",))
+    tokens_one = _action_tensors(client, one["action"]["id"], tmp_path / "one.safetensors")
+    status, _ = client.request("DELETE", f"/v1/actions/{one['action']['id']}")  # else the same request dedups to it
+    assert status == 204
+
+    status, two = _extraction(client, clip, gpus=2)
+    assert status == 202, two
+    assert two["job"]["params"]["gpus"] == 2
+    job_two = wait_job(client, two["job"]["id"], ("succeeded",))
+    tokens_two = _action_tensors(client, two["action"]["id"], tmp_path / "two.safetensors")
+
+    assert job_two["result"].keys() == job_one["result"].keys()
+    assert job_two["result"]["steps_trained"] == job_one["result"]["steps_trained"] == 4
+    assert tokens_two.keys() == tokens_one.keys() and tokens_one
+    for name, t in tokens_one.items():
+        torch.testing.assert_close(tokens_two[name], t, atol=1e-5, rtol=0, msg=name)
+    assert abs(job_two["result"]["final_loss"] - job_one["result"]["final_loss"]) <= 1e-5
+
+
+def _rank_pids(server_pid: int) -> list[int]:
+    """The server's rank processes (spawned children running a rank, not the resource tracker)."""
+    pids = []
+    for child in Path(f"/proc/{server_pid}/task").glob("*/children"):
+        for pid in child.read_text().split():
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except FileNotFoundError:
+                continue
+            if b"spawn_main" in cmdline:
+                pids.append(int(pid))
+    return sorted(pids)
+
+
+@two_ranks
+def test_a_killed_rank_loses_the_attempt_and_the_job_resumes(client: Client, server: ServerProcess,
+                                                              clip: dict) -> None:
+    status, body = _extraction(client, clip, gpus=2, steps=40, seed=7)
+    assert status == 202, body
+    job_id = body["job"]["id"]
+    wait_job(client, job_id, ("running",), min_step=3)  # past the checkpoint at step 2
+    pids = _rank_pids(server.proc.pid)  # type: ignore[union-attr]
+    assert len(pids) == 2, pids
+    os.kill(pids[1], signal.SIGKILL)
+    done = wait_job(client, job_id, ("succeeded",))
+    assert done["result"]["resumed_from"] >= 2, done["result"]
+    assert done["result"]["steps_trained"] == 40
+
+
+def test_more_gpus_than_the_machine_runs_is_refused_with_its_limit(client: Client, clip: dict) -> None:
+    limit = max_service_ranks()
+    status, body = _extraction(client, clip, gpus=limit + 1, seed=3)
+    assert status == 422, body
+    assert body["error"]["code"] == "too_many_gpus"  # type: ignore[index]
+    assert f"at most {limit}" in body["error"]["message"], body  # type: ignore[index]
+    image = upload(client, png_bytes(1, (80, 60)), "image/png", "target.png")
+    status, body = client.request("POST", "/v1/generations", json_body={
+        "image": image["id"], "prompt": "a figure waves", "gpus": limit + 1})
+    assert status == 422 and body["error"]["code"] == "too_many_gpus", body  # type: ignore[index]
+    for bad in (0, 65, "2"):
+        status, body = _extraction(client, clip, gpus=bad)
+        assert status == 422, (bad, body)
+    status, jobs = client.request("GET", "/v1/jobs?kind=extract")
+    assert all(j["params"].get("seed") != 3 for j in jobs["jobs"])  # type: ignore[index]  (nothing queued)
