@@ -11,6 +11,8 @@ import os
 import signal
 from pathlib import Path
 
+import imageio_ffmpeg
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -72,6 +74,35 @@ def test_two_rank_extraction_trains_the_one_gpu_action(client: Client, clip: dic
     for name, t in tokens_one.items():
         torch.testing.assert_close(tokens_two[name], t, atol=1e-5, rtol=0, msg=name)
     assert abs(job_two["result"]["final_loss"] - job_one["result"]["final_loss"]) <= 1e-5
+
+
+def _frames(client: Client, url: str, path: Path) -> np.ndarray:
+    status, data = client.request("GET", url)
+    assert status == 200, data
+    path.write_bytes(data)  # type: ignore[arg-type]
+    reader = imageio_ffmpeg.read_frames(str(path))
+    w, h = next(reader)["size"]
+    return np.stack([np.frombuffer(f, np.uint8).reshape(h, w, 3) for f in reader])
+
+
+@two_ranks
+def test_two_rank_generation_makes_the_one_gpu_takes(client: Client, tmp_path: Path) -> None:
+    """CFG-parallel on 2 ranks: the same videos as one process (a last-bit float difference may move a pixel
+    value by one level after the 8-bit rounding, hence the tolerance of 1 level)."""
+    image = upload(client, png_bytes(1, (80, 60)), "image/png", "target.png")
+    jobs = {}
+    for gpus in (1, 2):
+        status, body = client.request("POST", "/v1/generations", json_body={
+            "image": image["id"], "prompt": "a figure waves", "steps": 3, "takes": 2, "gpus": gpus})
+        assert status == 202, body
+        jobs[gpus] = wait_job(client, body["job"]["id"], ("succeeded",))  # type: ignore[index]
+    one, two = jobs[1]["result"], jobs[2]["result"]
+    assert one.keys() == two.keys() and [t["seed"] for t in one["takes"]] == [t["seed"] for t in two["takes"]]
+    for i in range(2):
+        a = _frames(client, one["takes"][i]["url"], tmp_path / f"one{i}.mp4").astype(int)
+        b = _frames(client, two["takes"][i]["url"], tmp_path / f"two{i}.mp4").astype(int)
+        assert a.shape == b.shape and a.std() > 0
+        assert np.abs(a - b).max() <= 1, np.abs(a - b).max()
 
 
 def _rank_pids(server_pid: int) -> list[int]:
