@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import imageio_ffmpeg
@@ -149,3 +150,36 @@ def test_more_gpus_than_the_machine_runs_is_refused_with_its_limit(client: Clien
         assert status == 422, (bad, body)
     status, jobs = client.request("GET", "/v1/jobs?kind=extract")
     assert all(j["params"].get("seed") != 3 for j in jobs["jobs"])  # type: ignore[index]  (nothing queued)
+
+
+@two_ranks
+def test_a_waiting_generation_pauses_a_two_rank_extraction_which_then_resumes(client: Client, clip: dict) -> None:
+    status, body = _extraction(client, clip, gpus=2, steps=30, seed=11)
+    assert status == 202, body
+    job_id = body["job"]["id"]
+    wait_job(client, job_id, ("running",), min_step=1)
+    image = upload(client, png_bytes(2, (80, 60)), "image/png", "target.png")
+    status, gen = client.request("POST", "/v1/generations", json_body={
+        "image": image["id"], "prompt": "a figure waves", "steps": 2})
+    assert status == 202, gen
+    generated = wait_job(client, gen["job"]["id"], ("succeeded",))  # type: ignore[index]
+    done = wait_job(client, job_id, ("succeeded",))
+    assert generated["finished_at"] < done["finished_at"]
+    assert done["result"]["resumed_from"] >= 2, done["result"]  # paused at a checkpoint, resumed from it
+    assert done["result"]["steps_trained"] == 30
+
+
+@two_ranks
+def test_cancel_stops_a_two_rank_extraction_and_its_ranks(client: Client, server: ServerProcess, clip: dict) -> None:
+    status, body = _extraction(client, clip, gpus=2, steps=200, seed=13)
+    assert status == 202, body
+    job_id = body["job"]["id"]
+    wait_job(client, job_id, ("running",), min_step=1)
+    status, _ = client.request("POST", f"/v1/jobs/{job_id}/cancel")
+    assert status == 200
+    done = wait_job(client, job_id, ("cancelled",))
+    assert done["step"] < 200
+    deadline = time.monotonic() + 30
+    while _rank_pids(server.proc.pid) and time.monotonic() < deadline:  # type: ignore[union-attr]
+        time.sleep(0.2)
+    assert _rank_pids(server.proc.pid) == []  # type: ignore[union-attr]
