@@ -91,6 +91,16 @@ def test_studio_flags_that_cannot_work_are_refused_before_anything_starts(
     assert not (tmp_path / "state.sqlite3").exists()
 
 
+def test_several_gpus_per_job_are_refused_in_studio_mode_for_now(client: Client) -> None:
+    """The Ray pool runs each job on one GPU: `gpus` above 1 is a 422 that says where it runs instead."""
+    image = upload(client, png_bytes(9, (80, 60)), "image/png", "target-gpus.png")
+    status, body = client.request("POST", "/v1/generations",
+                                  json_body={"image": image["id"], "prompt": "p", "gpus": 2})
+    assert status == 422 and body["error"]["code"] == "too_many_gpus", body  # type: ignore[index]
+    assert "local mode only for now" in body["error"]["message"], body  # type: ignore[index]
+    assert client.request("GET", "/v1/jobs")[1]["jobs"] == []  # type: ignore[index]  (nothing queued)
+
+
 def wait_until(get, ok, what: str, limit_s: float = STATE_WAIT_S):
     """Call `get()` until `ok(value)` holds; returns that value."""
     deadline = time.monotonic() + limit_s
