@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from ..errors import FlexiActError
 from ..parallel.extraction import extraction_ranks_for
-from ..parallel.launch import RankLost, run_ranks
+from ..parallel.launch import RankFailed, RankLost, run_ranks
 from ..parallel.sequence_parallel import parallel_generation
 from ..parallel.util import leader_flag
 from .executor import WorkerLost
@@ -50,6 +50,7 @@ class RankChannel:
     """The service's side of the hooks, as the ranks see it: a progress queue and three stop wishes."""
 
     progress: Any  # multiprocessing Queue of the leader's progress keywords
+    errors: Any  # multiprocessing Queue of the errors the ranks raised that the service knows how to report
     cancel: Any  # multiprocessing Events
     pause: Any
     finish: Any
@@ -57,7 +58,14 @@ class RankChannel:
     @classmethod
     def create(cls) -> RankChannel:
         ctx = multiprocessing.get_context("spawn")
-        return cls(ctx.Queue(), ctx.Event(), ctx.Event(), ctx.Event())
+        return cls(ctx.Queue(), ctx.Queue(), ctx.Event(), ctx.Event(), ctx.Event())
+
+    def first_error(self) -> BaseException | None:
+        """The first reportable error a rank sent before it ended (it is in the pipe once the rank has exited)."""
+        try:
+            return self.errors.get(timeout=1.0)
+        except queue.Empty:
+            return None
 
     def hooks(self, leader: bool) -> Hooks:
         report = (lambda **kw: self.progress.put(kw)) if leader else (lambda **kw: None)
@@ -81,7 +89,8 @@ class RankChannel:
 def job_on_rank(device: torch.device, job: RankJob, channel: RankChannel) -> dict:
     """One rank of the job: load the model on this rank's device, run its share; the leader returns the result.
 
-    A FlexiActError (a pause or cancel too) comes back as {"raised": error}, raised again in the service."""
+    A FlexiActError (a pause or cancel too) or a GPU out of memory is sent to the service, which raises it as a
+    one-GPU job would; the rank raises it too, so that the launcher stops the other ranks at once."""
     leader = dist.get_rank() == 0
     runner = JobRunner.load(job.model_dir, str(device), **job.options)
     hooks = channel.hooks(leader)
@@ -98,8 +107,9 @@ def job_on_rank(device: torch.device, job: RankJob, channel: RankChannel) -> dic
         return runner.extract(job.params, job.inputs["video"], job.work_dir, job.out, hooks,  # type: ignore[arg-type]
                               preview_image=job.inputs.get("preview_image"),
                               ranks=extraction_ranks_for(gpus, EXTRACTION_MODE))
-    except FlexiActError as exc:
-        return {"raised": exc}
+    except (FlexiActError, torch.cuda.OutOfMemoryError) as exc:
+        channel.errors.put(exc)
+        raise
 
 
 def run_job_on_ranks(gpus: int, job: RankJob, hooks: Hooks) -> dict:
@@ -117,10 +127,10 @@ def run_job_on_ranks(gpus: int, job: RankJob, hooks: Hooks) -> dict:
         result = run_ranks(job_on_rank, gpus, (job, channel))[0]
     except RankLost as exc:
         raise WorkerLost(str(exc)) from exc
+    except RankFailed as exc:
+        raise (channel.first_error() or exc) from exc
     finally:
         done.set()
         relay_thread.join()
     channel.relay(hooks)  # the leader's last reports
-    if "raised" in result:
-        raise result["raised"]
     return result
