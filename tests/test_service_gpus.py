@@ -183,3 +183,17 @@ def test_cancel_stops_a_two_rank_extraction_and_its_ranks(client: Client, server
     while _rank_pids(server.proc.pid) and time.monotonic() < deadline:  # type: ignore[union-attr]
         time.sleep(0.2)
     assert _rank_pids(server.proc.pid) == []  # type: ignore[union-attr]
+
+
+@two_ranks
+def test_finish_early_on_two_ranks_makes_the_action_from_the_tokens_so_far(client: Client, clip: dict) -> None:
+    status, body = _extraction(client, clip, gpus=2, steps=200, seed=17)
+    assert status == 202, body
+    job_id = body["job"]["id"]
+    wait_job(client, job_id, ("running",), min_step=1)
+    status, _ = client.request("POST", f"/v1/jobs/{job_id}/finish")
+    assert status == 200
+    done = wait_job(client, job_id, ("succeeded",))
+    assert 1 <= done["result"]["steps_trained"] < 200, done["result"]
+    status, action = client.request("GET", f"/v1/actions/{body['action']['id']}")
+    assert action["status"] == "ready" and action["meta"]["steps_trained"] == done["result"]["steps_trained"]  # type: ignore[index]
