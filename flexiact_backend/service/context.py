@@ -13,6 +13,7 @@ import shutil
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated
 
@@ -21,6 +22,7 @@ from fastapi.responses import FileResponse
 
 from ..model_info import read_model_info
 from ..tiny import ensure_tiny_model
+from .admission import UploadSlots
 from .config import ServiceConfig
 from .db import Database
 from .api_errors import APIError, path_redactor
@@ -69,6 +71,10 @@ class Service:
         self._stop_gc = threading.Event()
         self._gc_thread = threading.Thread(target=self._collect_garbage, name="flexiact-gc", daemon=True)
         self._usage: tuple[float, int] = (0.0, 0)
+        limits = config.limits
+        #: probing and decoding uploads: off the event loop, at most `media_workers` at once
+        self.media_pool = ThreadPoolExecutor(max_workers=limits.media_workers, thread_name_prefix="flexiact-media")
+        self.upload_slots = UploadSlots(limits.uploads_per_token, limits.uploads)
 
     def start(self) -> None:
         self.pool.start()
@@ -78,6 +84,7 @@ class Service:
         self._stop_gc.set()
         self.pool.stop()
         self._gc_thread.join(5.0)
+        self.media_pool.shutdown(wait=False, cancel_futures=True)
         self.db.close()
 
     def _collect_garbage(self) -> None:
