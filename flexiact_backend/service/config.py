@@ -36,8 +36,8 @@ class Limits:
     #: bytes the frames of a zip unpack to, from its central directory
     zip_unpacked_bytes: int = field(default_factory=lambda: _env_int("FLEXIACT_MAX_ZIP_UNPACKED_BYTES", 8 * 1024**3))
     #: uploads received and checked at once: per token (each client without a token counts as one) and in all
-    uploads_per_token: int = field(default_factory=lambda: _env_int("FLEXIACT_MAX_UPLOADS_PER_TOKEN", 2))
-    uploads: int = field(default_factory=lambda: _env_int("FLEXIACT_MAX_UPLOADS", 4))
+    uploads_per_token: int = field(default_factory=lambda: _env_int("FLEXIACT_MAX_UPLOADS_PER_TOKEN", 4))
+    uploads: int = field(default_factory=lambda: _env_int("FLEXIACT_MAX_UPLOADS", 8))
     #: threads that probe and decode uploads (off the event loop): the most decoding at once
     media_workers: int = field(default_factory=lambda: _env_int("FLEXIACT_MEDIA_WORKERS", 2))
     #: jobs waiting in the queue: per token and in all

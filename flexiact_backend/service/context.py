@@ -23,6 +23,7 @@ from fastapi.responses import FileResponse
 from ..model_info import read_model_info
 from ..tiny import ensure_tiny_model
 from .admission import UploadSlots
+from .auth import client_key
 from .config import ServiceConfig
 from .db import Database
 from .api_errors import APIError, path_redactor
@@ -37,6 +38,8 @@ log = logging.getLogger("flexiact.service")
 GC_INTERVAL_S = 3600.0
 #: how long the data dir's measured size is reused by /v1/health
 USAGE_CACHE_S = 30.0
+#: the Retry-After of a 429 for a full queue
+QUEUE_RETRY_S = 30
 
 
 def _mib(n: int) -> str:
@@ -75,6 +78,7 @@ class Service:
         #: probing and decoding uploads: off the event loop, at most `media_workers` at once
         self.media_pool = ThreadPoolExecutor(max_workers=limits.media_workers, thread_name_prefix="flexiact-media")
         self.upload_slots = UploadSlots(limits.uploads_per_token, limits.uploads)
+        self._queue_lock = threading.Lock()
 
     def start(self) -> None:
         self.pool.start()
@@ -168,26 +172,43 @@ class Service:
 
     # ---- domain rules ------------------------------------------------------------------------
     def extraction_key(self, body: ActionCreate) -> str:
-        """The same video, trim, steps, seed and caption on the same model is the same action."""
-        fields = [self.info.id, body.video, body.start_s, body.end_s, body.steps, body.seed, body.caption]
+        """The same name, video, trim, steps, seed and caption on the same model is the same action (a resent
+        request); under another name it is an action of its own."""
+        fields = [self.info.id, body.video, body.start_s, body.end_s, body.steps, body.seed, body.caption, body.name]
         return hashlib.sha256(json.dumps(fields).encode()).hexdigest()
 
-    def queue_extraction(self, body: ActionCreate) -> tuple[dict, dict]:
+    def _admit_job(self, owner: str) -> None:
+        """A 429 with Retry-After when the queue holds its limit of jobs, of this token or in all."""
+        cfg = self.config
+        retry = {"Retry-After": str(QUEUE_RETRY_S)}
+        if self.db.queued_count() >= cfg.limits.queued_jobs:
+            raise APIError(429, "queue_full", f"the queue holds {cfg.limits.queued_jobs} jobs (the server's "
+                           "limit); submit this one when some have started or been cancelled", headers=retry)
+        if self.db.queued_count(owner) >= cfg.limits.queued_jobs_per_token:
+            raise APIError(429, "queue_full", f"{cfg.limits.queued_jobs_per_token} of your jobs are waiting in the "
+                           "queue (the limit per token); submit this one when some have started or been cancelled",
+                           headers=retry)
+
+    def queue_extraction(self, body: ActionCreate, owner: str) -> tuple[dict, dict]:
         """Queue an extraction (or return the existing action for the same request); returns (action, job)."""
         self.require_free()
-        action, job, _created = self.db.create_extraction(
-            key=self.extraction_key(body), name=body.name, caption=body.caption, video=body.video,
-            start_s=body.start_s, end_s=body.end_s, steps=body.steps, seed=body.seed, base_model=self.info.id,
-            params=body.model_dump())
+        with self._queue_lock:  # the count and the insert together: the caps hold under concurrent requests
+            self._admit_job(owner)
+            action, job, _created = self.db.create_extraction(
+                key=self.extraction_key(body), name=body.name, caption=body.caption, video=body.video,
+                start_s=body.start_s, end_s=body.end_s, steps=body.steps, seed=body.seed, base_model=self.info.id,
+                params=body.model_dump(), owner=owner)
         self.pool.wake()
         return action, job
 
-    def queue_generation(self, body: GenerationCreate) -> dict:
+    def queue_generation(self, body: GenerationCreate, owner: str) -> dict:
         self.require_free()
         params = body.model_dump()
         params["transition"] = transition_fraction(body.high_timesteps)
         params["seeds"] = body.take_seeds()
-        job = self.db.create_generation(params, body.steps * body.takes, body.action)  # steps count every take
+        with self._queue_lock:
+            self._admit_job(owner)
+            job = self.db.create_generation(params, body.steps * body.takes, body.action, owner)  # every take's steps
         self.pool.wake()
         return job
 
@@ -207,4 +228,10 @@ def get_service(request: Request) -> Service:
     return request.app.state.service
 
 
+def requester(request: Request) -> str:
+    """Whom the request counts against for the per-token limits (see `auth.client_key`)."""
+    return client_key(request.headers.get("authorization", ""), request.client.host if request.client else None)
+
+
 Svc = Annotated[Service, Depends(get_service)]
+Requester = Annotated[str, Depends(requester)]

@@ -24,9 +24,8 @@ from starlette.requests import ClientDisconnect
 from .. import media, sequences, zips
 from ..model.checkpoints import check_torch_archive
 from ..errors import CheckpointError, FlexiActError, MediaError
-from .auth import client_key
 from .config import Limits
-from .context import Service
+from .context import Service, requester
 from .api_errors import APIError
 from .storage import TooLarge, safe_suffix, sha256_file
 
@@ -152,8 +151,7 @@ def _renamed(path: Path, fmt: str) -> Path:
 
 async def receive_upload(svc: Service, request: Request, filename: str | None, fps: float | None = None) -> dict:
     """Stream an upload to disk within a byte limit, classify and check it, store it under its sha256."""
-    key = client_key(request.headers.get("authorization", ""), request.client.host if request.client else None)
-    with svc.upload_slots.take(key):
+    with svc.upload_slots.take(requester(request)):
         return await _receive(svc, request, filename, fps)
 
 
