@@ -375,7 +375,7 @@ def _probe(path: PathLike, limits: VideoLimits | None = None) -> _Probed:
             raise MediaTooLarge(f"the video has {vs.frames} frames; the limit is {limits.frames}. Cut out the part "
                                 "with the action.")
         pts: list[int] = []
-        empty = 0  # packets without data: frames an AVI writer dropped (shown as the frame before)
+        empty = 0  # packets without data: frames a writer dropped (shown as the frame before)
         last_dur = 0
         first: av.VideoFrame | None = None
         decoder = _decoder(vs)
@@ -405,7 +405,10 @@ def _probe(path: PathLike, limits: VideoLimits | None = None) -> _Probed:
         if not pts or first is None:
             raise MediaError(f"{p.name}: the video stream has no frames that can be decoded; export the clip "
                              "again.")
-        if vs.frames and len(pts) + empty < vs.frames:  # the index lists frames whose data is not in the file
+        # the index lists frames whose data is not in the file; an AVI's frames a writer dropped (empty
+        # chunks, or none) are counted there too, but leave no gap at its end
+        listed = len(pts) + empty if fmt != "avi" else max(pts) - min(pts) + 1 if pts else 0
+        if vs.frames and listed < vs.frames:
             raise MediaError(f"{p.name}: the file is incomplete ({len(pts)} of {vs.frames} frames are in it); copy "
                              "or export it again.")
         has_audio = bool(c.streams.audio)
@@ -859,7 +862,11 @@ _SRGB = ImageCms.createProfile("sRGB")
 def _to_rgb(image: Image.Image, background: tuple[int, int, int] = BACKGROUND) -> Image.Image:
     """Upright RGB: EXIF orientation, embedded ICC profile (CMYK, Display P3 ...) to sRGB, 16-bit and float
     grey scaled to 8 bits, transparency (RGBA, LA, PA, palette) composited over `background`."""
-    image = ImageOps.exif_transpose(image)
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception as exc:  # Pillow raises many types on malformed EXIF
+        raise MediaError(f"the image's EXIF metadata is damaged ({type(exc).__name__}); save it again without "
+                         "EXIF, as PNG or JPEG.") from None
     icc = image.info.get("icc_profile")
     if icc and image.mode in ("RGB", "RGBA", "CMYK"):
         try:

@@ -208,9 +208,8 @@ def _check_budget(frames: Frames, limits: SequenceLimits) -> None:
             size = wh
             total = w * h * len(frames.names)
             if limits.total_pixels is not None and total > limits.total_pixels:
-                raise MediaTooLarge(f"the sequence is {len(frames.names)} frames of {w}x{h} = {total / 1e6:,.0f} "
-                                    f"megapixels in all; the limit is {limits.total_pixels / 1e6:,.0f} megapixels. "
-                                    "Send fewer or smaller frames.")
+                raise MediaTooLarge(f"the sequence is {len(frames.names)} frames of {w}x{h} = {total:,} pixels in "
+                                    f"all; the limit is {limits.total_pixels:,} pixels. Send fewer or smaller frames.")
         elif wh != size:
             raise MediaError(f"{base} is {w}x{h}, the first frame {size[0]}x{size[1]}; every frame of a sequence "
                              "must have the same size.")

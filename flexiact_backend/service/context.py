@@ -171,11 +171,21 @@ class Service:
         return path
 
     # ---- domain rules ------------------------------------------------------------------------
-    def extraction_key(self, body: ActionCreate) -> str:
+    def extraction_key(self, body: ActionCreate | dict) -> str:
         """The same name, video, trim, steps, seed and caption on the same model is the same action (a resent
-        request); under another name it is an action of its own."""
-        fields = [self.info.id, body.video, body.start_s, body.end_s, body.steps, body.seed, body.caption, body.name]
+        request); under another name it is an action of its own. `body` may be a stored action."""
+        d = body if isinstance(body, dict) else body.model_dump()
+        fields = [self.info.id, d["video"], d["start_s"], d["end_s"], d["steps"], d["seed"], d["caption"], d["name"]]
         return hashlib.sha256(json.dumps(fields).encode()).hexdigest()
+
+    def rename_action(self, action_id: str, name: str) -> dict:
+        """Rename an action; an extracted one is then found under its new name by a resent request."""
+        action = self.action_or_404(action_id)
+        key = self.extraction_key({**action, "name": name}) if action["source"] == "extract" else None
+        renamed = self.db.rename_action(action_id, name, key)
+        if renamed is None:  # deleted meanwhile
+            raise APIError(404, "not_found", f"no action {action_id}")
+        return renamed
 
     def _admit_job(self, owner: str) -> None:
         """A 429 with Retry-After when the queue holds its limit of jobs, of this token or in all."""

@@ -289,13 +289,16 @@ class Database:
             out[kind] = float(row[0]) if row is not None and row[0] is not None else None
         return out
 
-    def rename_action(self, action_id: str, name: str) -> dict | None:
-        """Rename an action wherever its name is shown (its record and its metadata); None if it is gone (a
-        delete that came first: the two are serialised by the lock)."""
+    def rename_action(self, action_id: str, name: str, key: str | None = None) -> dict | None:
+        """Rename an action wherever its name is shown (its record, its metadata, its job's parameters) and give
+        it the request key of its new name (unless another action holds that key); None if it is gone (a delete
+        that came first: the two are serialised by the lock)."""
         with self._lock:
             changed = self._tx([
                 ("UPDATE actions SET name=?, meta=CASE WHEN json_extract(meta, '$.name') IS NULL "
-                 "THEN meta ELSE json_set(meta, '$.name', ?) END WHERE id=?", (name, name, action_id)),
+                 "THEN meta ELSE json_set(meta, '$.name', ?) END, request_key=CASE WHEN ? IS NULL OR EXISTS "
+                 "(SELECT 1 FROM actions a WHERE a.request_key=? AND a.id!=actions.id) THEN NULL ELSE ? END "
+                 "WHERE id=?", (name, name, key, key, key, action_id)),
                 ("UPDATE jobs SET params=json_set(params, '$.name', ?), version=version+1 WHERE action=? AND "
                  "kind='extract' AND EXISTS (SELECT 1 FROM actions WHERE id=?)", (name, action_id, action_id))])
             return self.get_action(action_id) if changed[0] else None
@@ -358,9 +361,11 @@ class Database:
                       "eta_s=0, finished_at=?, result=?, version=version+1 WHERE id=? AND status='running' AND "
                       "cancel_requested=0", (step, time.time(), json.dumps(result), job_id))]
             if action_update:
-                stmts.append(("UPDATE actions SET status='ready', file=?, meta=?, error=NULL WHERE job=? AND "
+                meta = json.dumps(action_update["meta"])  # its name is the action's now (a rename while it ran)
+                stmts.append(("UPDATE actions SET status='ready', file=?, meta=CASE WHEN json_extract(?, '$.name') IS "
+                              "NULL THEN ? ELSE json_set(?, '$.name', name) END, error=NULL WHERE job=? AND "
                               "(SELECT status FROM jobs WHERE id=?)='succeeded'",
-                              (action_update["file"], json.dumps(action_update["meta"]), job_id, job_id)))
+                              (action_update["file"], meta, meta, meta, job_id, job_id)))
             if self._tx(stmts)[0]:
                 return True
             self.fail_job(job_id, "cancelled", "cancelled", "cancelled by request")

@@ -217,6 +217,25 @@ def run_bench_serve(args: argparse.Namespace) -> int:
     return 0 if report["errors"] == 0 and report["queue"]["errors"] == 0 else 1
 
 
+def add_bench_hostile(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `hostile` under `bench` (sets `func=run_bench_hostile`)."""
+    p = subparsers.add_parser("hostile", help="what each crafted hostile upload costs a tiny server (RSS, health "
+                              "latency)", description="Sends small crafted uploads (zip, image and video bombs) to a "
+                              "fresh tiny server one at a time while polling /v1/health; prints each answer, its "
+                              "time, the server's peak RSS rise and the slowest health answer.")
+    p.add_argument("--json", type=Path, help="also write the JSON report here")
+    p.set_defaults(func=run_bench_hostile)
+    return p
+
+
+def run_bench_hostile(args: argparse.Namespace) -> int:
+    from .hostile_bench import bench_hostile, format_table
+
+    report = bench_hostile()
+    _print_report(report, format_table(report), args.json)
+    return 0
+
+
 def _print_report(report: dict, table: str, json_path: Path | None) -> None:
     text = json.dumps(report, indent=2)
     print(text)

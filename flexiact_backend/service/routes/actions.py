@@ -67,10 +67,7 @@ def get_action(svc: Svc, action_id: ObjectId) -> dict:
 @router.patch("/actions/{action_id}", response_model=Action)
 def rename_action(svc: Svc, action_id: ObjectId, body: ActionRename) -> dict:
     """Give an action a new name (what the add-on's library shows)."""
-    renamed = svc.db.rename_action(action_id, body.name)
-    if renamed is None:  # never there, or deleted first
-        raise APIError(404, "not_found", f"no action {action_id}")
-    return renamed
+    return svc.rename_action(action_id, body.name)
 
 
 @router.delete("/actions/{action_id}", status_code=204)

@@ -20,7 +20,7 @@ router = APIRouter(tags=["files"])
                 for t in ("video/mp4", "image/png", "image/jpeg", "application/octet-stream")}}})
 async def upload_file(svc: Svc, request: Request,
                       x_filename: Annotated[str | None, Header(max_length=255)] = None,
-                      fps: Annotated[float | None, Query(gt=0, le=240, description="frame rate of a zip of "
+                      fps: Annotated[float | None, Query(ge=1, le=240, description="frame rate of a zip of "
                                                          "numbered frames (an image sequence)")] = None) -> dict:
     """Stream an upload to disk, check it, store it under its sha256 (a sequence: as the clip made from it)."""
     return await receive_upload(svc, request, x_filename, fps)
