@@ -355,7 +355,7 @@ def probe_video(path: PathLike, limits: VideoLimits | None = None) -> VideoInfo:
     """
     info = _probe(path, limits).info
     if limits is not None:
-        check_video_limits(info, limits.pixels, limits.seconds, limits.frames)
+        check_video_limits(info, limits)
     if info.frames == 1:
         raise MediaError(f"{Path(path).name}: the video has a single frame, too little to show an action; use it "
                          "as the target image instead, or choose a longer clip.")
@@ -462,8 +462,9 @@ def _rotation(frame: av.VideoFrame) -> int:
     return int(round(angle / 90)) * 90 % 360
 
 
-def check_video_limits(info: VideoInfo, max_pixels: int, max_seconds: float, max_frames: int) -> None:
+def check_video_limits(info: VideoInfo, limits: VideoLimits) -> None:
     """Refuse a clip over the service's limits before anything of it is decoded (MediaTooLarge)."""
+    max_pixels, max_seconds, max_frames = limits.pixels, limits.seconds, limits.frames
     if info.width * info.height > max_pixels:
         raise MediaTooLarge(f"the video is {info.width}x{info.height} = {info.width * info.height / 1e6:.1f} "
                             f"megapixels a frame; the limit is {max_pixels / 1e6:g} megapixels. Scale it down.")

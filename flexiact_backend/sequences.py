@@ -32,7 +32,7 @@ from .zips import MAX_ZIP_ENTRIES
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".exr")
 _HASHES = re.compile(r"#+")
 _PRINTF = re.compile(r"%0?(\d*)d")
-MAX_NAME_CHARS = 1024
+MAX_FRAME_NAME_CHARS = 1024
 """Longest frame name (a zip member's path included) that is looked at; a longer one is refused."""
 MAX_FRAME_DIGITS = 9
 """Most digits of a frame number (a billion frames); more is no render's numbering and is refused."""
@@ -57,9 +57,9 @@ def split_frame_name(name: str) -> FrameName | None:
     Why not a regular expression: ``(.*?)(\\d+)`` backtracks quadratically on a long run of digits, and the
     names come from uploaded zips. Raises MediaError for a name too long or a frame number of absurd length.
     """
-    if len(name) > MAX_NAME_CHARS:
+    if len(name) > MAX_FRAME_NAME_CHARS:
         raise MediaError(f"a file name in the sequence is {len(name)} characters long; the limit is "
-                         f"{MAX_NAME_CHARS}. Rename the frames (like shot_0001.png).")
+                         f"{MAX_FRAME_NAME_CHARS}. Rename the frames (like shot_0001.png).")
     dot = name.rfind(".")
     suffix = name[dot:] if dot >= 0 else ""
     if len(suffix) < 2 or not (suffix[1:].isascii() and suffix[1:].isalpha()):
@@ -145,7 +145,7 @@ def find_frames(spec: PathLike) -> Frames:
                 raise MediaError(f"{path.name}: not a numbered frame (like shot_0001.png); choose one frame of the "
                                  "sequence, its folder, or a pattern.")
         else:
-            m = re.match(r"^(.*?)(?:#+|%0?\d*d)(\.[A-Za-z]+)$", path.name[:MAX_NAME_CHARS])
+            m = re.match(r"^(.*?)(?:#+|%0?\d*d)(\.[A-Za-z]+)$", path.name[:MAX_FRAME_NAME_CHARS])
             if not m:
                 raise MediaError(f"{path.name}: no such file or sequence; name a folder, a frame, or a pattern such "
                                  "as shot_####.png.")

@@ -130,8 +130,7 @@ def _inspect(path: Path, claimed: str | None, fps: float | None, limits: Limits
         out = path.with_name(path.stem + ".avi")
         try:
             info = sequences.encode_sequence(path, fps, out, _sequence_limits(limits, fps))
-            v = _video_limits(limits)
-            media.check_video_limits(info, v.pixels, v.seconds, v.frames)
+            media.check_video_limits(info, _video_limits(limits))
             return "video", info.to_meta(), out, sha256_file(out)
         except BaseException:
             out.unlink(missing_ok=True)

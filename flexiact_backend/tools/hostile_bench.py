@@ -30,7 +30,7 @@ from ..service.process import ServerProcess
 from .serve_bench import Client, png_bytes
 
 #: The limits the hostile server runs with: small, so that each input is far past them yet only kilobytes.
-HOSTILE_ARGS = ("--max-image-pixels", "1000000", "--max-sequence-pixels", "100000", "--max-zip-entries", "100",
+HOSTILE_ARGS = ("--max-image-pixels", "1000000", "--max-sequence-pixels", "20000000", "--max-zip-entries", "100",
                 "--max-uploads-per-token", "1", "--max-uploads", "2")
 #: A poll of /v1/health every this many seconds while a hostile request runs.
 POLL_S = 0.05
@@ -79,6 +79,19 @@ def zip_of(members: list[tuple[str, bytes]], method: int = zipfile.ZIP_DEFLATED)
 def frames_zip(n: int = 3, size: tuple[int, int] = (48, 32)) -> bytes:
     """A good sequence: n numbered PNG frames."""
     return zip_of([(f"shot_{i + 1:04d}.png", png_bytes(i, size)) for i in range(n)], zipfile.ZIP_STORED)
+
+
+def gradient_zip(n: int, size: tuple[int, int]) -> bytes:
+    """A legitimate sequence within the limits that takes real work: n smooth w x h PNG frames (kilobytes each)."""
+    w, h = size
+    ramp = np.linspace(0, 255, w, dtype=np.float32)[None, :, None]
+    members = []
+    for i in range(n):
+        frame = np.broadcast_to((ramp + 3 * i) % 256, (h, w, 3)).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(frame)).save(buf, format="PNG")
+        members.append((f"legit_{i + 1:04d}.png", buf.getvalue()))
+    return zip_of(members, zipfile.ZIP_STORED)
 
 
 def with_method(data: bytes, method: int, flags: int = 0) -> bytes:
@@ -207,8 +220,10 @@ CASES = (
          "application/zip", "exr.zip", "?fps=24", 413, "f_000.exr: the frame is 7000x7000"),
     Case("seq_png_7000", lambda d: zip_of([(f"f_{i:03d}.png", png_header(7000, 7000)) for i in range(3)]),
          "application/zip", "png.zip", "?fps=24", 413, "f_000.png: the frame is 7000x7000"),
-    Case("seq_budget", lambda d: frames_zip(12, (120, 100)), "application/zip", "budget.zip", "?fps=24", 413,
-         "12 frames of 120x100"),
+    Case("seq_budget", lambda d: zip_of([(f"f_{i:03d}.png", png_header(1000, 1000)) for i in range(30)]),
+         "application/zip", "budget.zip", "?fps=24", 413, "30 frames of 1000x1000 = 30,000,000 pixels"),
+    Case("heavy_legit_sequence", lambda d: gradient_zip(60, (640, 360)), "application/zip", "legit.zip", "?fps=24",
+         201, ""),
     Case("zip64_million", lambda d: zip64_claiming(1_000_000), "application/zip", "million.zip", "?fps=24", 413,
          "holds 1000000 entries"),
     Case("zip_101_entries", lambda d: many_entries_zip(101), "application/zip", "many.zip", "?fps=24", 413,
