@@ -771,17 +771,41 @@ def _exr_image(data: Path | io.BytesIO, name: str, max_pixels: int) -> Image.Ima
     try:
         with av.open(src, format="exr_pipe", options={"protocol_whitelist": "file"}) as c:
             frame = next(c.decode(video=0))
-            has_alpha = _has_alpha(frame)
-            arr = frame.reformat(format="gbrapf32le" if has_alpha else "gbrpf32le").to_ndarray()
     except (av.FFmpegError, StopIteration) as exc:
         reason = _av_reason(exc) if isinstance(exc, av.FFmpegError) else "no image in it"
         raise MediaError(f"{name}: the EXR file cannot be read ({reason}); save it again.") from None
-    arr = np.moveaxis(arr, 0, -1) if arr.shape[0] in (3, 4) and arr.shape[-1] not in (3, 4) else arr
-    linear = arr[..., :3]
-    if has_alpha:
-        bg_linear = srgb_decode(np.asarray(BACKGROUND, np.float32) / 255.0)
-        linear = linear + (1 - np.clip(arr[..., 3:4], 0, 1)) * bg_linear
-    return Image.fromarray(to_uint8(srgb_encode(linear)), "RGB")
+    return Image.fromarray(_exr_to_srgb(frame), "RGB")
+
+
+_EXR_STRIP_PIXELS = 1 << 20
+"""Pixels converted at once: the float temporaries of a strip stay a few MiB whatever the image's size."""
+
+
+def _exr_to_srgb(frame: av.VideoFrame) -> np.ndarray:
+    """Planar float G, B, R (and A) read in place, converted to uint8 sRGB strip by strip: the decoded frame
+    and the output are the only full-size arrays."""
+    has_alpha = _has_alpha(frame)
+    fmt = "gbrapf32le" if has_alpha else "gbrpf32le"
+    if frame.format.name != fmt:
+        frame = frame.reformat(format=fmt)
+    h, w = frame.height, frame.width
+
+    def plane(i: int) -> np.ndarray:
+        p = frame.planes[i]
+        return np.frombuffer(p, np.float32).reshape(h, p.line_size // 4)[:, :w]
+
+    g, b, r = plane(0), plane(1), plane(2)
+    alpha = plane(3) if has_alpha else None
+    bg_linear = srgb_decode(np.asarray(BACKGROUND, np.float32) / 255.0)
+    out = np.empty((h, w, 3), np.uint8)
+    step = max(1, _EXR_STRIP_PIXELS // w)
+    for y in range(0, h, step):
+        rows = slice(y, y + step)
+        linear = np.stack([r[rows], g[rows], b[rows]], axis=-1)
+        if alpha is not None:  # premultiplied, as EXR stores it: over BACKGROUND in linear light
+            linear = linear + (1 - np.clip(alpha[rows][..., None], 0, 1)) * bg_linear
+        out[rows] = to_uint8(srgb_encode(linear))
+    return out
 
 
 def _unreadable(label: str, exc: BaseException, max_pixels: int = MAX_IMAGE_PIXELS) -> MediaError:

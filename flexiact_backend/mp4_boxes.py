@@ -15,6 +15,8 @@ from typing import IO
 
 MAX_BOXES = 100_000
 """Most boxes looked at; a real file has a few hundred (a few per fragment when fragmented)."""
+MAX_DEPTH = 12
+"""Deepest nesting of container boxes looked at (moov/trak/mdia/minf/stbl is five)."""
 _CONTAINERS = {b"moov", b"trak", b"mdia", b"minf", b"stbl", b"edts", b"moof", b"traf", b"mvex"}
 _COUNTED = {b"hdlr", b"stsz", b"stz2", b"stts", b"stco", b"co64", b"elst", b"trun"}
 
@@ -53,12 +55,14 @@ def read_counts(path: Path, max_boxes: int = MAX_BOXES) -> Counts:
     counts = Counts()
     seen = [0]
     with open(path, "rb") as f:
-        _walk(f, 0, path.stat().st_size, counts, None, seen, max_boxes)
+        _walk(f, 0, path.stat().st_size, counts, None, seen, max_boxes, 0)
     return counts
 
 
 def _walk(f: IO[bytes], start: int, end: int, counts: Counts, track: Track | None, seen: list[int],
-          max_boxes: int) -> None:
+          max_boxes: int, depth: int) -> None:
+    if depth > MAX_DEPTH:
+        raise BoxError(f"boxes nested more than {MAX_DEPTH} deep")
     pos = start
     while pos + 8 <= end:
         seen[0] += 1
@@ -81,10 +85,10 @@ def _walk(f: IO[bytes], start: int, end: int, counts: Counts, track: Track | Non
         if kind == b"trak":
             track = Track()
             counts.tracks.append(track)
-            _walk(f, pos + header, box_end, counts, track, seen, max_boxes)
+            _walk(f, pos + header, box_end, counts, track, seen, max_boxes, depth + 1)
             track = None
         elif kind in _CONTAINERS:
-            _walk(f, pos + header, box_end, counts, track, seen, max_boxes)
+            _walk(f, pos + header, box_end, counts, track, seen, max_boxes, depth + 1)
         elif kind in _COUNTED:
             _count(kind, f.read(min(box_end - pos - header, 16)), counts, track)
             if kind == b"stts" and track is not None:

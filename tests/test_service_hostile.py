@@ -120,6 +120,8 @@ def test_an_upload_never_shows_another_uploaders_name_or_a_temp_path(client: Cli
     again = upload(client, data, "image/png", "bob.png")
     assert first["id"] == again["id"] and again["filename"] == "bob.png", again
     assert "alice" not in str(again)
+    status, record = client.request("GET", f"/v1/files/{first['id']}")
+    assert status == 200 and "alice" not in str(record) and record["filename"] is None, record  # type: ignore[index]
     # a zip named as a checkpoint that torch.save did not write: the error names the client's file only
     bad = zip_of([("archive/data.pkl", b"x" * 100)])
     status, body = client.upload(bad, "application/octet-stream", "mine.pt")
@@ -254,7 +256,7 @@ def test_an_unexpected_exception_is_a_logged_500_with_an_id_and_no_traceback(tmp
     def boom() -> None:
         raise KeyError("/srv/secret/path")
 
-    r = TestClient(app, raise_server_exceptions=False).get("/v1/boom")  # no lifespan: no model is loaded
+    r = TestClient(app, base_url="http://127.0.0.1", raise_server_exceptions=False).get("/v1/boom")  # no lifespan
     assert r.status_code == 500, r.text
     error = r.json()["error"]
     match = re.fullmatch(r"internal error ([0-9a-f]{12}); this is a bug: report it with this id .*", error["message"])

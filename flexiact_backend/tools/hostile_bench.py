@@ -176,6 +176,14 @@ def mp4_zero_matrix(folder: Path) -> bytes:
     return bytes(data)
 
 
+def mp4_nested_boxes(depth: int) -> bytes:
+    """An mp4 of nothing but `depth` movie boxes, each inside the last (a recursive walker's stack bomb)."""
+    inner = b""
+    for _ in range(depth):
+        inner = struct.pack(">I4s", 8 + len(inner), b"moov") + inner
+    return b"\0\0\0\x14ftypisom\0\0\0\0isom" + inner
+
+
 def avi_with_dropped_frames(folder: Path) -> bytes:
     """An AVI whose writer dropped frames 3 and 4 (empty chunks in their place, as capture tools write)."""
     path = folder / "dropped.avi"
@@ -246,6 +254,8 @@ CASES = (
          "declares 50000000 samples"),
     Case("mp4_5000_edits", lambda d: mp4_with_edits(d, 5000), "video/mp4", "edits.mp4", "", 422,
          "edit list of 5000 entries"),
+    Case("mp4_nested_boxes", lambda d: mp4_nested_boxes(5000), "video/mp4", "nested.mp4", "", 422,
+         "boxes nested more than 12 deep"),
     Case("mp4_zero_matrix", mp4_zero_matrix, "video/mp4", "matrix.mp4", "", 201, ""),
     Case("avi_dropped", avi_with_dropped_frames, "video/x-msvideo", "dropped.avi", "", 201, ""),
 )

@@ -32,5 +32,6 @@ def get_file(svc: Svc, file_id: FileId) -> dict:
     """The file's record; HEAD answers 200 or 404 without a body, so a client can skip re-uploading.
 
     A record whose bytes are gone from disk is a 404 too: the client uploads again, which restores them.
+    No file name: the same bytes may have been uploaded by others, under names that are theirs.
     """
-    return svc.stored_file(file_id)
+    return {**svc.stored_file(file_id), "filename": None}
