@@ -7,6 +7,8 @@ every Pillow mode, EXR scene-linear to display sRGB, alpha over `media.BACKGROUN
 frame rate the caller gives, to a lossless FFV1 AVI file (exact 1/fps timestamps, unlike Matroska's
 milliseconds) that every other step reads as an ordinary clip.
 Nothing here parses a name as a path for FFmpeg: files are listed by Python and read one at a time.
+Untrusted names (a zip's) are split in one pass, never by a backtracking pattern; every frame's size comes from
+its header and a zip's sizes from its directory, checked against `SequenceLimits` before any frame is decoded.
 """
 
 from __future__ import annotations
