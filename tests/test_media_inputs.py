@@ -21,7 +21,8 @@ from PIL import Image
 
 from flexiact_backend.colour import hlg_inverse_oetf
 from flexiact_backend.errors import MediaError, MediaTooLarge
-from flexiact_backend.media import check_video_limits, classify, image_rgb, open_image, probe_video, read_clip
+from flexiact_backend.media import (VideoLimits, check_video_limits, classify, image_rgb, open_image, probe_video,
+                                    read_clip)
 from flexiact_backend.sequences import encode_sequence, find_frames, looks_like_sequence
 from tests.media_fixtures import PLAYLISTS, H, OpenWatch, W, coded_frame, exr_bytes, make_clip, read_code
 
@@ -292,11 +293,11 @@ def test_decompression_bomb_gets_the_services_size_message(tmp_path: Path) -> No
 def test_video_limits_are_checked_from_the_probe(tmp_path: Path) -> None:
     clip = make_clip(tmp_path / "c.mp4", 24, Fraction(24), H264)
     info = probe_video(clip)
-    check_video_limits(info, W * H, 1.0, 24)
+    check_video_limits(info, VideoLimits(W * H, 1.0, 24))
     for pixels, seconds, frames, fragment in [(W * H - 1, 10, 100, "megapixels"), (10**9, 0.5, 100, "s long"),
                                               (10**9, 10, 23, "frames")]:
         with pytest.raises(MediaTooLarge, match=fragment):
-            check_video_limits(info, pixels, seconds, frames)
+            check_video_limits(info, VideoLimits(pixels, seconds, frames))
 
 
 # --------------------------------------------------------------------------------------------
