@@ -21,6 +21,9 @@ def health(svc: Svc, request: Request) -> dict:
     """Is the server up (open to all); with the token also which model, which device, how busy."""
     loaded = svc.pool.loaded.is_set()
     status = "ok" if loaded else ("error" if svc.pool.load_error else "loading")
+    cluster = svc.pool.cluster_health()
+    if cluster is not None and cluster["status"] == "degraded":
+        status = "degraded"
     token = svc.config.token
     if token and not token_matches(request.headers.get("authorization", ""), token.encode()):
         return {"status": status, "version": __version__}
@@ -31,4 +34,4 @@ def health(svc: Svc, request: Request) -> dict:
                       "error": svc.redact(svc.pool.load_error) if svc.pool.load_error else None},
             "device": svc.pool.device_health(), "queue": svc.db.queue_counts(), "workers": svc.pool.workers_health(),
             "presets": PRESETS, "disk": svc.disk_health(),
-            "step_s": svc.db.seconds_per_step()}
+            "step_s": svc.db.seconds_per_step(), "cluster": cluster}
