@@ -16,7 +16,7 @@ from ..generation import TEMPOS
 from ..parallel.util import EXTRACTION_MODES
 from .hub import add_download_command
 from .model_args import add_model_args, load_generator
-from .serve import add_bench_serve, add_gc_command, add_serve_command
+from .serve import add_bench_hostile, add_bench_serve, add_gc_command, add_serve_command
 
 
 def run_make_tiny_model(args: argparse.Namespace) -> int:
@@ -276,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_commands(bench_sub)
     add_bench_serve(bench_sub)
+    add_bench_hostile(bench_sub)
     return parser
 
 
