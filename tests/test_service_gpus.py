@@ -123,7 +123,7 @@ def _rank_pids(server_pid: int) -> list[int]:
 @two_ranks
 def test_a_killed_rank_loses_the_attempt_and_the_job_resumes(client: Client, server: ServerProcess,
                                                               clip: dict) -> None:
-    status, body = _extraction(client, clip, gpus=2, steps=40, seed=7)
+    status, body = _extraction(client, clip, gpus=2, steps=16, seed=7)
     assert status == 202, body
     job_id = body["job"]["id"]
     wait_job(client, job_id, ("running",), min_step=3)  # past the checkpoint at step 2
@@ -132,7 +132,7 @@ def test_a_killed_rank_loses_the_attempt_and_the_job_resumes(client: Client, ser
     os.kill(pids[1], signal.SIGKILL)
     done = wait_job(client, job_id, ("succeeded",))
     assert done["result"]["resumed_from"] >= 2, done["result"]
-    assert done["result"]["steps_trained"] == 40
+    assert done["result"]["steps_trained"] == 16
 
 
 def test_more_gpus_than_the_machine_runs_is_refused_with_its_limit(client: Client, clip: dict) -> None:
@@ -154,7 +154,7 @@ def test_more_gpus_than_the_machine_runs_is_refused_with_its_limit(client: Clien
 
 @two_ranks
 def test_a_waiting_generation_pauses_a_two_rank_extraction_which_then_resumes(client: Client, clip: dict) -> None:
-    status, body = _extraction(client, clip, gpus=2, steps=30, seed=11)
+    status, body = _extraction(client, clip, gpus=2, steps=12, seed=11)
     assert status == 202, body
     job_id = body["job"]["id"]
     wait_job(client, job_id, ("running",), min_step=1)
@@ -166,7 +166,7 @@ def test_a_waiting_generation_pauses_a_two_rank_extraction_which_then_resumes(cl
     done = wait_job(client, job_id, ("succeeded",))
     assert generated["finished_at"] < done["finished_at"]
     assert done["result"]["resumed_from"] >= 2, done["result"]  # paused at a checkpoint, resumed from it
-    assert done["result"]["steps_trained"] == 30
+    assert done["result"]["steps_trained"] == 12
 
 
 @two_ranks
