@@ -8,12 +8,12 @@ result exactly once. With wait=True (background mode, where timers never fire) a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import bpy
@@ -21,17 +21,18 @@ from bpy.app.handlers import persistent
 
 from . import runner
 from .client import BackendClient, BackendError
-from .importers import adopt_unsaved_results, import_as_plane, import_preview, import_takes, set_plane_movie
+from .importers import import_as_plane, import_preview, import_takes, set_plane_movie
 from .preferences import make_client, output_dir, stored_path
 from .properties import ACTIVE_STATUSES
 from .reference import strips_of
+from .results import relocate
 from .requests import Request
 
 POLL_S = 0.5
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class _Watch:
     client: BackendClient
     scene: str
@@ -84,6 +85,12 @@ class Poller:
                 if job.get("status") in TERMINAL:
                     self._unwatch(w)
             stop.wait(POLL_S)
+
+    def redirect(self, folder: str) -> None:
+        """Download the watched jobs' clips into `folder` from now on (the file was saved elsewhere)."""
+        with self._lock:
+            for key, w in self._watched.items():
+                self._watched[key] = dataclasses.replace(w, dest=os.path.join(folder, os.path.basename(w.dest)))
 
     def _unwatch(self, w: _Watch) -> None:
         with self._lock:
@@ -396,14 +403,22 @@ def on_load_post(*_args: Any) -> None:
 
 @persistent
 def on_save_pre(filepath: str = "", *_args: Any) -> None:
-    """Before a save: results made while the file was unsaved move beside it, stored blend-relative."""
+    """Before a save: results made while the file was unsaved move beside it, and the add-on's relative paths
+    follow a Save As to another folder (Blender rebases only its own)."""
     if filepath:
-        adopt_unsaved_results(filepath)
+        relocate(bpy.data.filepath, filepath)
+
+
+@persistent
+def on_save_post(*_args: Any) -> None:
+    """After a save: clips of jobs still running download beside the .blend, not to the unsaved folder."""
+    POLLER.redirect(output_dir())
 
 
 def register() -> None:
     bpy.app.handlers.load_post.append(on_load_post)
     bpy.app.handlers.save_pre.append(on_save_pre)
+    bpy.app.handlers.save_post.append(on_save_post)
 
 
 def unregister() -> None:
@@ -411,5 +426,7 @@ def unregister() -> None:
         bpy.app.handlers.load_post.remove(on_load_post)
     if on_save_pre in bpy.app.handlers.save_pre:
         bpy.app.handlers.save_pre.remove(on_save_pre)
+    if on_save_post in bpy.app.handlers.save_post:
+        bpy.app.handlers.save_post.remove(on_save_post)
     runner.remove_timer()
     stop()

@@ -13,7 +13,7 @@ from typing import Any
 import bpy
 import pytest
 
-from conftest import make_scene, make_video, point_at_test_backend
+from conftest import make_scene, make_video, render_state as _render_state
 from test_addon import draw_all
 
 pytestmark = pytest.mark.backend
@@ -27,12 +27,6 @@ def _health(url: str) -> dict[str, Any]:
 def _strips(scene: bpy.types.Scene) -> Any:
     editor = scene.sequence_editor
     return editor.strips if hasattr(editor, "strips") else editor.sequences
-
-
-def _render_state(scene: bpy.types.Scene) -> tuple[Any, ...]:
-    r = scene.render
-    return (r.engine, r.resolution_x, r.resolution_y, r.resolution_percentage, r.filepath,
-            r.image_settings.file_format, r.image_settings.color_mode, r.film_transparent)
 
 
 @pytest.mark.parametrize("engine", ["WORKBENCH", "SCENE"])
@@ -57,28 +51,6 @@ def test_capture_without_camera_is_refused(backend: Any) -> None:
     assert not bpy.ops.flexiact.capture_target.poll()
     with pytest.raises(RuntimeError, match="active camera"):
         bpy.ops.flexiact.capture_target()
-
-
-@pytest.fixture(scope="module")
-def action_id(addon: Any) -> str:
-    """An action extracted (a few steps) from the scene's own animation, through the operator: 18 frames at 24 fps,
-    0.75 s, shorter than the tiny model's 1.125 s clip, so it is learned (and plays back) at its real speed."""
-    if not os.environ.get("FLEXIACT_TEST_BACKEND_URL"):
-        pytest.skip("no backend: FLEXIACT_TEST_BACKEND_URL is not set")
-    point_at_test_backend(addon)
-    scene = make_scene(frames=18)
-    s = scene.flexiact
-    s.reference_source = "SCENE"
-    s.caption = "a cube slides to the right"
-    s.extract_preset = "CUSTOM"
-    s.extract_steps = 2
-    before = _render_state(scene)
-    assert bpy.ops.flexiact.extract_action() == {"FINISHED"}
-    assert _render_state(scene) == before  # the Workbench clip render put every setting back
-    record = s.jobs[-1]
-    assert record.kind == "EXTRACT" and record.status == "SUCCEEDED" and record.progress == 1.0
-    assert s.action_id and s.action_id == record.action_id
-    return s.action_id
 
 
 @pytest.mark.parametrize("fps,fps_base", [(24, 1.0), (30, 1.001)])

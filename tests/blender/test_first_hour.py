@@ -88,9 +88,9 @@ def test_plane_follows_the_camera_and_stays_out_of_the_next_capture(addon: Any, 
         assert abs(local.z + addon.importers.PLANE_DISTANCE) < 1e-4 and abs(local.x) < 1e-4
         places.append(plane.matrix_world.translation.copy())
     assert (places[1] - places[0]).length > 2.9  # it moved with the camera
-    # filling the camera's view at that distance: as wide as the view (the clip is wider than the frame)
-    view_w, _view_h = addon.importers._camera_frame_size(scene, cam, addon.importers.PLANE_DISTANCE)
-    assert plane.dimensions.x >= view_w - 1e-4
+    # over the model's frame of the shot: as high as the 16:9 view (the 3:2 clip is narrower), as the capture is
+    view_w, view_h = addon.framing.camera_view_size(scene, cam, addon.importers.PLANE_DISTANCE)
+    assert abs(plane.dimensions.y - view_h) < 1e-4 and plane.dimensions.x < view_w
     scene.frame_set(1)
     again = addon.capture.capture_target(scene, 64, 48, "WORKBENCH", str(tmp_path))
     assert _pixels(Path(again)) == _pixels(Path(first))  # the plane is not in the capture
