@@ -17,6 +17,7 @@ from typing import Any
 import bpy
 from mathutils import Matrix
 
+from .capture import IMPORTED_TAG
 from .framing import camera_view_center, camera_view_size, strip_scale
 from .reference import scene_fps, strips_of
 
@@ -126,6 +127,22 @@ def import_as_strip(scene: bpy.types.Scene, path: str, frame_start: int,
     strip = add_clip(scene, path, frame_start, _channels(scene, previews=True))
     _store_params(strip, params or {})
     return strip
+
+
+def already_imported(scene: bpy.types.Scene, path: str) -> str:
+    """The name of a strip or image plane of `scene` that already plays the clip at `path` ("" if none)."""
+    target = os.path.realpath(bpy.path.abspath(path))
+
+    def same(other: str) -> bool:
+        return bool(other) and os.path.realpath(bpy.path.abspath(other)) == target
+
+    strip = next((s for s in strips_of(scene) or () if s.type == "MOVIE" and same(s.filepath)), None)
+    if strip is not None:
+        return strip.name
+    plane = next((o for o in scene.objects if IMPORTED_TAG in o.keys() and o.type == "MESH"
+                  for m in o.data.materials if m and m.node_tree for n in m.node_tree.nodes
+                  if n.type == "TEX_IMAGE" and n.image and same(n.image.filepath)), None)
+    return plane.name if plane is not None else ""
 
 
 def import_takes(scene: bpy.types.Scene, takes: list[tuple[str, dict[str, Any]]], frame_start: int,

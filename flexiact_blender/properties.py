@@ -76,21 +76,28 @@ def _pick_action(self: "FlexiActSettings", _context: bpy.types.Context) -> None:
         self.action_id = self.actions[self.action_index].action_id
 
 
-_PRESET_ITEMS: list[tuple[str, str, str]] = []  # Blender reads the strings later: keep them referenced
+_PRESET_ITEMS: list[tuple[str, str, str, int]] = []  # Blender reads the strings later: keep them referenced
 
 
-def _preset_items(_self: "FlexiActSettings", _context: bpy.types.Context | None) -> list[tuple[str, str, str]]:
-    """Custom, then the backend's own extraction presets (known once it has answered)."""
-    _PRESET_ITEMS[:] = [("CUSTOM", "Custom", "Set the number of training steps yourself")] + [
-        (name.upper(), name.title(), f"The backend's {name} preset: {steps} training steps")
-        for name, steps in CONNECTION.presets().items()]
+def _preset_items(_self: "FlexiActSettings", _context: bpy.types.Context | None) -> list[tuple[str, str, str, int]]:
+    """Custom, then the backend's own extraction presets (known once it has answered), numbered for get/set."""
+    _PRESET_ITEMS[:] = [("CUSTOM", "Custom", "A number of training steps of your own", 0)] + [
+        (name.upper(), name.title(), f"The backend's {name} preset: {steps} training steps", i)
+        for i, (name, steps) in enumerate(CONNECTION.presets().items(), start=1)]
     return _PRESET_ITEMS
 
 
-def _apply_preset(self: "FlexiActSettings", _context: bpy.types.Context) -> None:
-    steps = CONNECTION.presets().get(self.extract_preset.lower())
-    if steps is not None:
-        self.extract_steps = steps
+def _get_preset(self: "FlexiActSettings") -> int:
+    """The preset whose steps are the ones in use (3,000 is Standard), else Custom."""
+    steps = list(CONNECTION.presets().values())
+    return steps.index(self.extract_steps) + 1 if self.extract_steps in steps else 0
+
+
+def _set_preset(self: "FlexiActSettings", value: int) -> None:
+    """Choosing a preset sets its steps; Custom keeps the steps as they are."""
+    steps = list(CONNECTION.presets().values())
+    if 1 <= value <= len(steps):
+        self.extract_steps = steps[value - 1]
 
 
 def _trim_items() -> list[tuple[str, str, str]]:
@@ -134,8 +141,9 @@ class FlexiActSettings(bpy.types.PropertyGroup):
     # Action
     caption: StringProperty(name="Caption", description="What the reference clip shows, in a short sentence "
                                                         "(it names the action in the library)")
-    extract_preset: EnumProperty(name="Preset", description="How long to train: the backend's presets",
-                                 items=_preset_items, update=_apply_preset)
+    extract_preset: EnumProperty(name="Preset", description="How long to train: the backend's presets (the one "
+                                                            "matching Training Steps is shown)",
+                                 items=_preset_items, get=_get_preset, set=_set_preset)
     extract_steps: IntProperty(name="Training Steps", min=1, max=100000, default=EXTRACTION_DEFAULTS["steps"],
                                description="How many training steps the extraction runs (more: closer motion, "
                                            "longer)")
@@ -157,24 +165,26 @@ class FlexiActSettings(bpy.types.PropertyGroup):
                                                       "subject doing the action")
     seed: IntProperty(name="Seed", min=0, max=2**31 - 1, default=GENERATION_DEFAULTS["seed"],
                       description="Random seed of the generation: the same seed gives the same clip")
-    steps: IntProperty(name="Denoising Steps", min=1, max=1000, default=GENERATION_DEFAULTS["steps"],
-                       description="Denoising steps of the generation (more: finer, slower)")
-    guidance: FloatProperty(name="Guidance", min=0.0, max=50.0, default=GENERATION_DEFAULTS["guidance_scale"],
+    steps: IntProperty(name="Quality Steps", min=1, max=1000, default=GENERATION_DEFAULTS["steps"],
+                       description="How many denoising steps the generation takes (more: finer detail, slower)")
+    guidance: FloatProperty(name="Prompt Strength", min=0.0, max=50.0, default=GENERATION_DEFAULTS["guidance_scale"],
                             description="How strongly the clip follows the prompt (classifier-free guidance)")
     takes: IntProperty(name="Takes", min=1, max=8, default=1,
                        description="How many videos to make, with seeds Seed, Seed+1, …, stacked as strips")
-    lora_weight: FloatProperty(name="RefAdapter Weight", min=0.0, max=4.0,
+    lora_weight: FloatProperty(name="Keep Target's Look", min=0.0, max=4.0,
                                default=GENERATION_DEFAULTS["lora_weight"],
-                               description="How closely the clip keeps the target frame's look and layout")
-    reweighting: BoolProperty(name="Reweighting", default=True,
-                              description="The paper's frequency-aware reweighting: the action weighs more while "
-                                          "the motion is being shaped. Off: as the authors' released script runs")
+                               description="How closely the clip keeps the target frame's look and layout (the RefAdapter's "
+                                           "weight)")
+    reweighting: BoolProperty(name="Stress Motion Early", default=True,
+                              description="The action weighs more while the motion is being shaped (the paper's "
+                                          "frequency-aware reweighting). Off: as the authors' released script runs")
     reweight_scale: FloatProperty(name="Motion Strength", min=0.0, max=20.0,
                                   default=GENERATION_DEFAULTS["reweight_scale"],
                                   description="How strongly the action's motion is weighted in the early steps")
-    transition: FloatProperty(name="Transition", min=0.01, max=1.0, default=GENERATION_DEFAULTS["high_timesteps"],
-                              description="Where the high-noise (motion) timesteps end")
-    step_cache: BoolProperty(name="Step Cache", default=False,
+    transition: FloatProperty(name="Motion Window", min=0.01, max=1.0, default=GENERATION_DEFAULTS["high_timesteps"],
+                              description="The noise level (a fraction of the schedule) above which steps shape the motion: "
+                                          "0.8 makes the first fifth of the steps the motion steps; lower: more")
+    step_cache: BoolProperty(name="Faster Detail Steps", default=False,
                              description="Faster: reuse transformer work at steps after the motion window "
                                          "(the steps that carry the motion always compute in full)")
 

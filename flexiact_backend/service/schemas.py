@@ -83,8 +83,9 @@ class Health(BaseModel):
     workers: list[WorkerHealth]
     presets: dict[str, int] = Field(description="extraction steps per preset name; clients show these, not their own")
     disk: DiskHealth
-    step_s: dict[str, float | None] = Field(description="per job kind (extract, generate): seconds per step of "
-                                            "the last finished job, loading included; null before the first")
+    step_s: dict[str, float | None] = Field(description="per job kind (extract, generate): seconds per step "
+                                            "measured in the last finished job's step loop (training, denoising; "
+                                            "loading, previews and encoding left out); null before the first")
 
 
 class FileInfo(BaseModel):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 import urllib.request
@@ -373,22 +374,50 @@ def test_test_connection_reports_model(backend: Any, addon: Any) -> None:
     assert summary.startswith("Connected") and "tiny" in summary
 
 
-def test_local_backend_launcher_starts_and_stops(addon: Any, prefs: Any) -> None:
-    """Preferences › Start runs the command line, waits for health, logs to the user folder; Stop ends it."""
+def _beat_until(addon: Any, state: str) -> float:
+    """One heartbeat, then the runner's timer by hand (timers never fire in bpy-as-a-module) until the connection
+    is in `state`; returns the seconds that took."""
+    start = time.monotonic()
+    assert addon.connection.heartbeat_tick() == addon.connection.HEARTBEAT_S
+    while addon.connection.CONNECTION.state != state:
+        assert time.monotonic() - start < 60, f"still {addon.connection.CONNECTION.state} after 60 s"
+        time.sleep(addon.runner.TICK_S)
+        addon.runner.timer_tick()
+    _drive_timer(addon.runner)
+    return time.monotonic() - start
+
+
+def test_local_backend_launcher_starts_and_the_panel_sees_it_hang_and_die(addon: Any, prefs: Any) -> None:
+    """Preferences › Start runs the command line, waits for health, logs to the user folder. The heartbeat then
+    tells the truth: a hung backend, then a killed one, shows as not answering within 5 s of its next tick."""
     if not os.environ.get("FLEXIACT_TEST_LAUNCH_COMMAND"):
         pytest.skip("no launch command: FLEXIACT_TEST_LAUNCH_COMMAND is not set")
     make_scene()
     prefs.backend_url = os.environ["FLEXIACT_TEST_LAUNCH_URL"]
     prefs.token = ""
     prefs.launcher_command = os.environ["FLEXIACT_TEST_LAUNCH_COMMAND"]
+    connection = addon.connection.CONNECTION
     assert not bpy.ops.flexiact.backend_stop.poll()
     try:
         assert bpy.ops.flexiact.backend_start() == {"FINISHED"}
         assert addon.launcher.LAUNCHER.running()
-        assert addon.connection.CONNECTION.summary.startswith("Connected")
+        assert connection.summary.startswith("Connected") and connection.is_tiny()
+        assert any("noise by design" in t for t in draw_all().kinds("label"))
         log = Path(addon.launcher.LAUNCHER.log_path)
         assert log.is_file() and Path(addon.preferences.user_dir()) in log.parents
-        assert bpy.ops.flexiact.backend_stop() == {"FINISHED"}
+        pid = addon.launcher.LAUNCHER.process.pid
+        os.kill(pid, signal.SIGSTOP)  # hung: it takes connections but never answers
+        try:
+            assert _beat_until(addon, "DOWN") < 5.0
+            assert any(t.startswith("Backend not answering · last answer") for t in draw_all().kinds("label"))
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        _beat_until(addon, "CONNECTED")
+        assert bpy.ops.flexiact.backend_stop.poll()
+        os.kill(pid, signal.SIGKILL)  # killed
+        assert _beat_until(addon, "DOWN") < 5.0
+        assert connection.summary.startswith("Backend not answering (last answer")
+        assert any(t.startswith("Backend not answering") for t in draw_all().kinds("label"))
     finally:
         addon.launcher.LAUNCHER.stop()
     assert not addon.launcher.LAUNCHER.running()

@@ -148,6 +148,9 @@ def test_takes_and_previews_made_before_the_first_save_survive_save_and_reopen(
     _scene, extraction = addon.jobs.find_record(scene.name, key)
     assert extraction.status == "SUCCEEDED" and extraction.preview_path
     assert Path(extraction.preview_path).parent == unsaved
+    listed = {a.action_id: a for a in s.actions}  # the library was listed again when the action was made
+    assert extraction.action_id in listed and listed[extraction.action_id].name == "a square slides"
+    assert f"Generate with: a square slides" in draw_all().kinds("label")
     s.capture_engine = "WORKBENCH"
     assert bpy.ops.flexiact.capture_target() == {"FINISHED"}
     s.action_id, s.prompt, s.steps, s.takes, s.import_mode = action_id, "a cube slides", 2, 2, "BOTH"
@@ -180,3 +183,41 @@ def test_takes_and_previews_made_before_the_first_save_survive_save_and_reopen(
     assert preview.channel not in {x.channel for x in strips}  # its own channel
     out = capfd.readouterr()
     assert "Warning" not in out.out + out.err and "doesn't exist" not in out.out + out.err, out
+
+
+def test_a_trim_past_the_end_is_refused_as_the_backend_refuses_it(backend: Any, addon: Any, tmp_path: Path) -> None:
+    """The add-on checks a trim before rendering or uploading, in the words the CLI and the API use."""
+    scene = make_scene()
+    s = scene.flexiact
+    clip = make_video(tmp_path / "two_seconds.mp4", "24", 48)
+    s.reference_source, s.reference_path, s.caption = "FILE", str(clip), "a wave"
+    s.clip_start, s.clip_end = 0.5, 3.0
+    with pytest.raises(RuntimeError, match="past the end of the clip") as refused:
+        bpy.ops.flexiact.extract_action()
+    assert "Trim end 3 s is past the end of the clip (2.000 s long)" in s.last_error
+    client = _client(addon)
+    video = client.upload(str(clip))["id"]
+    with pytest.raises(addon.client.BackendError) as backend_says:
+        client.post("/v1/actions", {"name": "x", "caption": "x", "video": video, "start_s": 0.5, "end_s": 3.0})
+    assert backend_says.value.status == 422 or backend_says.value.status == 400
+    assert s.last_error in backend_says.value.message  # the same words
+    assert not s.jobs  # nothing was submitted
+    s.clip_start, s.clip_end = 1.0, 0.5
+    assert any("End is not after Start" in t for t in draw_all().kinds("label"))
+
+
+def test_the_preset_shows_the_steps_in_use_and_imports_say_duplicates(backend: Any, addon: Any, tmp_path: Path,
+                                                                      capfd: pytest.CaptureFixture[str]) -> None:
+    scene = make_scene()
+    s = scene.flexiact
+    assert bpy.ops.flexiact.test_connection() == {"FINISHED"}
+    assert s.extract_steps == 3000 and s.extract_preset == "STANDARD"  # the default is the standard preset
+    s.extract_steps = 1234
+    assert s.extract_preset == "CUSTOM"
+    s.extract_preset = "QUICK"
+    assert s.extract_steps == 1000
+    clip = make_video(tmp_path / "take.mp4", "24", 12)
+    assert bpy.ops.flexiact.import_result(filepath=str(clip)) == {"FINISHED"}
+    capfd.readouterr()
+    assert bpy.ops.flexiact.import_result(filepath=str(clip)) == {"FINISHED"}
+    assert "again: the clip was already in the scene as 'take'" in capfd.readouterr().out
