@@ -90,6 +90,10 @@ class Poller:
                     self._unwatch(w)
             stop.wait(POLL_S)
 
+    def watching_any(self) -> bool:
+        with self._lock:
+            return bool(self._watched)
+
     def redirect(self, folder: str) -> None:
         """Download the watched jobs' clips into `folder` from now on (the file was saved elsewhere)."""
         with self._lock:
@@ -452,7 +456,8 @@ def on_save_pre(filepath: str = "", *_args: Any) -> None:
 @persistent
 def on_save_post(*_args: Any) -> None:
     """After a save: clips of jobs still running download beside the .blend, not to the unsaved folder."""
-    POLLER.redirect(output_dir())
+    if POLLER.watching_any():  # output_dir() makes //flexiact/: only when something will be downloaded there
+        POLLER.redirect(output_dir())
 
 
 def register() -> None:

@@ -494,6 +494,15 @@ def test_preview_import_and_finish_now(backend: Any, addon: Any, tmp_path: Path)
     assert request.body["preview_every"] == 3
     key = addon.jobs.submit(scene, _client(addon), "EXTRACT", request, (96, 64), wait=False)
     _scene, record = addon.jobs.find_record(scene.name, key)
+    try:
+        _preview_import_and_finish_now(backend, addon, scene, record)
+    finally:  # a failure never leaves a 100,000-step extraction holding the one worker
+        if record.job_id and record.status in addon.properties.ACTIVE_STATUSES:
+            _client(addon).cancel(record.job_id)
+
+
+def _preview_import_and_finish_now(backend: Any, addon: Any, scene: bpy.types.Scene, record: Any) -> None:
+    s, key = scene.flexiact, record.key
     with pytest.raises(RuntimeError, match="No preview yet"):
         bpy.ops.flexiact.import_preview(key=key)
     _tick_until(addon.runner, lambda: record.preview_step >= 3, "preview")
@@ -506,13 +515,17 @@ def test_preview_import_and_finish_now(backend: Any, addon: Any, tmp_path: Path)
     scene.frame_current = 7
     assert bpy.ops.flexiact.import_preview(key=key) == {"FINISHED"}
     editor = scene.sequence_editor
-    (strip,) = [x for x in _strips(scene)]
-    assert strip.frame_final_start == 7 and editor.channels[strip.channel].name == "FlexiAct Preview"
+    (strip,) = [x for x in _strips(scene) if x.get("flexiact_preview_step")]
+    # the preview, at the model's fps (8), plays at its own speed in this 24 fps scene: 9 frames last 27
+    model_fps = _health(backend.backend_url)["model"]["fps"]
+    assert strip.frame_final_start == 7 and strip.frame_final_duration == round(record.preview_frames / model_fps * 24)
+    assert editor.channels[strip.channel].name == "FlexiAct Preview"
     assert strip["flexiact_preview_step"] == record.preview_step and strip["flexiact_job"] == record.job_id
     first_step = record.preview_step
     _tick_until(addon.runner, lambda: record.preview_step > first_step, "newer preview")
     assert bpy.ops.flexiact.import_preview(key=key) == {"FINISHED"}
-    (strip,) = [x for x in _strips(scene)]  # the newer preview replaced the older one on the preview channel
+    (strip,) = [x for x in _strips(scene) if x.get("flexiact_preview_step")]  # the newer replaced the older
+    assert len(_strips(scene)) == 2  # it and the movie strip beneath its speed effect
     assert strip["flexiact_preview_step"] == record.preview_step > first_step
 
     assert bpy.ops.flexiact.finish_job(key=key) == {"FINISHED"}
