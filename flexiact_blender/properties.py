@@ -10,13 +10,16 @@ from .connection import CONNECTION
 from .requests import EXTRACTION_DEFAULTS, GENERATION_DEFAULTS
 
 ACTIVE_STATUSES = {"SUBMITTING", "QUEUED", "RUNNING"}
+#: File paths here may be blend-relative ("//…"); 4.5+ warns about a "//" path unless the property says so (4.2
+#: has no such option and no warning).
+BLEND_RELATIVE = {"PATH_SUPPORTS_BLEND_RELATIVE"} if bpy.app.version >= (4, 5, 0) else set()
 
 
 class FlexiActTake(bpy.types.PropertyGroup):
     """One take of a generation: its seed, its downloaded clip and the strip it was imported as."""
 
     seed: IntProperty(name="Seed", description="The noise seed this take was generated with")
-    video_path: StringProperty(name="Clip", subtype="FILE_PATH", description="The take's downloaded clip")
+    video_path: StringProperty(name="Clip", subtype="FILE_PATH", options=BLEND_RELATIVE, description="The take's downloaded clip")
     strip_name: StringProperty(name="Strip", description="The Sequencer strip this take was imported as")
 
 
@@ -56,7 +59,7 @@ class FlexiActJob(bpy.types.PropertyGroup):
     take_index: IntProperty(description="The chosen take: its strip is the one unmuted, the plane plays it")
     preview_step: IntProperty(description="The training step of the latest preview (0: none yet)")
     preview_frames: IntProperty(name="Preview Frames", description="Frame count of the latest training preview")
-    preview_path: StringProperty(subtype="FILE_PATH", description="The latest preview, downloaded")
+    preview_path: StringProperty(subtype="FILE_PATH", options=BLEND_RELATIVE, description="The latest preview, downloaded")
     finish_requested: BoolProperty(description="Finish Now was pressed: the extraction stops at its next step")
 
 
@@ -115,7 +118,7 @@ class FlexiActSettings(bpy.types.PropertyGroup):
         ("FILE", "File", "An image file")])
     target_image: PointerProperty(name="Image", type=bpy.types.Image,
                                   description="The frame the generated clip starts from")
-    target_path: StringProperty(name="Image File", subtype="FILE_PATH",
+    target_path: StringProperty(name="Image File", subtype="FILE_PATH", options=BLEND_RELATIVE,
                                 description="An image file to use as the target frame")
     capture_engine: EnumProperty(name="Capture Engine", description="How Capture renders the target frame",
                                  items=[("SCENE", "Scene Engine", "Render with the scene's own engine and settings"),
@@ -127,7 +130,7 @@ class FlexiActSettings(bpy.types.PropertyGroup):
         ("FILE", "File", "A video file"),
         ("STRIP", "Strip", "A movie strip of the Sequencer, with its trim"),
         ("SCENE", "Scene", "The scene's own animation, rendered with Workbench")])
-    reference_path: StringProperty(name="Video", subtype="FILE_PATH",
+    reference_path: StringProperty(name="Video", subtype="FILE_PATH", options=BLEND_RELATIVE,
                                    description="A video file, a folder of numbered frames or one of its frames")
     reference_strip: StringProperty(name="Strip", description="The Sequencer movie strip to learn from "
                                                               "(its own trim is used)")
@@ -157,7 +160,7 @@ class FlexiActSettings(bpy.types.PropertyGroup):
     actions: CollectionProperty(type=FlexiActActionItem, description="The backend's action library, as last "
                                                                      "listed (Refresh lists it again)")
     action_index: IntProperty(update=_pick_action, description="The selected row of the action library")
-    action_file: StringProperty(name="Action File", subtype="FILE_PATH",
+    action_file: StringProperty(name="Action File", subtype="FILE_PATH", options=BLEND_RELATIVE,
                                 description="A published .pt or safetensors action to import")
 
     # Generate

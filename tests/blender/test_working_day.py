@@ -132,7 +132,8 @@ def _client(addon: Any) -> Any:
 
 
 def test_takes_and_previews_made_before_the_first_save_survive_save_and_reopen(
-        backend: Any, addon: Any, action_id: str, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+        backend: Any, addon: Any, action_id: str, tmp_path: Path, capfd: pytest.CaptureFixture[str],
+        recwarn: pytest.WarningsRecorder) -> None:
     """In an unsaved file: an extraction with previews and a generation of two takes; Save As moves them beside
     the .blend (paths relative); after reopening, Switch Take and Import Preview work; no warning printed."""
     scene = make_scene(fps=30)
@@ -183,6 +184,7 @@ def test_takes_and_previews_made_before_the_first_save_survive_save_and_reopen(
     assert preview.channel not in {x.channel for x in strips}  # its own channel
     out = capfd.readouterr()
     assert "Warning" not in out.out + out.err and "doesn't exist" not in out.out + out.err, out
+    assert not [str(w.message) for w in recwarn if issubclass(w.category, RuntimeWarning)]  # e.g. "//" paths
 
 
 def test_a_trim_past_the_end_is_refused_as_the_backend_refuses_it(backend: Any, addon: Any, tmp_path: Path) -> None:
