@@ -145,24 +145,25 @@ class Heartbeat:
 
     def __init__(self) -> None:
         self.client_factory: Callable[[float], BackendClient] | None = None
-        self._in_flight = False
+        self._asked_at: float | None = None  # the call in flight (an answer dropped on file load expires)
 
     def tick(self) -> float | None:
         """The timer: start a health call unless one is in flight; returns the interval to the next tick."""
         if self.client_factory is None:
             return None
-        if not self._in_flight:
+        now = time.monotonic()
+        if self._asked_at is None or now - self._asked_at > HEARTBEAT_TIMEOUT_S + HEARTBEAT_S:
             try:
                 client = self.client_factory(HEARTBEAT_TIMEOUT_S)
             except BackendError as exc:  # no usable URL, or a remote backend without Online Access
                 CONNECTION.update(None, exc)
                 return HEARTBEAT_S
-            self._in_flight = True
+            self._asked_at = now
             runner.call(client.health, self._answered)
         return HEARTBEAT_S
 
     def _answered(self, health: dict[str, Any] | None, error: BackendError | None) -> None:
-        self._in_flight = False
+        self._asked_at = None
         CONNECTION.update(health, error)
 
 
