@@ -67,14 +67,12 @@ def _channels(scene: bpy.types.Scene, previews: bool) -> frozenset[int]:
 
 
 def _new_effect(strips: Any, name: str, channel: int, start: int, length: int, source: Any) -> Any:
-    """A Speed Control effect playing `source` stretched over `length` frames (4.2: frame_end/seq1, 4.4+:
-    length/input1)."""
+    """A Speed Control effect playing `source` stretched over `length` frames (its input is `seq1` in 4.2,
+    `input1` from 4.5; its end `frame_end` up to 4.5, `length` in 5.0)."""
     args = strips.bl_rna.functions["new_effect"].parameters.keys()
-    if "length" in args:
-        return strips.new_effect(name=name, type="SPEED", channel=channel, frame_start=start, length=length,
-                                 input1=source)
-    return strips.new_effect(name=name, type="SPEED", channel=channel, frame_start=start, frame_end=start + length,
-                             seq1=source)
+    kwargs = {"input1" if "input1" in args else "seq1": source}
+    kwargs.update({"length": length} if "length" in args else {"frame_end": start + length})
+    return strips.new_effect(name=name, type="SPEED", channel=channel, frame_start=start, **kwargs)
 
 
 def add_clip(scene: bpy.types.Scene, path: str, frame_start: int,
