@@ -9,3 +9,7 @@ TEMPOS = ("reference", "model")
 
 #: Exact biased-attention implementations (model/attention.py).
 ATTENTION_BACKENDS = ("padded", "flex", "lse_merge")
+
+#: Parallel extraction: "sequence": Ulysses forward and backward, the gradient of one device; "data": one window
+#: per rank, gradients averaged.
+EXTRACTION_MODES = ("sequence", "data")

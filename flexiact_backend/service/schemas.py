@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Annotated, Any, Literal
 
 from fastapi import Path as PathParam
-from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, computed_field, model_validator
 
 from ..presets import GENERATION_DEFAULTS, PRESETS
 
@@ -74,18 +75,36 @@ class DiskHealth(BaseModel):
     low: bool
 
 
+class ClusterHealth(BaseModel):
+    address: str = Field(description="the Ray cluster's address as given to --ray")
+    status: Literal["connecting", "ok", "degraded"] = Field(description="degraded: the cluster is unreachable "
+                                                             "(see reason); jobs wait in the queue meanwhile")
+    reason: str | None = Field(description="why the cluster is unreachable; null while connected")
+    since: float = Field(description="when the status last changed, seconds since the Unix epoch")
+    auth: Literal["token", "open"] | None = Field(description="whether the cluster requires Ray's token "
+                                                  "authentication; null before the first connection")
+    reconnects: int = Field(description="how often the service has reconnected since it started")
+    warning: str | None = Field(description="set when the cluster was allowed without token authentication")
+
+
 class Health(BaseModel):
-    status: Literal["ok", "loading", "error"]
+    """Liveness and version for anyone; the rest only with the token (when the server has one)."""
+
+    status: Literal["ok", "loading", "error", "degraded"] = Field(description="degraded: studio mode's Ray "
+                                                                  "cluster is unreachable (cluster.reason)")
     version: str
-    model: ModelHealth
-    device: DeviceHealth
-    queue: QueueHealth
-    workers: list[WorkerHealth]
-    presets: dict[str, int] = Field(description="extraction steps per preset name; clients show these, not their own")
-    disk: DiskHealth
-    step_s: dict[str, float | None] = Field(description="per job kind (extract, generate): seconds per step "
-                                            "measured in the last finished job's step loop (training, denoising; "
-                                            "loading, previews and encoding left out); null before the first")
+    model: ModelHealth | None = None
+    device: DeviceHealth | None = None
+    queue: QueueHealth | None = None
+    workers: list[WorkerHealth] | None = None
+    presets: dict[str, int] | None = Field(None, description="extraction steps per preset name; clients show "
+                                           "these, not their own")
+    disk: DiskHealth | None = None
+    step_s: dict[str, float | None] | None = Field(None, description="per job kind (extract, generate): seconds "
+                                                   "per step measured in the last finished job's step loop "
+                                                   "(training, denoising; loading, previews and encoding left out); "
+                                                   "null before the first")
+    cluster: ClusterHealth | None = Field(None, description="studio mode (--ray): the Ray cluster's connection")
 
 
 class FileInfo(BaseModel):
@@ -96,8 +115,30 @@ class FileInfo(BaseModel):
     meta: dict[str, Any]
 
 
+MAX_NAME_CHARS = 200
+
+
+def _display_name(value: str) -> str:
+    """A name as the add-on's library shows it: trimmed, not blank, no control, format (bidi) or separator
+    characters (they hide or reorder what a user reads)."""
+    name = value.strip()
+    if not name:
+        raise ValueError("the name is blank; give the action a name")
+    if len(name) > MAX_NAME_CHARS:
+        raise ValueError(f"the name is {len(name)} characters long; the limit is {MAX_NAME_CHARS}")
+    bad = next((c for c in name if unicodedata.category(c)[0] == "C" or unicodedata.category(c) in ("Zl", "Zp")),
+               None)
+    if bad is not None:
+        raise ValueError(f"the name holds the invisible character U+{ord(bad):04X} "
+                         f"({unicodedata.name(bad, 'a control character')}); use printable characters only")
+    return name
+
+
+DisplayName = Annotated[str, Field(min_length=1, max_length=4 * MAX_NAME_CHARS), AfterValidator(_display_name)]
+
+
 class ActionCreate(_Request):
-    name: str = Field(min_length=1, max_length=200)
+    name: DisplayName
     caption: str = Field(min_length=1, max_length=2000)
     video: str = Field(pattern=SHA256_PATTERN, description="id of an uploaded video")
     start_s: float = Field(ge=0, le=MAX_CLIP_S)
@@ -112,11 +153,11 @@ class ActionCreate(_Request):
 
 
 class ActionRename(_Request):
-    name: str = Field(min_length=1, max_length=200)
+    name: DisplayName
 
 
 class ActionImport(_Request):
-    name: str = Field(min_length=1, max_length=200)
+    name: DisplayName
     caption: str = Field(min_length=1, max_length=2000)
     file: str = Field(pattern=SHA256_PATTERN, description="id of an uploaded published .pt or project safetensors")
 
@@ -224,13 +265,19 @@ class Job(BaseModel):
     queue_position: int | None = Field(None, ge=1, description="while queued: 1 starts next; else null")
 
 
+QUEUE_NOTE = Field(None, description="set when the job was queued while it cannot start soon (studio mode's Ray "
+                  "cluster unreachable): it waits in the queue and runs once the service has reconnected")
+
+
 class JobAccepted(BaseModel):
     job: Job
+    note: str | None = QUEUE_NOTE
 
 
 class ActionAccepted(BaseModel):
     action: Action
     job: Job
+    note: str | None = QUEUE_NOTE
 
 
 class JobList(BaseModel):
@@ -239,4 +286,5 @@ class JobList(BaseModel):
 
 def job_out(job: dict) -> dict:
     """The public view of a job row (internal bookkeeping columns dropped)."""
-    return {k: v for k, v in job.items() if k not in ("cancel_requested", "finish_requested", "attempts", "version")}
+    return {k: v for k, v in job.items() if k not in ("cancel_requested", "finish_requested", "attempts", "version",
+                                                   "owner")}

@@ -25,6 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..model import ATTENTION_BACKENDS, biased_attention, rotary_embeddings
 from .bench_commands import FULL_MODES
+from .bench_parallel import bench_parallel, bench_windows
 from .model_args import load_generator
 
 
@@ -404,11 +405,17 @@ def run_benchmarks(args: argparse.Namespace) -> int:
         report = bench_full(args)
     elif args.bench == "takes":
         report = bench_takes(args)
+    elif args.bench == "parallel":
+        report = bench_parallel(args)
+    elif args.bench == "windows":
+        report = bench_windows(args)
     else:
         report = bench_generate(args)
     text = json.dumps(report, indent=2)
     print(text)
     print(format_table(report))
+    if "multi_gpu" in report:
+        print(format_table({"results": report["multi_gpu"]}))
     if args.json:
         Path(args.json).write_text(text)
     return 0

@@ -73,3 +73,27 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=2, help="timed repeats")
     p.add_argument("--json", type=Path)
     p.set_defaults(func=run_benchmarks)
+    add_bench_parallel(sub).set_defaults(func=run_benchmarks)
+    add_bench_windows(sub).set_defaults(func=run_benchmarks)
+
+
+def add_bench_parallel(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("parallel", help="1 rank against N ranks on the same generation and extraction steps")
+    add_model_args(p)
+    p.add_argument("--gpus", type=int, default=2, help="ranks of the parallel run (CPU ranks over gloo without GPUs)")
+    p.add_argument("--denoise-steps", type=int, default=4, help="denoising steps of the timed generation")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats of each piece of work")
+    p.add_argument("--json", type=Path)
+    return p
+
+
+def add_bench_windows(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("windows", help="loss per step against windows per step (what data-parallel GPUs buy)")
+    add_model_args(p)
+    p.add_argument("--windows", type=int, nargs="+", default=[1, 2, 4, 8], help="windows per step to compare")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--eval-every", type=int, default=25)
+    p.add_argument("--eval-draws", type=int, default=32, help="held-out draws the loss is measured on")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path)
+    return p
