@@ -65,15 +65,36 @@ blender-libs:
 	fi
 
 # Built by Blender's own extension builder (4.2, the oldest supported) from a staging folder holding the
-# root manifest and the add-on package, then validated by 4.2's and 5.0's validators.
+# root manifest and the add-on package, then validated by 4.2's and 5.0's validators. That builder/validator is one
+# standard-library script (blender_ext.py) that ships only inside Blender: it is copied out of a bpy venv when one
+# is there (`make test` builds them anyway), else out of the bpy wheel, downloaded once and never installed; either
+# way it is kept in .cache/blender_ext/, so a packager needs no Blender installed.
 extension: $(EXT_ZIP)
 
-$(EXT_ZIP): blender_manifest.toml $(wildcard flexiact_blender/*.py) | .venv-bpy42/.installed .venv-bpy50/.installed
+BLENDER_EXT_CACHE := .cache/blender_ext
+EXT_CLI = $(BLENDER_EXT_CACHE)/$(1)/blender_ext.py
+BLENDER_EXT_IN_WHEEL = bpy/$(1)/scripts/addons_core/bl_pkg/cli/blender_ext.py
+
+$(BLENDER_EXT_CACHE)/%/blender_ext.py:
+	mkdir -p $(@D)
+	v=$$(echo $* | tr -d .); venv=.venv-bpy$$v/lib/python3.11/site-packages/$(call BLENDER_EXT_IN_WHEEL,$*); \
+	if [ -f "$$venv" ]; then cp "$$venv" $@.tmp; else \
+		pin=$$(make -s --no-print-directory print-bpy-$$v); \
+		$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.11 -d .cache/wheels "bpy==$$pin"; \
+		$(PYTHON) -c "import glob, sys, zipfile; z = zipfile.ZipFile(glob.glob('.cache/wheels/bpy-' + sys.argv[1] + '-*.whl')[0]); open(sys.argv[3], 'wb').write(z.read(sys.argv[2]))" \
+			"$$pin" $(call BLENDER_EXT_IN_WHEEL,$*) $@.tmp; \
+	fi
+	mv $@.tmp $@
+
+print-bpy-%:
+	@echo $(BPY_$*)
+
+$(EXT_ZIP): blender_manifest.toml $(wildcard flexiact_blender/*.py) $(call EXT_CLI,4.2) $(call EXT_CLI,5.0)
 	rm -rf build/extension && mkdir -p build/extension dist
 	cp blender_manifest.toml flexiact_blender/*.py build/extension/
-	.venv-bpy42/bin/python $(call BLENDER_EXT,42,4.2) build --source-dir build/extension --output-filepath $@.tmp.zip
-	.venv-bpy42/bin/python $(call BLENDER_EXT,42,4.2) validate $@.tmp.zip
-	.venv-bpy50/bin/python $(call BLENDER_EXT,50,5.0) validate $@.tmp.zip
+	$(PYTHON) $(call EXT_CLI,4.2) build --source-dir build/extension --output-filepath $@.tmp.zip
+	$(PYTHON) $(call EXT_CLI,4.2) validate $@.tmp.zip
+	$(PYTHON) $(call EXT_CLI,5.0) validate $@.tmp.zip
 	mv $@.tmp.zip $@
 
 # ---- the whole suite ------------------------------------------------------------------------------------
@@ -81,9 +102,10 @@ $(EXT_ZIP): blender_manifest.toml $(wildcard flexiact_blender/*.py) | .venv-bpy4
 test: setup $(BLENDER_TEST_DEPS)
 	$(PY) -m pytest -q
 
-# The suite without Blender and the demo (no bpy venvs needed): a quick check while working on the backend.
+# The suite without Blender, the demo, the Ray cluster and the slow tests (no bpy venvs needed): a quick check while
+# working on the backend.
 test-fast: setup
-	$(PY) -m pytest -q -m "not blender and not slow" --ignore tests/test_demo.py
+	$(PY) -m pytest -q -m "not blender and not slow and not cluster" --ignore tests/test_demo.py
 
 # The benchmarks on the tiny model (CPU or GPU, whichever is here), each as JSON in out/bench/ and a table;
 # `make bench BENCH_MODEL="--model DIR"` measures a real pipeline instead.

@@ -24,16 +24,13 @@ from PIL import Image
 from .actions import motion_duration_s, read_action_metadata
 from .errors import Cancelled, CheckpointError
 from .media import FitMapping, fit_target_image, retime_frames, write_mp4
+from .options import TEMPOS
 from .model import ATTENTION_BACKENDS, FlexiActAdapter, StepCache, attach_flexiact, compile_blocks, reweight_schedule, reweighting
 from .presets import GENERATION_DEFAULTS
-from .model_info import ModelInfo, read_model_info
+from .model_info import REFADAPTER_FILES, ModelInfo, read_model_info
 
 #: Where a pipeline folder may carry its RefAdapter (the published file name, or the project's safetensors).
-REFADAPTER_FILES = ("refadapter.safetensors", "refnetlora_step40000_model.pt")
 
-#: How long the generated clip plays: as long as the action's motion lasted in its reference (the default),
-#: or the model's own clip length (every generated frame shown once at the model's fps).
-TEMPOS = ("reference", "model")
 
 ProgressFn = Callable[[int, int, float], None]
 CancelFn = Callable[[], bool]

@@ -9,6 +9,8 @@ from pathlib import Path
 #: Optional file in a pipeline folder with FlexiAct settings; absent for the hub's CogVideoX-5B-I2V.
 ADAPTER_CONFIG_NAME = "flexiact.json"
 REAL_MODEL_ID = "THUDM/CogVideoX-5b-I2V"
+#: The RefAdapter LoRA in a pipeline folder: the converted file, else the authors' released checkpoint.
+REFADAPTER_FILES = ("refadapter.safetensors", "refnetlora_step40000_model.pt")
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import bpy
 
-from . import jobs, operators, panels, preferences, properties
+from . import connection, jobs, operators, panels, preferences, properties
 from .launcher import LAUNCHER
 
 _CLASSES = (*preferences.CLASSES, *operators.CLASSES, *panels.CLASSES)
@@ -18,9 +18,11 @@ def register() -> None:
     for cls in _CLASSES:
         bpy.utils.register_class(cls)
     jobs.register()
+    connection.start_heartbeat(lambda timeout: preferences.make_client(timeout=timeout))
 
 
 def unregister() -> None:
+    connection.stop_heartbeat()
     jobs.unregister()
     LAUNCHER.stop()
     for cls in reversed(_CLASSES):

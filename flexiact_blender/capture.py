@@ -9,6 +9,8 @@ from typing import Any, Iterator
 
 import bpy
 
+from .framing import capture_settings
+
 WORKBENCH = "BLENDER_WORKBENCH"
 #: The custom property every imported strip and plane carries (importers store the job id under it).
 IMPORTED_TAG = "flexiact_job"
@@ -72,11 +74,6 @@ def _still_format() -> dict[str, Any]:
     return changes
 
 
-def _size(width: int, height: int) -> dict[str, Any]:
-    return {"resolution_x": int(width), "resolution_y": int(height), "resolution_percentage": 100,
-            "pixel_aspect_x": 1.0, "pixel_aspect_y": 1.0, "use_border": False}
-
-
 @contextlib.contextmanager
 def imported_planes_hidden(scene: bpy.types.Scene) -> Iterator[None]:
     """FlexiAct's own image planes stay out of a capture (they would block the set), then render as before."""
@@ -91,10 +88,11 @@ def imported_planes_hidden(scene: bpy.types.Scene) -> Iterator[None]:
 
 
 def capture_target(scene: bpy.types.Scene, width: int, height: int, engine: str, folder: str) -> str:
-    """Render the current frame from the active camera at the model's size; return the PNG path."""
+    """Render the model's frame of the shot (see framing.py) from the active camera at the model's size; return
+    the PNG path."""
     if scene.camera is None:
         raise CaptureError("The scene has no active camera: add one (or pick an image as the target).")
-    changes = _size(width, height)
+    changes = capture_settings(scene, width, height)
     changes["film_transparent"] = False
     if engine == "WORKBENCH":
         changes["engine"] = WORKBENCH
@@ -112,13 +110,14 @@ def capture_target(scene: bpy.types.Scene, width: int, height: int, engine: str,
 
 
 def render_scene_clip(scene: bpy.types.Scene, width: int, height: int, folder: str) -> str:
-    """Render frames start..end with Workbench into an mp4 at the scene's fps; return its path."""
+    """Render frames start..end with Workbench into an mp4 at the scene's fps, framed as the capture; return its
+    path."""
     if scene.camera is None:
         raise CaptureError("The scene has no active camera to render its animation from.")
     if scene.frame_end <= scene.frame_start:
         raise CaptureError("The scene's frame range is empty: set Start and End in the Output properties.")
     base = os.path.join(folder, f"reference_{scene.name}_{time.strftime('%Y%m%d-%H%M%S')}_")
-    changes = _size(width, height)
+    changes = capture_settings(scene, width, height)
     changes.update({"engine": WORKBENCH, "filepath": base, "use_file_extension": True,
                     "film_transparent": False})
     changes.update(_video_format())

@@ -25,9 +25,34 @@ class BackendError(Exception):
         self.status = status
 
 
+def with_scheme(url: str) -> str:
+    """The URL as typed, with http:// put in front when it names no scheme ("127.0.0.1:8765")."""
+    url = url.strip()
+    return url if not url or "://" in url else f"http://{url}"
+
+
+def url_port(url: str) -> int:
+    """The port a backend URL names (its scheme's default when it names none)."""
+    parts = urllib.parse.urlsplit(with_scheme(url))
+    try:
+        return parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:  # not a number
+        return 0
+
+
+def port_taken(url: str, timeout: float = 0.5) -> bool:
+    """True when something already listens where the URL points."""
+    parts = urllib.parse.urlsplit(with_scheme(url))
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", url_port(url)), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def is_loopback(url: str) -> bool:
     """True when the URL names this machine, so no online access is needed to reach it."""
-    host = urllib.parse.urlsplit(url).hostname or ""
+    host = urllib.parse.urlsplit(with_scheme(url)).hostname or ""
     if host == "localhost":
         return True
     try:
@@ -49,11 +74,11 @@ class BackendClient:
     """One backend at `url`; every call opens its own connection so threads never share one."""
 
     def __init__(self, url: str, token: str = "", timeout: float = 30.0) -> None:
-        parts = urllib.parse.urlsplit(url.strip())
+        parts = urllib.parse.urlsplit(with_scheme(url))
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise BackendError(f"Backend URL {url!r} is not an http:// or https:// address: fix it in the "
-                               "FlexiAct preferences", "bad_url")
-        self.url = url.strip().rstrip("/")
+            raise BackendError(f"Backend URL {url!r} is not an http:// or https:// address (e.g. "
+                               "http://127.0.0.1:8765): fix it in the FlexiAct preferences", "bad_url")
+        self.url = with_scheme(url).rstrip("/")
         self._parts = parts
         self.token = token
         self.timeout = timeout

@@ -2,38 +2,78 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable
+
+import bpy
 
 from . import runner
 from .client import BackendClient, BackendError
 
 HEALTH_TIMEOUT_S = 5.0
+#: How often the backend is asked whether it is alive while Blender runs; a dead one shows within this plus
+#: HEARTBEAT_TIMEOUT_S.
+HEARTBEAT_S = 2.0
+HEARTBEAT_TIMEOUT_S = 3.0
 
 
 class Connection:
-    """The last /v1/health answer, or why there is none."""
+    """The last /v1/health answer, when the backend last answered anything, and why it does not now."""
 
     def __init__(self) -> None:
         self.health: dict[str, Any] | None = None
         self.error = ""
+        #: time.monotonic() of the backend's last answer to any call (None: not since it was last changed)
+        self.answered_at: float | None = None
 
     def update(self, health: dict[str, Any] | None, error: BackendError | None = None) -> None:
-        self.health = health
-        self.error = error.message if error is not None else ""
+        """A health call's outcome. A failure keeps the last health (its model size, presets, step times)."""
+        if error is not None:
+            self.error = error.message
+            return
+        self.health, self.error = health, ""
+        if health is not None:
+            self.answered_at = time.monotonic()
+
+    def answered(self) -> None:
+        """Any call was answered (a job poll, a download): the backend is alive (callable from any thread)."""
+        self.answered_at = time.monotonic()
+        if self.health is not None:
+            self.error = ""
 
     def forget(self) -> None:
         """The backend changed (URL, token, started or stopped): ask again next time."""
-        self.update(None)
+        self.health, self.error, self.answered_at = None, "", None
+
+    @property
+    def state(self) -> str:
+        """CONNECTED (the last call was answered), DOWN (it was not) or UNKNOWN (not asked yet)."""
+        if self.error:
+            return "DOWN"
+        return "CONNECTED" if self.health is not None else "UNKNOWN"
+
+    def age(self) -> str:
+        """How long ago the backend last answered, in words ("" when it never did)."""
+        if self.answered_at is None:
+            return ""
+        seconds = max(0, int(time.monotonic() - self.answered_at))
+        return f"{seconds} s ago" if seconds < 120 else f"{seconds // 60} min ago"
 
     @property
     def summary(self) -> str:
-        if self.health is not None:
+        if self.state == "CONNECTED":
             model, device = self.health.get("model", {}), self.health.get("device", {})
             queue = self.health.get("queue", {})
             return (f"Connected · {model.get('id', '?')}{' (tiny)' if model.get('tiny') else ''} · "
                     f"{device.get('type', '?')} · queue {queue.get('running', 0)} running, "
-                    f"{queue.get('queued', 0)} queued")
+                    f"{queue.get('queued', 0)} queued · answered {self.age()}")
+        if self.state == "DOWN" and self.answered_at is not None:
+            return f"Backend not answering (last answer {self.age()}): {self.error}"
         return f"Failed: {self.error}" if self.error else ""
+
+    def is_tiny(self) -> bool:
+        """The backend serves the tiny test model, whose clips are noise by design."""
+        return bool(((self.health or {}).get("model") or {}).get("tiny"))
 
     def model_size(self) -> tuple[int, int]:
         """(width, height) the model generates at; 0 × 0 before the health is known."""
@@ -98,3 +138,53 @@ def with_health(client: BackendClient, then: Callable[[dict[str, Any]], str], wa
         return problem
 
     return runner.call(client.health, done, wait)
+
+
+class Heartbeat:
+    """Asks the backend for its health every HEARTBEAT_S (a Blender timer), so the panel's connection state, model
+    and step times are current without Test Connection; one call at a time."""
+
+    def __init__(self) -> None:
+        self.client_factory: Callable[[float], BackendClient] | None = None
+        self._asked_at: float | None = None  # the call in flight (an answer dropped on file load expires)
+
+    def tick(self) -> float | None:
+        """The timer: start a health call unless one is in flight; returns the interval to the next tick."""
+        if self.client_factory is None:
+            return None
+        now = time.monotonic()
+        if self._asked_at is None or now - self._asked_at > HEARTBEAT_TIMEOUT_S + HEARTBEAT_S:
+            try:
+                client = self.client_factory(HEARTBEAT_TIMEOUT_S)
+            except BackendError as exc:  # no usable URL, or a remote backend without Online Access
+                CONNECTION.update(None, exc)
+                return HEARTBEAT_S
+            self._asked_at = now
+            runner.call(client.health, self._answered)
+        return HEARTBEAT_S
+
+    def _answered(self, health: dict[str, Any] | None, error: BackendError | None) -> None:
+        self._asked_at = None
+        CONNECTION.update(health, error)
+
+
+
+HEARTBEAT = Heartbeat()
+
+
+def heartbeat_tick() -> float | None:
+    """The Blender timer of HEARTBEAT (a plain function: Blender finds timers by identity)."""
+    return HEARTBEAT.tick()
+
+
+def start_heartbeat(client_factory: Callable[[float], BackendClient]) -> None:
+    """Ask the backend now (in half a second) and every HEARTBEAT_S from then on."""
+    HEARTBEAT.client_factory = client_factory
+    if not bpy.app.timers.is_registered(heartbeat_tick):
+        bpy.app.timers.register(heartbeat_tick, first_interval=0.5, persistent=True)
+
+
+def stop_heartbeat() -> None:
+    HEARTBEAT.client_factory = None
+    if bpy.app.timers.is_registered(heartbeat_tick):
+        bpy.app.timers.unregister(heartbeat_tick)

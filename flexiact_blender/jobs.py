@@ -8,12 +8,12 @@ result exactly once. With wait=True (background mode, where timers never fire) a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import bpy
@@ -21,17 +21,19 @@ from bpy.app.handlers import persistent
 
 from . import runner
 from .client import BackendClient, BackendError
-from .importers import adopt_unsaved_results, import_as_plane, import_preview, import_takes, set_plane_movie
+from .connection import CONNECTION
+from .importers import import_as_plane, import_preview, import_takes, set_plane_movie
 from .preferences import make_client, output_dir, stored_path
 from .properties import ACTIVE_STATUSES
 from .reference import strips_of
+from .results import relocate
 from .requests import Request
 
 POLL_S = 0.5
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class _Watch:
     client: BackendClient
     scene: str
@@ -73,7 +75,10 @@ class Poller:
                     return
                 try:
                     job, videos, preview = fetch(w.client, w.job_id, w.kind, w.dest)
+                    CONNECTION.answered()
                 except BackendError as exc:
+                    if exc.status == 0:  # no answer at all: the panel says the backend is not answering
+                        runner.post(lambda exc=exc: CONNECTION.update(None, exc))
                     gone = exc.status == 404
                     runner.post(lambda w=w, message=exc.message, gone=gone: _poll_failed(w, message, gone))
                     if gone:
@@ -84,6 +89,16 @@ class Poller:
                 if job.get("status") in TERMINAL:
                     self._unwatch(w)
             stop.wait(POLL_S)
+
+    def watching_any(self) -> bool:
+        with self._lock:
+            return bool(self._watched)
+
+    def redirect(self, folder: str) -> None:
+        """Download the watched jobs' clips into `folder` from now on (the file was saved elsewhere)."""
+        with self._lock:
+            for key, w in self._watched.items():
+                self._watched[key] = dataclasses.replace(w, dest=os.path.join(folder, os.path.basename(w.dest)))
 
     def _unwatch(self, w: _Watch) -> None:
         with self._lock:
@@ -250,7 +265,8 @@ def result_path(record: Any) -> str:
 def apply_job(scene: bpy.types.Scene, record: Any, job: dict[str, Any], videos: list[str] | tuple[str, ...] = (),
               preview: dict[str, Any] | None = None) -> None:
     """Copy the backend's job state into the record (its takes, its latest preview); import a finished
-    generation that is not imported yet."""
+    generation that is not imported yet; list the library again when an extraction has made its action."""
+    was = record.status
     record.job_id = str(job.get("id", record.job_id))
     record.status = str(job.get("status", "queued")).upper()
     record.phase = str(job.get("phase") or "")
@@ -265,6 +281,11 @@ def apply_job(scene: bpy.types.Scene, record: Any, job: dict[str, Any], videos: 
         scene.flexiact.last_error = f"{record.label} failed: {record.error}"
     if record.kind == "EXTRACT" and record.status == "SUCCEEDED" and record.action_id:
         scene.flexiact.action_id = record.action_id
+        if was != "SUCCEEDED":
+            try:
+                refresh_library(scene.name, make_client(), bpy.app.background)
+            except BackendError as exc:  # the action is made; only its listing waits for the next Refresh
+                record.error = exc.message
     if videos:
         record.video_path = stored_path(videos[0])
         if len(record.takes) != len(videos):
@@ -278,6 +299,36 @@ def apply_job(scene: bpy.types.Scene, record: Any, job: dict[str, Any], videos: 
         record.preview_path = stored_path(preview["path"])
     if record.kind == "GENERATE" and record.status == "SUCCEEDED" and record.video_path and not record.imported:
         import_record(scene, record)
+
+
+def fill_library(settings: Any, actions: list[dict[str, Any]]) -> None:
+    """Mirror the backend's action library in `settings.actions` (a cancelled extraction is no library entry)."""
+    settings.actions.clear()
+    for action in actions:
+        if action.get("status") == "cancelled":
+            continue
+        item = settings.actions.add()
+        item.name = str(action.get("name", ""))
+        item.caption = str(action.get("caption", ""))
+        item.action_id = str(action.get("id", ""))
+        item.status = str(action.get("status", ""))
+        item.progress = 1.0 if item.status == "ready" else 0.0
+
+
+def refresh_library(scene_name: str, client: BackendClient, wait: bool,
+                    refused: Callable[[BackendError], str] = lambda error: error.message) -> str | None:
+    """List the backend's actions into the scene's library (now with wait=True, else when the answer comes);
+    returns the problem ("" when listed) when it ran now."""
+
+    def done(actions: list[dict[str, Any]] | None, error: BackendError | None) -> str:
+        if error is not None:
+            return refused(error)
+        scene = bpy.data.scenes.get(scene_name)
+        if scene is not None:
+            fill_library(scene.flexiact, actions or [])
+        return ""
+
+    return runner.call(client.list_actions, done, wait)
 
 
 def _takes(record: Any) -> list[tuple[str, dict[str, Any]]]:
@@ -396,14 +447,23 @@ def on_load_post(*_args: Any) -> None:
 
 @persistent
 def on_save_pre(filepath: str = "", *_args: Any) -> None:
-    """Before a save: results made while the file was unsaved move beside it, stored blend-relative."""
+    """Before a save: results made while the file was unsaved move beside it, and the add-on's relative paths
+    follow a Save As to another folder (Blender rebases only its own)."""
     if filepath:
-        adopt_unsaved_results(filepath)
+        relocate(bpy.data.filepath, filepath)
+
+
+@persistent
+def on_save_post(*_args: Any) -> None:
+    """After a save: clips of jobs still running download beside the .blend, not to the unsaved folder."""
+    if POLLER.watching_any():  # output_dir() makes //flexiact/: only when something will be downloaded there
+        POLLER.redirect(output_dir())
 
 
 def register() -> None:
     bpy.app.handlers.load_post.append(on_load_post)
     bpy.app.handlers.save_pre.append(on_save_pre)
+    bpy.app.handlers.save_post.append(on_save_post)
 
 
 def unregister() -> None:
@@ -411,5 +471,7 @@ def unregister() -> None:
         bpy.app.handlers.load_post.remove(on_load_post)
     if on_save_pre in bpy.app.handlers.save_pre:
         bpy.app.handlers.save_pre.remove(on_save_pre)
+    if on_save_post in bpy.app.handlers.save_post:
+        bpy.app.handlers.save_post.remove(on_save_post)
     runner.remove_timer()
     stop()

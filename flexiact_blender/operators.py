@@ -15,15 +15,17 @@ from bpy.props import EnumProperty, IntProperty, StringProperty
 
 from . import jobs, requests, runner
 from .capture import CaptureError, capture_target
-from .client import BackendError
+from .client import BackendError, port_taken, url_port
 from .connection import CONNECTION, HEALTH_TIMEOUT_S, check, with_health
-from .importers import stored_params
+from .importers import already_imported, stored_params
 from .launcher import LAUNCHER
-from .preferences import get_prefs, make_client, output_dir, start_command, stored_path, user_dir
+from .preferences import NO_CLI, get_prefs, make_client, output_dir, start_command, stored_path, user_dir
 from .properties import ACTIVE_STATUSES
 from .reference import ReferenceError, resolve, scene_fps
 
 LAUNCH_TIMEOUT_S = 120.0
+#: How long Start waits for whatever holds the Backend URL's port to say it is a FlexiAct backend.
+PORT_PROBE_S = 2.0
 
 
 def _wait() -> bool:
@@ -119,9 +121,23 @@ class FLEXIACT_OT_backend_start(bpy.types.Operator):
 
     def execute(self, context: bpy.types.Context) -> set[str]:
         prefs = get_prefs(context)
+        command = start_command()
+        if not command:
+            return _fail(self, context, NO_CLI)
         try:
             client = make_client(context, timeout=HEALTH_TIMEOUT_S)
-            LAUNCHER.start(prefs.launcher_command, os.path.join(user_dir(), "backend.log"))
+        except BackendError as exc:
+            return _fail(self, context, exc.message)
+        if port_taken(prefs.backend_url):  # at once, not when the new process gives up
+            try:
+                CONNECTION.update(make_client(context, timeout=PORT_PROBE_S).health())
+            except BackendError:
+                return _fail(self, context, f"Port {url_port(prefs.backend_url)} is in use by another program: "
+                                            "choose another port in the Backend URL (Start serves on its port).")
+            self.report({"INFO"}, f"A backend already answers at {client.url}: {CONNECTION.summary}")
+            return {"FINISHED"}
+        try:
+            LAUNCHER.start(command, os.path.join(user_dir(), "backend.log"))
         except BackendError as exc:
             return _fail(self, context, exc.message)
         CONNECTION.forget()
@@ -284,10 +300,15 @@ class FLEXIACT_OT_import_result(bpy.types.Operator):
             if record is None or not record.video_path:
                 return _fail(self, context, "No finished generation selected to import.")
             record.import_mode = scene.flexiact.import_mode
+        earlier = already_imported(scene, record.video_path)
         jobs.import_record(scene, record)
         if not record.imported:
             return _fail(self, context, record.error)
-        self.report({"INFO"}, f"Imported {record.strip_name or record.plane_name}")
+        name = record.strip_name or record.plane_name
+        if earlier:
+            self.report({"WARNING"}, f"Imported {name} again: the clip was already in the scene as '{earlier}'")
+        else:
+            self.report({"INFO"}, f"Imported {name}")
         return {"FINISHED"}
 
 
@@ -455,23 +476,10 @@ class FLEXIACT_OT_refresh_actions(bpy.types.Operator):
             return _fail(self, context, exc.message)
         scene_name = context.scene.name
 
-        def done(actions: list[dict[str, Any]] | None, error: BackendError | None) -> str:
-            if error is not None:
-                return _refused(scene_name, error)
-            settings = bpy.data.scenes[scene_name].flexiact
-            settings.actions.clear()
-            for action in actions or ():
-                if action.get("status") == "cancelled":  # an extraction stopped on purpose is no library entry
-                    continue
-                item = settings.actions.add()
-                item.name = str(action.get("name", ""))
-                item.caption = str(action.get("caption", ""))
-                item.action_id = str(action.get("id", ""))
-                item.status = str(action.get("status", ""))
-                item.progress = 1.0 if item.status == "ready" else 0.0
-            return ""
+        def refused(error: BackendError) -> str:
+            return _refused(scene_name, error)
 
-        return _answer(self, context, runner.call(client.list_actions, done, _wait()))
+        return _answer(self, context, jobs.refresh_library(scene_name, client, _wait(), refused))
 
 
 class FLEXIACT_OT_import_action_file(bpy.types.Operator):
@@ -646,8 +654,11 @@ class FLEXIACT_OT_copy_command(bpy.types.Operator):
     bl_label = "Copy Start Command"
 
     def execute(self, context: bpy.types.Context) -> set[str]:
-        context.window_manager.clipboard = start_command()
-        self.report({"INFO"}, f"Copied: {start_command()}")
+        command = start_command()
+        if not command:
+            return _fail(self, context, NO_CLI)
+        context.window_manager.clipboard = command
+        self.report({"INFO"}, f"Copied: {command}")
         return {"FINISHED"}
 
 

@@ -8,7 +8,7 @@ import bpy
 
 from .client import is_loopback
 from .connection import CONNECTION
-from .preferences import get_prefs, start_command
+from .preferences import NO_CLI, get_prefs, start_command
 from .properties import ACTIVE_STATUSES
 from .reference import scene_fps, strips_of
 
@@ -16,18 +16,25 @@ MAX_JOBS_SHOWN = 6
 
 
 def draw_backend(layout: Any, context: bpy.types.Context) -> None:
+    """Connection state from the backend's last answer (the heartbeat asks every few seconds), with its age."""
     prefs = get_prefs(context)
     settings = context.scene.flexiact
     row = layout.row()
-    if CONNECTION.health is not None:
+    state = CONNECTION.state
+    if state == "CONNECTED":
         row.label(text=CONNECTION.summary, icon="LINKED")
-    elif CONNECTION.error:
-        row.label(text="Not connected", icon="UNLINKED")
+    elif state == "DOWN":
+        row.alert = True
+        age = CONNECTION.age()
+        row.label(text="Backend not answering" + (f" · last answer {age}" if age else ""), icon="UNLINKED")
         layout.label(text=CONNECTION.error)
     else:
-        row.label(text=prefs.backend_url, icon="URL")
+        row.label(text=f"{prefs.backend_url} · checking…", icon="URL")
     row.operator("flexiact.test_connection", text="", icon="FILE_REFRESH")
-    if CONNECTION.health is None and CONNECTION.error:
+    if CONNECTION.is_tiny():
+        layout.label(text="Tiny test model: its clips are noise by design (it checks the whole loop quickly)",
+                     icon="INFO")
+    if state == "DOWN" and CONNECTION.answered_at is None:
         draw_first_run(layout.box(), prefs)
     if not is_loopback(prefs.backend_url) and not bpy.app.online_access:
         layout.label(text="Remote backend needs Online Access", icon="ERROR")
@@ -37,15 +44,16 @@ def draw_backend(layout: Any, context: bpy.types.Context) -> None:
 
 
 def draw_first_run(layout: Any, prefs: Any) -> None:
-    """No backend answers: how to start one (copy the command into a terminal, or start the configured one)."""
-    layout.label(text="Start a backend, then test the connection:", icon="INFO")
-    layout.label(text=start_command())
+    """No backend answers: how to start one (copy the command into a terminal, or start it from here)."""
+    command = start_command()
+    if not command:
+        layout.label(text=NO_CLI, icon="ERROR")
+        return
+    layout.label(text="Start a backend (or copy the command into a terminal):", icon="INFO")
+    layout.label(text=command)
     row = layout.row()
     row.operator("flexiact.copy_command", icon="COPYDOWN")
-    if prefs.launcher_command.strip():
-        row.operator("flexiact.backend_start", icon="PLAY")
-    else:
-        layout.label(text="Or set a Local Backend Command in the preferences to start it from Blender")
+    row.operator("flexiact.backend_start", icon="PLAY")
 
 
 def _duration(seconds: float) -> str:
@@ -55,7 +63,8 @@ def _duration(seconds: float) -> str:
 
 
 def estimate(steps: int, kind: str) -> str:
-    """The time a job of `steps` steps should take, from the backend's measured time per step."""
+    """The time a job of `steps` steps should take, from the backend's measured time per step of its step loop
+    (training, denoising), known from its health as soon as it has finished one job of this kind."""
     per_step = CONNECTION.seconds_per_step(kind)
     if per_step is None:
         return "Time: known once the backend has finished one job of this kind"
@@ -128,12 +137,16 @@ def _draw_trim(layout: Any, settings: Any) -> None:
     row.prop(settings, "clip_start")
     row.prop(settings, "clip_end")
     unit = "frames of the clip" if settings.trim_unit == "FRAMES" else "s"
-    if settings.clip_end > settings.clip_start:
+    if settings.clip_end == 0:
+        layout.label(text=f"Trim: from {settings.clip_start:g} {unit} to the end of the clip")
+    elif settings.clip_end > settings.clip_start:
         layout.label(text=f"Trim: {settings.clip_end - settings.clip_start:g} {unit}")
         if settings.trim_unit == "SECONDS":
             draw_tempo(layout, settings.clip_end - settings.clip_start)
-    else:
-        layout.label(text=f"Trim: from {settings.clip_start:g} {unit} to the end of the clip")
+    else:  # what Extract Action will say: the panel never promises a trim it refuses
+        row = layout.row()
+        row.alert = True
+        row.label(text="End is not after Start: set End later (or 0 for the clip's end)", icon="ERROR")
 
 
 def draw_action(layout: Any, context: bpy.types.Context) -> None:
@@ -141,9 +154,7 @@ def draw_action(layout: Any, context: bpy.types.Context) -> None:
     layout.prop(settings, "caption")
     row = layout.row(align=True)
     row.prop(settings, "extract_preset", expand=True)
-    col = layout.column(align=True)
-    col.enabled = settings.extract_preset == "CUSTOM"
-    col.prop(settings, "extract_steps")
+    layout.prop(settings, "extract_steps")
     layout.label(text=estimate(settings.extract_steps, "extract"), icon="TIME")
     layout.prop(settings, "extract_seed")
     layout.prop(settings, "preview_every")
@@ -156,10 +167,20 @@ def draw_action(layout: Any, context: bpy.types.Context) -> None:
     col = row.column(align=True)
     col.operator("flexiact.rename_action", text="", icon="GREASEPENCIL")
     col.operator("flexiact.delete_action", text="", icon="TRASH")
-    layout.prop(settings, "action_id")
+    layout.label(text=f"Generate with: {action_label(settings)}", icon="ARMATURE_DATA")
     row = layout.row(align=True)
     row.prop(settings, "action_file", text="")
     row.operator("flexiact.import_action_file", text="", icon="IMPORT")
+
+
+def action_label(settings: Any) -> str:
+    """The chosen action as the library names it (its caption, else a short id when it is not listed)."""
+    if not settings.action_id:
+        return "no action: extract one or pick one in the library"
+    item = next((a for a in settings.actions if a.action_id == settings.action_id), None)
+    if item is None:
+        return f"action {settings.action_id[:8]} (Refresh to see its name)"
+    return item.name or item.caption or f"action {settings.action_id[:8]}"
 
 
 def draw_generate(layout: Any, context: bpy.types.Context) -> None:
@@ -169,6 +190,17 @@ def draw_generate(layout: Any, context: bpy.types.Context) -> None:
     row.prop(settings, "seed")
     row.operator("flexiact.randomize_seed", text="", icon="FILE_REFRESH")
     layout.prop(settings, "takes")
+    layout.label(text=estimate(settings.steps, "generate"), icon="TIME")
+    layout.prop(settings, "import_mode", expand=True)
+    if settings.import_mode in {"PLANE", "BOTH"}:
+        layout.prop(settings, "plane_fill_camera")
+    layout.operator("flexiact.generate", icon="RENDER_ANIMATION")
+    layout.operator("flexiact.use_settings", icon="PASTEDOWN")
+
+
+def draw_advanced(layout: Any, context: bpy.types.Context) -> None:
+    """The model's own knobs, collapsed by default: the defaults are the authors'."""
+    settings = context.scene.flexiact
     col = layout.column(align=True)
     for name in ("steps", "guidance", "lora_weight"):
         col.prop(settings, name)
@@ -178,12 +210,6 @@ def draw_generate(layout: Any, context: bpy.types.Context) -> None:
     for name in ("reweight_scale", "transition"):
         sub.prop(settings, name)
     layout.prop(settings, "step_cache")
-    layout.label(text=estimate(settings.steps, "generate"), icon="TIME")
-    layout.prop(settings, "import_mode", expand=True)
-    if settings.import_mode in {"PLANE", "BOTH"}:
-        layout.prop(settings, "plane_fill_camera")
-    layout.operator("flexiact.generate", icon="RENDER_ANIMATION")
-    layout.operator("flexiact.use_settings", icon="PASTEDOWN")
 
 
 def _eta(seconds: float) -> str:
@@ -223,6 +249,8 @@ def draw_jobs(layout: Any, context: bpy.types.Context) -> None:
             row.operator("flexiact.delete_job", text="", icon="TRASH").key = record.key
         if record.status in ACTIVE_STATUSES:
             box.progress(factor=record.progress, type="BAR", text=_status(record))
+            if record.error:  # a poll that failed: the job goes on on the backend, the panel says why it waits
+                box.label(text=record.error, icon="ERROR")
             if record.kind == "EXTRACT" and record.job_id:
                 _draw_preview(box, record)
         elif record.status == "FAILED":
@@ -277,13 +305,15 @@ class FLEXIACT_UL_actions(bpy.types.UIList):
             row.label(text=item.status)
 
 
-SECTIONS = (("backend", "FlexiAct", draw_backend), ("target", "Target Frame", draw_target),
-            ("reference", "Reference Clip", draw_reference), ("action", "Action", draw_action),
-            ("generate", "Generate", draw_generate), ("jobs", "Jobs", draw_jobs))
+#: (section, label, draw, parent section, collapsed): the first section is every other one's parent unless named.
+SECTIONS = (("backend", "FlexiAct", draw_backend, "", False), ("target", "Target Frame", draw_target, "", False),
+            ("reference", "Reference Clip", draw_reference, "", False), ("action", "Action", draw_action, "", False),
+            ("generate", "Generate", draw_generate, "", False),
+            ("advanced", "Advanced", draw_advanced, "generate", True), ("jobs", "Jobs", draw_jobs, "", False))
 SPACES = (("VIEW_3D", "view3d"), ("SEQUENCE_EDITOR", "sequencer"))
 
 
-def _panel(space: str, prefix: str, section: str, label: str, draw_fn: Any, parent: str) -> type:
+def _panel(space: str, prefix: str, section: str, label: str, draw_fn: Any, parent: str, closed: bool) -> type:
     """One sidebar panel class; the same panels are made for each editor."""
 
     def draw(self: bpy.types.Panel, context: bpy.types.Context) -> None:
@@ -294,16 +324,18 @@ def _panel(space: str, prefix: str, section: str, label: str, draw_fn: Any, pare
                              "draw": draw, "poll": classmethod(lambda cls, context: context.scene is not None)}
     if parent:
         attrs["bl_parent_id"] = parent
+    if closed:
+        attrs["bl_options"] = {"DEFAULT_CLOSED"}
     return type(f"FLEXIACT_PT_{prefix}_{section}", (bpy.types.Panel,), attrs)
 
 
 def _panels() -> list[type]:
     panels = []
     for space, prefix in SPACES:
-        parent = ""
-        for section, label, draw_fn in SECTIONS:
-            panels.append(_panel(space, prefix, section, label, draw_fn, parent))
-            parent = parent or panels[-1].bl_idname
+        root = f"FLEXIACT_PT_{prefix}_{SECTIONS[0][0]}"
+        for section, label, draw_fn, parent, closed in SECTIONS:
+            parent_id = f"FLEXIACT_PT_{prefix}_{parent}" if parent else (root if section != SECTIONS[0][0] else "")
+            panels.append(_panel(space, prefix, section, label, draw_fn, parent_id, closed))
     return panels
 
 

@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import functools
 import os
+import shlex
 import shutil
 
 import bpy
 from bpy.props import FloatProperty, StringProperty
 
-from .client import BackendClient, BackendError, is_loopback
+from .client import BackendClient, BackendError, is_loopback, url_port, with_scheme
 from .connection import CONNECTION
 from .launcher import EXAMPLE_COMMAND, LAUNCHER
 
 ADDON_ID = __package__
+
+
+def _url_changed(self: "FlexiActPreferences", _context: bpy.types.Context) -> None:
+    """A URL typed without a scheme gets http://; the old backend's state no longer holds."""
+    if self.backend_url != with_scheme(self.backend_url):
+        self.backend_url = with_scheme(self.backend_url)  # runs this again, with nothing left to change
+        return
+    CONNECTION.forget()
 
 
 class FlexiActPreferences(bpy.types.AddonPreferences):
@@ -21,8 +30,9 @@ class FlexiActPreferences(bpy.types.AddonPreferences):
 
     bl_idname = ADDON_ID
 
-    backend_url: StringProperty(name="Backend URL", default="http://127.0.0.1:8765",
-                                description="Where the FlexiAct backend listens (`flexiact-backend serve` prints it)")
+    backend_url: StringProperty(name="Backend URL", default="http://127.0.0.1:8765", update=_url_changed,
+                                description="Where the FlexiAct backend listens (`flexiact-backend serve` prints "
+                                            "it); http:// is added when no scheme is given")
     token: StringProperty(name="Token", subtype="PASSWORD",
                           description="The token the backend was started with (--token); empty for none")
     timeout_s: FloatProperty(name="Timeout (s)", default=30.0, min=1.0, max=600.0,
@@ -31,10 +41,13 @@ class FlexiActPreferences(bpy.types.AddonPreferences):
         name="Results of Unsaved Files", subtype="DIR_PATH", default=os.path.join("~", "FlexiAct"),
         description="Where captures and results go while the .blend is not saved yet; the first save moves "
                     "them next to the .blend (//flexiact/)")
+    backend_env: StringProperty(
+        name="Backend Environment", subtype="DIR_PATH",
+        description="The Python environment flexiact-backend is installed in (after `make setup`, the checkout's "
+                    ".venv folder): Start runs its flexiact-backend on the Backend URL's port")
     launcher_command: StringProperty(
         name="Local Backend Command",
-        description=f"A command line that serves the backend on the URL above, e.g. '{EXAMPLE_COMMAND}' "
-                    "(use the full path of flexiact-backend when Blender does not see it on its PATH)")
+        description=f"A whole command line instead, e.g. '{EXAMPLE_COMMAND}' (it must serve the Backend URL)")
 
     def draw(self, context: bpy.types.Context) -> None:
         layout = self.layout
@@ -51,7 +64,10 @@ class FlexiActPreferences(bpy.types.AddonPreferences):
                          icon="ERROR")
         box = layout.box()
         box.label(text="Local backend", icon="CONSOLE")
+        box.prop(self, "backend_env")
         box.prop(self, "launcher_command", text="Command")
+        command = start_command()
+        box.label(text=f"Start runs: {command}" if command else NO_CLI, icon="CONSOLE" if command else "ERROR")
         row = box.row()
         row.operator("flexiact.backend_start", icon="PLAY")
         row.operator("flexiact.backend_stop", icon="PAUSE")
@@ -75,19 +91,35 @@ def make_client(context: bpy.types.Context | None = None, timeout: float | None 
     return BackendClient(prefs.backend_url, prefs.token, timeout or prefs.timeout_s)
 
 
-@functools.cache
-def _installed_cli() -> str | None:
-    """The backend's CLI on Blender's PATH, looked up once (panels draw without I/O)."""
+NO_CLI = ("flexiact-backend was not found: set the Backend Environment (the .venv of `make setup`) or a command "
+          "in Preferences › Add-ons › FlexiAct")
+
+
+@functools.lru_cache(maxsize=8)
+def find_cli(env: str) -> str | None:
+    """flexiact-backend in the environment `env` (bin/ or Scripts/), else on Blender's PATH; looked up once per
+    environment (panels draw without I/O)."""
+    if env:
+        root = os.path.abspath(os.path.expanduser(bpy.path.abspath(env)))
+        for name in ("bin/flexiact-backend", "Scripts/flexiact-backend.exe"):
+            path = os.path.join(root, name)
+            if os.path.isfile(path) and os.access(path, os.X_OK):
+                return path
+        return None
     return shutil.which("flexiact-backend")
 
 
 def start_command() -> str:
-    """A command that starts a backend on this machine: the preferences' own, else the installed CLI's."""
-    configured = get_prefs().launcher_command.strip()
+    """The command that starts a backend on this machine: the preferences' own, else the found CLI serving the
+    tiny model on the Backend URL's port; "" when there is none."""
+    prefs = get_prefs()
+    configured = prefs.launcher_command.strip()
     if configured:
         return configured
-    cli = _installed_cli()
-    return EXAMPLE_COMMAND.replace("flexiact-backend", cli, 1) if cli else EXAMPLE_COMMAND
+    cli = find_cli(prefs.backend_env.strip())
+    if cli is None:
+        return ""
+    return f"{shlex.quote(cli)} serve --tiny --port {url_port(prefs.backend_url)}"
 
 
 def user_dir() -> str:

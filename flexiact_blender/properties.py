@@ -10,13 +10,16 @@ from .connection import CONNECTION
 from .requests import EXTRACTION_DEFAULTS, GENERATION_DEFAULTS
 
 ACTIVE_STATUSES = {"SUBMITTING", "QUEUED", "RUNNING"}
+#: File paths here may be blend-relative ("//…"); 4.5+ warns about a "//" path unless the property says so (4.2
+#: has no such option and no warning).
+BLEND_RELATIVE = {"PATH_SUPPORTS_BLEND_RELATIVE"} if bpy.app.version >= (4, 5, 0) else set()
 
 
 class FlexiActTake(bpy.types.PropertyGroup):
     """One take of a generation: its seed, its downloaded clip and the strip it was imported as."""
 
     seed: IntProperty(name="Seed", description="The noise seed this take was generated with")
-    video_path: StringProperty(name="Clip", subtype="FILE_PATH", description="The take's downloaded clip")
+    video_path: StringProperty(name="Clip", subtype="FILE_PATH", options=BLEND_RELATIVE, description="The take's downloaded clip")
     strip_name: StringProperty(name="Strip", description="The Sequencer strip this take was imported as")
 
 
@@ -56,7 +59,7 @@ class FlexiActJob(bpy.types.PropertyGroup):
     take_index: IntProperty(description="The chosen take: its strip is the one unmuted, the plane plays it")
     preview_step: IntProperty(description="The training step of the latest preview (0: none yet)")
     preview_frames: IntProperty(name="Preview Frames", description="Frame count of the latest training preview")
-    preview_path: StringProperty(subtype="FILE_PATH", description="The latest preview, downloaded")
+    preview_path: StringProperty(subtype="FILE_PATH", options=BLEND_RELATIVE, description="The latest preview, downloaded")
     finish_requested: BoolProperty(description="Finish Now was pressed: the extraction stops at its next step")
 
 
@@ -76,21 +79,28 @@ def _pick_action(self: "FlexiActSettings", _context: bpy.types.Context) -> None:
         self.action_id = self.actions[self.action_index].action_id
 
 
-_PRESET_ITEMS: list[tuple[str, str, str]] = []  # Blender reads the strings later: keep them referenced
+_PRESET_ITEMS: list[tuple[str, str, str, int]] = []  # Blender reads the strings later: keep them referenced
 
 
-def _preset_items(_self: "FlexiActSettings", _context: bpy.types.Context | None) -> list[tuple[str, str, str]]:
-    """Custom, then the backend's own extraction presets (known once it has answered)."""
-    _PRESET_ITEMS[:] = [("CUSTOM", "Custom", "Set the number of training steps yourself")] + [
-        (name.upper(), name.title(), f"The backend's {name} preset: {steps} training steps")
-        for name, steps in CONNECTION.presets().items()]
+def _preset_items(_self: "FlexiActSettings", _context: bpy.types.Context | None) -> list[tuple[str, str, str, int]]:
+    """Custom, then the backend's own extraction presets (known once it has answered), numbered for get/set."""
+    _PRESET_ITEMS[:] = [("CUSTOM", "Custom", "A number of training steps of your own", 0)] + [
+        (name.upper(), name.title(), f"The backend's {name} preset: {steps} training steps", i)
+        for i, (name, steps) in enumerate(CONNECTION.presets().items(), start=1)]
     return _PRESET_ITEMS
 
 
-def _apply_preset(self: "FlexiActSettings", _context: bpy.types.Context) -> None:
-    steps = CONNECTION.presets().get(self.extract_preset.lower())
-    if steps is not None:
-        self.extract_steps = steps
+def _get_preset(self: "FlexiActSettings") -> int:
+    """The preset whose steps are the ones in use (3,000 is Standard), else Custom."""
+    steps = list(CONNECTION.presets().values())
+    return steps.index(self.extract_steps) + 1 if self.extract_steps in steps else 0
+
+
+def _set_preset(self: "FlexiActSettings", value: int) -> None:
+    """Choosing a preset sets its steps; Custom keeps the steps as they are."""
+    steps = list(CONNECTION.presets().values())
+    if 1 <= value <= len(steps):
+        self.extract_steps = steps[value - 1]
 
 
 def _trim_items() -> list[tuple[str, str, str]]:
@@ -108,7 +118,7 @@ class FlexiActSettings(bpy.types.PropertyGroup):
         ("FILE", "File", "An image file")])
     target_image: PointerProperty(name="Image", type=bpy.types.Image,
                                   description="The frame the generated clip starts from")
-    target_path: StringProperty(name="Image File", subtype="FILE_PATH",
+    target_path: StringProperty(name="Image File", subtype="FILE_PATH", options=BLEND_RELATIVE,
                                 description="An image file to use as the target frame")
     capture_engine: EnumProperty(name="Capture Engine", description="How Capture renders the target frame",
                                  items=[("SCENE", "Scene Engine", "Render with the scene's own engine and settings"),
@@ -120,7 +130,7 @@ class FlexiActSettings(bpy.types.PropertyGroup):
         ("FILE", "File", "A video file"),
         ("STRIP", "Strip", "A movie strip of the Sequencer, with its trim"),
         ("SCENE", "Scene", "The scene's own animation, rendered with Workbench")])
-    reference_path: StringProperty(name="Video", subtype="FILE_PATH",
+    reference_path: StringProperty(name="Video", subtype="FILE_PATH", options=BLEND_RELATIVE,
                                    description="A video file, a folder of numbered frames or one of its frames")
     reference_strip: StringProperty(name="Strip", description="The Sequencer movie strip to learn from "
                                                               "(its own trim is used)")
@@ -134,8 +144,9 @@ class FlexiActSettings(bpy.types.PropertyGroup):
     # Action
     caption: StringProperty(name="Caption", description="What the reference clip shows, in a short sentence "
                                                         "(it names the action in the library)")
-    extract_preset: EnumProperty(name="Preset", description="How long to train: the backend's presets",
-                                 items=_preset_items, update=_apply_preset)
+    extract_preset: EnumProperty(name="Preset", description="How long to train: the backend's presets (the one "
+                                                            "matching Training Steps is shown)",
+                                 items=_preset_items, get=_get_preset, set=_set_preset)
     extract_steps: IntProperty(name="Training Steps", min=1, max=100000, default=EXTRACTION_DEFAULTS["steps"],
                                description="How many training steps the extraction runs (more: closer motion, "
                                            "longer)")
@@ -149,7 +160,7 @@ class FlexiActSettings(bpy.types.PropertyGroup):
     actions: CollectionProperty(type=FlexiActActionItem, description="The backend's action library, as last "
                                                                      "listed (Refresh lists it again)")
     action_index: IntProperty(update=_pick_action, description="The selected row of the action library")
-    action_file: StringProperty(name="Action File", subtype="FILE_PATH",
+    action_file: StringProperty(name="Action File", subtype="FILE_PATH", options=BLEND_RELATIVE,
                                 description="A published .pt or safetensors action to import")
 
     # Generate
@@ -157,24 +168,26 @@ class FlexiActSettings(bpy.types.PropertyGroup):
                                                       "subject doing the action")
     seed: IntProperty(name="Seed", min=0, max=2**31 - 1, default=GENERATION_DEFAULTS["seed"],
                       description="Random seed of the generation: the same seed gives the same clip")
-    steps: IntProperty(name="Denoising Steps", min=1, max=1000, default=GENERATION_DEFAULTS["steps"],
-                       description="Denoising steps of the generation (more: finer, slower)")
-    guidance: FloatProperty(name="Guidance", min=0.0, max=50.0, default=GENERATION_DEFAULTS["guidance_scale"],
+    steps: IntProperty(name="Quality Steps", min=1, max=1000, default=GENERATION_DEFAULTS["steps"],
+                       description="How many denoising steps the generation takes (more: finer detail, slower)")
+    guidance: FloatProperty(name="Prompt Strength", min=0.0, max=50.0, default=GENERATION_DEFAULTS["guidance_scale"],
                             description="How strongly the clip follows the prompt (classifier-free guidance)")
     takes: IntProperty(name="Takes", min=1, max=8, default=1,
                        description="How many videos to make, with seeds Seed, Seed+1, …, stacked as strips")
-    lora_weight: FloatProperty(name="RefAdapter Weight", min=0.0, max=4.0,
+    lora_weight: FloatProperty(name="Keep Target's Look", min=0.0, max=4.0,
                                default=GENERATION_DEFAULTS["lora_weight"],
-                               description="How closely the clip keeps the target frame's look and layout")
-    reweighting: BoolProperty(name="Reweighting", default=True,
-                              description="The paper's frequency-aware reweighting: the action weighs more while "
-                                          "the motion is being shaped. Off: as the authors' released script runs")
+                               description="How closely the clip keeps the target frame's look and layout (the RefAdapter's "
+                                           "weight)")
+    reweighting: BoolProperty(name="Stress Motion Early", default=True,
+                              description="The action weighs more while the motion is being shaped (the paper's "
+                                          "frequency-aware reweighting). Off: as the authors' released script runs")
     reweight_scale: FloatProperty(name="Motion Strength", min=0.0, max=20.0,
                                   default=GENERATION_DEFAULTS["reweight_scale"],
                                   description="How strongly the action's motion is weighted in the early steps")
-    transition: FloatProperty(name="Transition", min=0.01, max=1.0, default=GENERATION_DEFAULTS["high_timesteps"],
-                              description="Where the high-noise (motion) timesteps end")
-    step_cache: BoolProperty(name="Step Cache", default=False,
+    transition: FloatProperty(name="Motion Window", min=0.01, max=1.0, default=GENERATION_DEFAULTS["high_timesteps"],
+                              description="The noise level (a fraction of the schedule) above which steps shape the motion: "
+                                          "0.8 makes the first fifth of the steps the motion steps; lower: more")
+    step_cache: BoolProperty(name="Faster Detail Steps", default=False,
                              description="Faster: reuse transformer work at steps after the motion window "
                                          "(the steps that carry the motion always compute in full)")
 

@@ -106,16 +106,40 @@ def pack_frames(frames: list[str], folder: str, name: str) -> str:
     return path
 
 
-def trim_seconds(settings: "bpy.types.PropertyGroup", fps: float, duration_s: float) -> tuple[float, float]:
-    """The settings' trim in seconds (frames count at the clip's own `fps`); 0 as end means the clip's end."""
-    scale = 1.0 / fps if settings.trim_unit == "FRAMES" else 1.0
-    start = settings.clip_start * scale
-    end = settings.clip_end * scale if settings.clip_end > 0 else duration_s
-    end = min(end, duration_s)
+#: The backend's trim rules (flexiact_backend.media.check_trim), so a bad trim is refused here, before a render or
+#: an upload, with the words the CLI and the API use.
+MIN_SEGMENT_S = 0.5
+END_TOLERANCE_S = 0.05
+
+
+def check_trim(start: float, end: float | None, duration: float) -> tuple[float, float]:
+    """The trim [start, end) of a clip of `duration` seconds (end None: the clip's end), checked as the backend
+    checks it; an end within END_TOLERANCE_S past the clip's end is the end (players round durations)."""
+    if start < 0:
+        raise ReferenceError(f"Trim start {start:g} s is negative; use 0 or a later time.")
+    if start >= duration:
+        raise ReferenceError(f"Trim start {start:g} s is at or past the end of the clip ({duration:.3f} s long); "
+                             "choose a start before the end.")
+    end = duration if end is None else end
     if end <= start:
-        raise ReferenceError(f"The trim is empty: start {start:.2f} s is not before end {end:.2f} s "
-                             f"(the clip lasts {duration_s:.2f} s).")
+        raise ReferenceError(f"Trim end {end:g} s is not after the start {start:g} s; choose an end later than "
+                             "the start.")
+    if end > duration:
+        if end - duration > END_TOLERANCE_S:
+            raise ReferenceError(f"Trim end {end:g} s is past the end of the clip ({duration:.3f} s long); choose "
+                                 "an earlier end or leave it empty for the clip end.")
+        end = duration
+    if end - start < MIN_SEGMENT_S:
+        raise ReferenceError(f"The trimmed segment is {end - start:.3f} s long; it must be at least "
+                             f"{MIN_SEGMENT_S} s. Widen the trim range.")
     return start, end
+
+
+def trim_seconds(settings: "bpy.types.PropertyGroup", fps: float, duration_s: float) -> tuple[float, float]:
+    """The settings' trim in seconds (frames count at the clip's own `fps`; 0 as end: the clip's end), checked."""
+    scale = 1.0 / fps if settings.trim_unit == "FRAMES" else 1.0
+    end = settings.clip_end * scale if settings.clip_end > 0 else None
+    return check_trim(settings.clip_start * scale, end, duration_s)
 
 
 def resolve(scene: bpy.types.Scene, width: int, height: int, folder: str) -> Reference:

@@ -6,6 +6,8 @@ that is fine gets as far as the model (proving it was read and written as a clip
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -59,3 +61,20 @@ def test_a_good_sequence_is_written_as_a_clip_then_the_model_is_looked_for(tmp_p
     assert "no-model" in capsys.readouterr().err
     clip = probe_video(tmp_path / "jump.safetensors.work" / "reference.avi")
     assert (clip.frames, clip.fps, clip.duration_s) == (24, 12.0, 2.0)
+
+
+#: What the CLI's --help must not load (checked by module list, not by time: a loaded machine is slow anyway).
+HEAVY = ("torch", "diffusers", "transformers", "numpy", "PIL", "fastapi", "av", "ray")
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["generate", "--help"], ["extract", "--help"], ["serve", "--help"],
+                                  ["bench", "full", "--help"], ["doctor", "--help"]])
+def test_help_imports_no_heavy_module(argv: list[str]) -> None:
+    """`flexiact-backend --help` builds its parser from light modules; torch and friends load when a command runs."""
+    code = ("import sys\nfrom flexiact_backend.tools.cli import main\ntry:\n    main(sys.argv[1:])\n"
+            "except SystemExit:\n    pass\n"
+            f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})))")
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "usage:" in done.stdout
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout.strip().splitlines()[-1]

@@ -103,6 +103,9 @@ def test_round_trip_extract_then_generate_at_scene_rates(client: Client, server:
     status, raw = client.request("GET", f"/v1/actions/{action['id']}/file")
     assert status == 200 and hashlib.sha256(raw).hexdigest() == action["file"]
     assert any(a["id"] == action["id"] for a in client.request("GET", "/v1/actions")[1]["actions"])
+    # the estimate is the training loop's own time per step: below the whole job's (loading, encoding included)
+    per_step = client.request("GET", "/v1/health")[1]["step_s"]["extract"]
+    assert per_step is not None and 0 < per_step < (done["finished_at"] - done["started_at"]) / 6
 
     for fps in (24.0, 29.97):
         job = _generate(client, image, action=action["id"], steps=3, fps=fps)

@@ -176,3 +176,17 @@ def test_archive_bomb_is_refused_at_upload_in_bounded_memory(client: Client, ser
         sha = hashlib.sha256(path.read_bytes()).hexdigest()
         assert client.request("HEAD", f"/v1/files/{sha}")[0] == 404
     assert (rss() - before) / 1024 < 32, "refusing the bombs took memory"
+
+
+def test_step_clock_counts_only_the_step_loop() -> None:
+    """Seconds per step from the training/denoising reports alone: loading and a preview between two training
+    stretches never count."""
+    from flexiact_backend.service.worker import StepClock
+
+    clock = StepClock()
+    for phase, step, now in (("loading", None, 0.0), ("training", 1, 10.0), ("training", 3, 12.0),
+                             ("previewing", None, 13.0), ("training", 4, 50.0), ("training", 6, 51.0),
+                             ("encoding", None, 99.0)):
+        clock.observe(phase, step, now)
+    assert clock.seconds_per_step() == pytest.approx((2.0 + 1.0) / 4)
+    assert StepClock().seconds_per_step() is None

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import AuxRequest, flex_attention
 
-ATTENTION_BACKENDS = ("padded", "flex", "lse_merge")
+from ..options import ATTENTION_BACKENDS
+
 
 Bias = torch.Tensor | float | None
 

@@ -14,6 +14,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from ..options import EXTRACTION_MODES
+
 LOOPBACK = "127.0.0.1"
 #: How long a collective may wait for a lost rank before the job fails (a hung job is worse than a failed one).
 DEFAULT_TIMEOUT = timedelta(minutes=10)
@@ -107,8 +109,6 @@ class ParallelConfig:
         return cls(ulysses=gpus) if mode == "sequence" else cls(data=gpus)
 
 
-#: "sequence": Ulysses forward and backward, the gradient of one device; "data": one window per rank, gradients averaged.
-EXTRACTION_MODES = ("sequence", "data")
 
 
 @dataclass(frozen=True)

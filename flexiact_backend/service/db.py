@@ -36,7 +36,7 @@ CREATE TABLE IF NOT EXISTS jobs(
     eta_s REAL, created_at REAL NOT NULL, started_at REAL, finished_at REAL, error TEXT, result TEXT,
     params TEXT NOT NULL, action TEXT, cancel_requested INTEGER NOT NULL DEFAULT 0,
     attempts INTEGER NOT NULL DEFAULT 0, version INTEGER NOT NULL DEFAULT 0, worker TEXT,
-    finish_requested INTEGER NOT NULL DEFAULT 0);
+    finish_requested INTEGER NOT NULL DEFAULT 0, step_s REAL);
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, kind, created_at);
 CREATE TABLE IF NOT EXISTS previews(
     job TEXT NOT NULL, step INTEGER NOT NULL, file TEXT NOT NULL, created_at REAL NOT NULL,
@@ -44,7 +44,7 @@ CREATE TABLE IF NOT EXISTS previews(
 """
 #: Columns added after a release: (table, column, declaration), added to databases that predate them.
 _ADDED_COLUMNS = (("jobs", "worker", "TEXT"), ("jobs", "finish_requested", "INTEGER NOT NULL DEFAULT 0"),
-                  ("jobs", "owner", "TEXT"))
+                  ("jobs", "owner", "TEXT"), ("jobs", "step_s", "REAL"))
 #: The order jobs leave the queue in: generations first, then the oldest.
 _QUEUE_KEY = "CASE {t}kind WHEN 'generate' THEN 0 ELSE 1 END, {t}created_at, {t}rowid"
 
@@ -280,13 +280,13 @@ class Database:
         return counts
 
     def seconds_per_step(self) -> dict[str, float | None]:
-        """Per kind, the last succeeded job's wall time per step (loading and encoding included), for estimates."""
+        """Per kind, the seconds per step measured inside the last succeeded job's step loop (training,
+        denoising; loading, previews and encoding left out), for estimates."""
         out: dict[str, float | None] = {}
         for kind in ("extract", "generate"):
-            row = self._one("SELECT (finished_at - started_at) / total_steps FROM jobs WHERE kind=? AND "
-                            "status='succeeded' AND total_steps > 0 AND started_at IS NOT NULL "
+            row = self._one("SELECT step_s FROM jobs WHERE kind=? AND status='succeeded' AND step_s > 0 "
                             "ORDER BY finished_at DESC LIMIT 1", (kind,))
-            out[kind] = float(row[0]) if row is not None and row[0] is not None else None
+            out[kind] = float(row[0]) if row is not None else None
         return out
 
     def rename_action(self, action_id: str, name: str, key: str | None = None) -> dict | None:
@@ -323,14 +323,15 @@ class Database:
             return self.get_job(row[0])
 
     def update_progress(self, job_id: str, *, phase: str, progress: float | None, step: int | None,
-                        eta_s: float | None) -> None:
-        """Record progress; progress and step only ever grow, so a resumed job never appears to go back."""
+                        eta_s: float | None, step_s: float | None = None) -> None:
+        """Record progress; progress and step only ever grow, so a resumed job never appears to go back.
+        `step_s`: the seconds per step measured so far in the job's step loop (kept when None)."""
         eta = eta_s if eta_s is not None and math.isfinite(eta_s) and eta_s >= 0 else None
         p = min(max(progress, 0.0), 1.0) if progress is not None and math.isfinite(progress) else None
         self._tx([(
             "UPDATE jobs SET phase=?, progress=MAX(progress, COALESCE(?, progress)), "
-            "step=MAX(step, COALESCE(?, step)), eta_s=?, version=version+1 WHERE id=? AND status='running'",
-            (phase, p, step, eta, job_id))])
+            "step=MAX(step, COALESCE(?, step)), eta_s=?, step_s=COALESCE(?, step_s), version=version+1 "
+            "WHERE id=? AND status='running'", (phase, p, step, eta, step_s, job_id))])
 
     def requeue(self, job_id: str, phase: str) -> None:
         """Put a running job back in the queue (an extraction that yielded to a generation)."""

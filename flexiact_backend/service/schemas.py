@@ -108,8 +108,9 @@ class Health(BaseModel):
                                            "these, not their own")
     disk: DiskHealth | None = None
     step_s: dict[str, float | None] | None = Field(None, description="per job kind (extract, generate): seconds "
-                                                   "per step of the last finished job, loading included; null "
-                                                   "before the first")
+                                                   "per step measured in the last finished job's step loop "
+                                                   "(training, denoising; loading, previews and encoding left out); "
+                                                   "null before the first")
     cluster: ClusterHealth | None = Field(None, description="studio mode (--ray): the Ray cluster's connection")
 
 

@@ -53,6 +53,30 @@ PREVIEW_SCAN_S = 1.0
 WorkerState = Literal["loading", "idle", "busy", "dead"]
 
 
+class StepClock:
+    """Seconds per step inside a job's step loop only (training, denoising): the time between two reports of the
+    loop, summed over its stretches (previews interrupt training), so loading and encoding never count."""
+
+    PHASES = frozenset({"training", "denoising"})
+
+    def __init__(self) -> None:
+        self._last: tuple[str, int, float] | None = None
+        self._seconds = 0.0
+        self._steps = 0
+
+    def observe(self, phase: str, step: int | None, now: float) -> None:
+        if phase not in self.PHASES or step is None:
+            self._last = None
+            return
+        last, self._last = self._last, (phase, step, now)
+        if last is not None and last[0] == phase and step > last[1]:
+            self._seconds += now - last[2]
+            self._steps += step - last[1]
+
+    def seconds_per_step(self) -> float | None:
+        return self._seconds / self._steps if self._steps else None
+
+
 class LocalExecutor:
     """A JobRunner in this process, on one local device."""
 
@@ -316,16 +340,19 @@ class WorkerPool:
         """A throttled progress writer (phase changes and the final step always recorded), cancel, pause and
         finish; an extraction's new previews in `previews` are stored as they appear."""
         state = {"t": 0.0, "phase": None, "scanned": 0.0}
+        clock = StepClock()
 
         def report(*, phase: str, progress: float, step: int | None, total: int, eta_s: float | None) -> None:
             now = time.monotonic()
+            clock.observe(phase, step, now)
             if previews is not None and now - state["scanned"] >= PREVIEW_SCAN_S:
                 state["scanned"] = now
                 self._collect_previews(job_id, previews)
             if phase == state["phase"] and now - state["t"] < PROGRESS_INTERVAL_S and (step or 0) < total:
                 return
             state["t"], state["phase"] = now, phase
-            self.db.update_progress(job_id, phase=phase, progress=progress, step=step, eta_s=eta_s)
+            self.db.update_progress(job_id, phase=phase, progress=progress, step=step, eta_s=eta_s,
+                                    step_s=clock.seconds_per_step())
 
         return Hooks(progress=report, cancel=lambda: self.db.cancel_requested(job_id), pause=pause,
                      finish=lambda: self.db.finish_requested(job_id))

@@ -24,8 +24,9 @@ from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..model import ATTENTION_BACKENDS, biased_attention, rotary_embeddings
-from .bench_parallel import add_bench_parallel, add_bench_windows, bench_parallel, bench_windows
-from .model_args import add_model_args, load_generator
+from .bench_commands import FULL_MODES
+from .bench_parallel import bench_parallel, bench_windows
+from .model_args import load_generator
 
 
 class LargestTensor(TorchDispatchMode):
@@ -218,7 +219,6 @@ def bench_media(args: argparse.Namespace) -> dict:
             "trim_s": 2.0, "frames": args.frames, "max_side": args.max_side, "results": results}
 
 
-FULL_MODES = ("eager", "compiled", "compiled_step_cache", "memory_saving", "fp8")
 
 
 def _peak(fn: Callable[[], object], device: torch.device) -> dict:
@@ -419,62 +419,3 @@ def run_benchmarks(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(text)
     return 0
-
-
-def add_bench_commands(sub: argparse._SubParsersAction) -> None:
-
-    p = sub.add_parser("attention", help="exact biased attention vs the published dense mask")
-    p.add_argument("--tokens", type=int, default=4096, help="sequence length L (17,550 + 452 at full size)")
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--motion", type=int, default=226)
-    p.add_argument("--text", type=int, default=226)
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    p.add_argument("--device")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--json", type=Path)
-    p.set_defaults(func=run_benchmarks)
-    p = sub.add_parser("media", help="probe and trim-decode time at the start and the end of a long clip")
-    p.add_argument("--width", type=int, default=3840)
-    p.add_argument("--height", type=int, default=2160)
-    p.add_argument("--fps", type=int, default=30)
-    p.add_argument("--seconds", type=int, default=10)
-    p.add_argument("--frames", type=int, default=49, help="frames the trim is resampled to")
-    p.add_argument("--max-side", type=int, default=720, help="largest side decoded frames are scaled to")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--json", type=Path)
-    p.set_defaults(func=run_benchmarks)
-    for name, helptext in (("extract", "training step: cached latents vs re-encoding each step; preview share"),
-                           ("generate", "transformer step: LoRA folded vs unfolded, bias on/off")):
-        p = sub.add_parser(name, help=helptext)
-        add_model_args(p)
-        p.add_argument("--steps", type=int, default=10, help="timed repeats")
-        p.add_argument("--json", type=Path)
-        p.set_defaults(func=run_benchmarks)
-        if name == "extract":
-            p.add_argument("--preview-every", type=int, default=500, help="steps between previews (the default "
-                           "checkpoint interval) for the share of the extraction")
-            p.add_argument("--extraction-steps", type=int, default=3000, help="the extraction the share is of")
-            p.add_argument("--preview-repeats", type=int, default=3, help="timed previews")
-    p = sub.add_parser("full", help="CogVideoX-5B-I2V size with random weights: every phase and mode (or --estimate)")
-    p.add_argument("--device", help="default: cuda if available, else cpu")
-    p.add_argument("--estimate", action="store_true", help="memory and FLOPs on fake tensors on the CPU (no GPU needed)")
-    p.add_argument("--tflops", type=float, default=800.0, help="sustained throughput the estimate's times assume")
-    p.add_argument("--layers", type=int, default=42)
-    p.add_argument("--frames", type=int, default=49)
-    p.add_argument("--height", type=int, default=480)
-    p.add_argument("--width", type=int, default=720)
-    p.add_argument("--steps", type=int, default=50, help="denoising steps of the request->mp4 run")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats of each phase")
-    p.add_argument("--modes", nargs="+", choices=FULL_MODES, default=list(FULL_MODES))
-    p.add_argument("--json", type=Path)
-    p.set_defaults(func=run_benchmarks)
-    p = sub.add_parser("takes", help="N takes batched on the device vs one after another")
-    add_model_args(p)
-    p.add_argument("--takes", type=int, default=4)
-    p.add_argument("--denoise-steps", type=int, default=10, help="denoising steps of each take")
-    p.add_argument("--steps", type=int, default=2, help="timed repeats")
-    p.add_argument("--json", type=Path)
-    p.set_defaults(func=run_benchmarks)
-    add_bench_parallel(sub).set_defaults(func=run_benchmarks)
-    add_bench_windows(sub).set_defaults(func=run_benchmarks)

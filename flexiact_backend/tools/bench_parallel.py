@@ -127,16 +127,6 @@ def bench_parallel(args: argparse.Namespace) -> dict:
             "results": results}
 
 
-def add_bench_parallel(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("parallel", help="1 rank against N ranks on the same generation and extraction steps")
-    add_model_args(p)
-    p.add_argument("--gpus", type=int, default=2, help="ranks of the parallel run (CPU ranks over gloo without GPUs)")
-    p.add_argument("--denoise-steps", type=int, default=4, help="denoising steps of the timed generation")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats of each piece of work")
-    p.add_argument("--json", type=Path)
-    return p
-
-
 def bench_windows(args: argparse.Namespace) -> dict:
     """How the loss per step changes with the windows per step (data mode's N; computed in one process, which the
     tests hold equal to N data-parallel ranks): held-out loss on fixed draws, every `eval_every` steps."""
@@ -190,18 +180,6 @@ def bench_windows(args: argparse.Namespace) -> dict:
             "eval_draws": args.eval_draws, "seed": args.seed,
             "note": "held-out loss: mean FAE loss on fixed draws (crop, window, timestep, noise) never trained on",
             "curves": curves, "results": results}
-
-
-def add_bench_windows(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("windows", help="loss per step against windows per step (what data-parallel GPUs buy)")
-    add_model_args(p)
-    p.add_argument("--windows", type=int, nargs="+", default=[1, 2, 4, 8], help="windows per step to compare")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--eval-every", type=int, default=25)
-    p.add_argument("--eval-draws", type=int, default=32, help="held-out draws the loss is measured on")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path)
-    return p
 
 
 def multi_gpu_phases(model: Path | None = None, repeats: int = 3) -> dict:

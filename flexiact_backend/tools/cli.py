@@ -9,11 +9,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from .bench_commands import add_bench_commands
 from .doctor import add_doctor_command
 from ..errors import FlexiActError
 from ..presets import GENERATION_DEFAULTS, PRESETS
-from ..generation import TEMPOS
-from ..parallel.util import EXTRACTION_MODES
+from ..options import EXTRACTION_MODES, TEMPOS
 from .hub import add_download_command
 from .model_args import add_model_args, load_generator
 from .serve import add_bench_hostile, add_bench_serve, add_gc_command, add_serve_command
@@ -272,8 +272,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks: JSON and a table")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
-    from .bench import add_bench_commands
-
     add_bench_commands(bench_sub)
     add_bench_serve(bench_sub)
     add_bench_hostile(bench_sub)

@@ -15,9 +15,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..generation import REFADAPTER_FILES
 from .hub import MODEL_FOLDER, default_weights_dir
-from ..model_info import read_model_info
+from ..model_info import REFADAPTER_FILES, read_model_info
 from ..service.config import DEFAULT_DATA_DIR
 
 MIN_TORCH = (2, 5)

@@ -18,8 +18,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from ..errors import FlexiActError
-from ..generation import REFADAPTER_FILES
-from ..model_info import REAL_MODEL_ID
+from ..model_info import REAL_MODEL_ID, REFADAPTER_FILES
 from ..service.config import DEFAULT_DATA_DIR
 
 FLEXIACT_REPO = "shiyi0408/FlexiAct"

@@ -6,7 +6,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from ..model.attention import ATTENTION_BACKENDS
+from ..options import ATTENTION_BACKENDS
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

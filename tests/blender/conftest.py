@@ -118,3 +118,32 @@ def make_video(path: Path, fps: str, frames: int, size: str = "96x64") -> Path:
     subprocess.run([ffmpeg, "-v", "error", "-y", "-f", "lavfi", "-i", f"testsrc=size={size}:rate={fps}",
                     "-frames:v", str(frames), "-pix_fmt", "yuv420p", "-c:v", "libx264", str(path)], check=True)
     return path
+
+
+def render_state(scene: bpy.types.Scene) -> tuple[Any, ...]:
+    r = scene.render
+    return (r.engine, r.resolution_x, r.resolution_y, r.resolution_percentage, r.filepath,
+            r.image_settings.file_format, r.image_settings.color_mode, r.film_transparent, r.use_border,
+            r.use_crop_to_border, r.border_min_x, r.border_max_y, r.pixel_aspect_x, r.pixel_aspect_y)
+
+
+@pytest.fixture(scope="session")
+def action_id(addon: Any) -> str:
+    """An action extracted (a few steps) from the scene's own animation, through the operator: 18 frames at 24 fps,
+    0.75 s, shorter than the tiny model's 1.125 s clip, so it is learned (and plays back) at its real speed."""
+    if not os.environ.get("FLEXIACT_TEST_BACKEND_URL"):
+        pytest.skip("no backend: FLEXIACT_TEST_BACKEND_URL is not set")
+    point_at_test_backend(addon)
+    scene = make_scene(frames=18)
+    s = scene.flexiact
+    s.reference_source = "SCENE"
+    s.caption = "a cube slides to the right"
+    s.extract_preset = "CUSTOM"
+    s.extract_steps = 2
+    before = render_state(scene)
+    assert bpy.ops.flexiact.extract_action() == {"FINISHED"}
+    assert render_state(scene) == before  # the Workbench clip render put every setting back
+    record = s.jobs[-1]
+    assert record.kind == "EXTRACT" and record.status == "SUCCEEDED" and record.progress == 1.0
+    assert s.action_id and s.action_id == record.action_id
+    return s.action_id

@@ -63,7 +63,7 @@ def draw_all(space: str = "view3d") -> Recorder:
     """Run every FlexiAct panel's real draw() for the current context into one Recorder."""
     rec = Recorder()
     panels = [getattr(bpy.types, name) for name in dir(bpy.types) if name.startswith(f"FLEXIACT_PT_{space}_")]
-    assert len(panels) == 6
+    assert len(panels) == 7
     for panel in panels:
         assert panel.poll(bpy.context)
         panel.draw(type("Panel", (), {"layout": rec})(), bpy.context)
@@ -245,7 +245,7 @@ def test_reference_trim_from_strip_and_frames(addon: Any, tmp_path: Path) -> Non
     ref = addon.reference.resolve(scene, 96, 64, str(tmp_path))
     assert abs(ref.start_s - 0.25) < 1e-6 and abs(ref.end_s - 1.25) < 1e-6
     s.clip_start, s.clip_end = 40, 30
-    with pytest.raises(addon.reference.ReferenceError, match="trim is empty"):
+    with pytest.raises(addon.reference.ReferenceError, match="is not after the start"):
         addon.reference.resolve(scene, 96, 64, str(tmp_path))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 import urllib.request
@@ -13,7 +14,7 @@ from typing import Any
 import bpy
 import pytest
 
-from conftest import make_scene, make_video, point_at_test_backend
+from conftest import make_scene, make_video, render_state as _render_state
 from test_addon import draw_all
 
 pytestmark = pytest.mark.backend
@@ -30,12 +31,6 @@ def _health(url: str) -> dict[str, Any]:
 def _strips(scene: bpy.types.Scene) -> Any:
     editor = scene.sequence_editor
     return editor.strips if hasattr(editor, "strips") else editor.sequences
-
-
-def _render_state(scene: bpy.types.Scene) -> tuple[Any, ...]:
-    r = scene.render
-    return (r.engine, r.resolution_x, r.resolution_y, r.resolution_percentage, r.filepath,
-            r.image_settings.file_format, r.image_settings.color_mode, r.film_transparent)
 
 
 @pytest.mark.parametrize("engine", ["WORKBENCH", "SCENE"])
@@ -60,28 +55,6 @@ def test_capture_without_camera_is_refused(backend: Any) -> None:
     assert not bpy.ops.flexiact.capture_target.poll()
     with pytest.raises(RuntimeError, match="active camera"):
         bpy.ops.flexiact.capture_target()
-
-
-@pytest.fixture(scope="module")
-def action_id(addon: Any) -> str:
-    """An action extracted (a few steps) from the scene's own animation, through the operator: 18 frames at 24 fps,
-    0.75 s, shorter than the tiny model's 1.125 s clip, so it is learned (and plays back) at its real speed."""
-    if not os.environ.get("FLEXIACT_TEST_BACKEND_URL"):
-        pytest.skip("no backend: FLEXIACT_TEST_BACKEND_URL is not set")
-    point_at_test_backend(addon)
-    scene = make_scene(frames=18)
-    s = scene.flexiact
-    s.reference_source = "SCENE"
-    s.caption = "a cube slides to the right"
-    s.extract_preset = "CUSTOM"
-    s.extract_steps = 2
-    before = _render_state(scene)
-    assert bpy.ops.flexiact.extract_action() == {"FINISHED"}
-    assert _render_state(scene) == before  # the Workbench clip render put every setting back
-    record = s.jobs[-1]
-    assert record.kind == "EXTRACT" and record.status == "SUCCEEDED" and record.progress == 1.0
-    assert s.action_id and s.action_id == record.action_id
-    return s.action_id
 
 
 @pytest.mark.parametrize("fps,fps_base", [(24, 1.0), (30, 1.001)])
@@ -404,22 +377,50 @@ def test_test_connection_reports_model(backend: Any, addon: Any) -> None:
     assert summary.startswith("Connected") and "tiny" in summary
 
 
-def test_local_backend_launcher_starts_and_stops(addon: Any, prefs: Any) -> None:
-    """Preferences › Start runs the command line, waits for health, logs to the user folder; Stop ends it."""
+def _beat_until(addon: Any, state: str) -> float:
+    """One heartbeat, then the runner's timer by hand (timers never fire in bpy-as-a-module) until the connection
+    is in `state`; returns the seconds that took."""
+    start = time.monotonic()
+    assert addon.connection.heartbeat_tick() == addon.connection.HEARTBEAT_S
+    while addon.connection.CONNECTION.state != state:
+        assert time.monotonic() - start < 60, f"still {addon.connection.CONNECTION.state} after 60 s"
+        time.sleep(addon.runner.TICK_S)
+        addon.runner.timer_tick()
+    _drive_timer(addon.runner)
+    return time.monotonic() - start
+
+
+def test_local_backend_launcher_starts_and_the_panel_sees_it_hang_and_die(addon: Any, prefs: Any) -> None:
+    """Preferences › Start runs the command line, waits for health, logs to the user folder. The heartbeat then
+    tells the truth: a hung backend, then a killed one, shows as not answering within 5 s of its next tick."""
     if not os.environ.get("FLEXIACT_TEST_LAUNCH_COMMAND"):
         pytest.skip("no launch command: FLEXIACT_TEST_LAUNCH_COMMAND is not set")
     make_scene()
     prefs.backend_url = os.environ["FLEXIACT_TEST_LAUNCH_URL"]
     prefs.token = ""
     prefs.launcher_command = os.environ["FLEXIACT_TEST_LAUNCH_COMMAND"]
+    connection = addon.connection.CONNECTION
     assert not bpy.ops.flexiact.backend_stop.poll()
     try:
         assert bpy.ops.flexiact.backend_start() == {"FINISHED"}
         assert addon.launcher.LAUNCHER.running()
-        assert addon.connection.CONNECTION.summary.startswith("Connected")
+        assert connection.summary.startswith("Connected") and connection.is_tiny()
+        assert any("noise by design" in t for t in draw_all().kinds("label"))
         log = Path(addon.launcher.LAUNCHER.log_path)
         assert log.is_file() and Path(addon.preferences.user_dir()) in log.parents
-        assert bpy.ops.flexiact.backend_stop() == {"FINISHED"}
+        pid = addon.launcher.LAUNCHER.process.pid
+        os.kill(pid, signal.SIGSTOP)  # hung: it takes connections but never answers
+        try:
+            assert _beat_until(addon, "DOWN") < 5.0
+            assert any(t.startswith("Backend not answering · last answer") for t in draw_all().kinds("label"))
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        _beat_until(addon, "CONNECTED")
+        assert bpy.ops.flexiact.backend_stop.poll()
+        os.kill(pid, signal.SIGKILL)  # killed
+        assert _beat_until(addon, "DOWN") < 5.0
+        assert connection.summary.startswith("Backend not answering (last answer")
+        assert any(t.startswith("Backend not answering") for t in draw_all().kinds("label"))
     finally:
         addon.launcher.LAUNCHER.stop()
     assert not addon.launcher.LAUNCHER.running()
@@ -496,6 +497,15 @@ def test_preview_import_and_finish_now(backend: Any, addon: Any, tmp_path: Path)
     assert request.body["preview_every"] == 3
     key = addon.jobs.submit(scene, _client(addon), "EXTRACT", request, (96, 64), wait=False)
     _scene, record = addon.jobs.find_record(scene.name, key)
+    try:
+        _preview_import_and_finish_now(backend, addon, scene, record)
+    finally:  # a failure never leaves a 100,000-step extraction holding the one worker
+        if record.job_id and record.status in addon.properties.ACTIVE_STATUSES:
+            _client(addon).cancel(record.job_id)
+
+
+def _preview_import_and_finish_now(backend: Any, addon: Any, scene: bpy.types.Scene, record: Any) -> None:
+    s, key = scene.flexiact, record.key
     with pytest.raises(RuntimeError, match="No preview yet"):
         bpy.ops.flexiact.import_preview(key=key)
     _tick_until(addon.runner, lambda: record.preview_step >= 3, "preview")
@@ -508,13 +518,17 @@ def test_preview_import_and_finish_now(backend: Any, addon: Any, tmp_path: Path)
     scene.frame_current = 7
     assert bpy.ops.flexiact.import_preview(key=key) == {"FINISHED"}
     editor = scene.sequence_editor
-    (strip,) = [x for x in _strips(scene)]
-    assert strip.frame_final_start == 7 and editor.channels[strip.channel].name == "FlexiAct Preview"
+    (strip,) = [x for x in _strips(scene) if x.get("flexiact_preview_step")]
+    # the preview, at the model's fps (8), plays at its own speed in this 24 fps scene: 9 frames last 27
+    model_fps = _health(backend.backend_url)["model"]["fps"]
+    assert strip.frame_final_start == 7 and strip.frame_final_duration == round(record.preview_frames / model_fps * 24)
+    assert editor.channels[strip.channel].name == "FlexiAct Preview"
     assert strip["flexiact_preview_step"] == record.preview_step and strip["flexiact_job"] == record.job_id
     first_step = record.preview_step
     _tick_until(addon.runner, lambda: record.preview_step > first_step, "newer preview")
     assert bpy.ops.flexiact.import_preview(key=key) == {"FINISHED"}
-    (strip,) = [x for x in _strips(scene)]  # the newer preview replaced the older one on the preview channel
+    (strip,) = [x for x in _strips(scene) if x.get("flexiact_preview_step")]  # the newer replaced the older
+    assert len(_strips(scene)) == 2  # it and the movie strip beneath its speed effect
     assert strip["flexiact_preview_step"] == record.preview_step > first_step
 
     assert bpy.ops.flexiact.finish_job(key=key) == {"FINISHED"}

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
 import bpy
 import pytest
 
-from conftest import MODULE, make_scene, make_video
+from conftest import MODULE, ROOT, make_scene, make_video
 from test_addon import draw_all
 
 #: Blender's own members of every struct, never shown to a user.
@@ -88,9 +90,9 @@ def test_plane_follows_the_camera_and_stays_out_of_the_next_capture(addon: Any, 
         assert abs(local.z + addon.importers.PLANE_DISTANCE) < 1e-4 and abs(local.x) < 1e-4
         places.append(plane.matrix_world.translation.copy())
     assert (places[1] - places[0]).length > 2.9  # it moved with the camera
-    # filling the camera's view at that distance: as wide as the view (the clip is wider than the frame)
-    view_w, _view_h = addon.importers._camera_frame_size(scene, cam, addon.importers.PLANE_DISTANCE)
-    assert plane.dimensions.x >= view_w - 1e-4
+    # over the model's frame of the shot: as high as the 16:9 view (the 3:2 clip is narrower), as the capture is
+    view_w, view_h = addon.framing.camera_view_size(scene, cam, addon.importers.PLANE_DISTANCE)
+    assert abs(plane.dimensions.y - view_h) < 1e-4 and plane.dimensions.x < view_w
     scene.frame_set(1)
     again = addon.capture.capture_target(scene, 64, 48, "WORKBENCH", str(tmp_path))
     assert _pixels(Path(again)) == _pixels(Path(first))  # the plane is not in the capture
@@ -138,14 +140,35 @@ def test_job_list_clear_finished_and_remove(addon: Any) -> None:
 
 
 def test_no_backend_shows_how_to_start_one(prefs: Any) -> None:
+    """Start finds flexiact-backend in the configured environment (Blender's PATH rarely has it), or says where to
+    set it; the command serves the Backend URL's port."""
     make_scene()
-    prefs.backend_url, prefs.launcher_command = "http://127.0.0.1:9", ""
+    prefs.backend_url, prefs.launcher_command, prefs.backend_env = "http://127.0.0.1:9", "", str(ROOT / "missing")
     with pytest.raises(RuntimeError, match="Backend URL: Cannot reach"):
         bpy.ops.flexiact.test_connection()
+    assert any("flexiact-backend was not found" in text for text in draw_all().kinds("label"))
+    with pytest.raises(RuntimeError, match="Backend Environment"):
+        bpy.ops.flexiact.backend_start()
+    prefs.backend_env = str(ROOT / ".venv")
     rec = draw_all()
-    assert any("serve --tiny" in text for text in rec.kinds("label"))
-    assert "flexiact.copy_command" in rec.kinds("operator")
+    command = f"{ROOT / '.venv' / 'bin' / 'flexiact-backend'} serve --tiny --port 9"
+    assert command in rec.kinds("label")
+    assert {"flexiact.copy_command", "flexiact.backend_start"} <= set(rec.kinds("operator"))
     assert bpy.ops.flexiact.copy_command() == {"FINISHED"}
-    prefs.launcher_command = "flexiact-backend serve --tiny --port 9"
-    assert "flexiact.backend_start" in draw_all().kinds("operator")
+    prefs.backend_env = ""
+
+
+def test_start_says_port_in_use_at_once(prefs: Any) -> None:
+    """A port held by another program is refused before anything is launched."""
+    make_scene()
+    with socket.socket() as other:  # listens, never answers HTTP
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        prefs.backend_url = f"127.0.0.1:{other.getsockname()[1]}"  # no scheme: http:// is added
+        assert prefs.backend_url.startswith("http://127.0.0.1:")
+        prefs.launcher_command = "false"
+        start = time.monotonic()
+        with pytest.raises(RuntimeError, match="is in use by another program"):
+            bpy.ops.flexiact.backend_start()
+        assert time.monotonic() - start < 10
     prefs.launcher_command = ""
