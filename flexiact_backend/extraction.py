@@ -354,7 +354,7 @@ def extract_action(
 
     A checkpoint in `work_dir` is resumed from automatically. `cancel()` is checked between steps (raises
     Cancelled, the last checkpoint kept); `pause()` right after each checkpoint (raises Paused; call again
-    to resume); `finish()` after each step: the action is written from the tokens as they are
+    to resume); `finish()` after each step and its preview: the action is written from the tokens as they are
     (`steps_trained` in the metadata says how far it got). `progress` receives dicts with phase, step, total,
     loss (smoothed), steps_per_s, eta_s. Every `preview_every` steps (0: never) `preview(step, result)` gets
     a `render_preview` of `preview_image` (default: the trim's first frame). `windows_per_step` windows train
@@ -405,14 +405,15 @@ def extract_action(
                     rate = (trainer.step - resumed_at) / max(time.monotonic() - started, 1e-9)
                     report({"phase": "training", "step": trainer.step, "total": config.steps, "loss": smoothed,
                             "steps_per_s": rate, "eta_s": (config.steps - trainer.step) / rate if rate else None})
-                    if ranks.agree(finish is not None and finish()):
-                        break
                     if previewing and trainer.step % preview_every == 0:
                         report({"phase": "previewing", "step": trainer.step, "total": config.steps})
                         with moved(idle, home):
                             result = render_preview(generator, preview_image, caption, seed=seed)
                         if preview is not None and ranks.leader:
                             preview(trainer.step, result)
+                    # After the step's preview: an action finished at a preview step always has that preview.
+                    if ranks.agree(finish is not None and finish()):
+                        break
                     if trainer.step % config.checkpoint_every == 0 and trainer.step < config.steps:
                         if ranks.leader:
                             trainer.save(checkpoint)
