@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKLCogVideoX, CogVideoXDPMScheduler, CogVideoXImageToVideoPipeline, CogVideoXTransformer3DModel
-from transformers import T5Config, T5EncoderModel, T5Tokenizer
+from transformers import PreTrainedTokenizerBase, T5Config, T5EncoderModel, T5Tokenizer
 
 from .model_info import ADAPTER_CONFIG_NAME
 
@@ -34,10 +34,10 @@ def make_tokenizer() -> T5Tokenizer:
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=TEXT_LEN)
 
 
-def build_tiny_pipeline(seed: int = 0) -> CogVideoXImageToVideoPipeline:
-    """The tiny pipeline in memory, weights drawn from `seed`."""
+def build_tiny_pipeline(seed: int = 0, tokenizer: PreTrainedTokenizerBase | None = None) -> CogVideoXImageToVideoPipeline:
+    """The tiny pipeline in memory, weights drawn from `seed`; the text encoder's vocabulary fits `tokenizer`."""
     torch.manual_seed(seed)
-    tokenizer = make_tokenizer()
+    tokenizer = tokenizer or make_tokenizer()
     text_encoder = T5EncoderModel(
         T5Config(vocab_size=len(tokenizer), d_model=_TEXT_DIM, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
                  relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)

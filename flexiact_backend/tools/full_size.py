@@ -13,9 +13,10 @@ import torch
 from diffusers import AutoencoderKLCogVideoX, CogVideoXImageToVideoPipeline, CogVideoXTransformer3DModel
 from transformers import T5Config, T5EncoderModel
 
-from ..generation import FlexiActGenerator
+from ..generation import FlexiActGenerator, configure_vae
 from ..model import attach_flexiact
 from ..model_info import ModelInfo
+from ..requirements import require_memory_saving
 from ..tiny import make_scheduler, make_tokenizer
 
 FULL_LAYERS, FULL_TEXT_LAYERS = 42, 24
@@ -79,18 +80,21 @@ def build_modules(size: FullSize, dtype: torch.dtype) -> tuple[T5EncoderModel, A
 
 def build_full_generator(size: FullSize, device: torch.device, dtype: torch.dtype, *, memory_saving: bool = False,
                          compile: bool = False) -> FlexiActGenerator:
-    """A `FlexiActGenerator` over the random-weight model, FlexiAct attached (rank 64, alpha 32, 226 tokens)."""
+    """A `FlexiActGenerator` over the random-weight model, FlexiAct attached (rank 64, alpha 32, 226 tokens); its
+    RefAdapter is the LoRA's random initialisation (it folds and costs as the published one does)."""
+    if memory_saving:
+        require_memory_saving(device)
     with torch.device("cpu" if memory_saving else device):  # memory saving keeps idle models in CPU memory
         text_encoder, vae, transformer = build_modules(size, dtype)
     pipe = CogVideoXImageToVideoPipeline(tokenizer=make_tokenizer(), text_encoder=text_encoder, vae=vae,
                                          transformer=transformer, scheduler=make_scheduler())
     pipe.set_progress_bar_config(disable=True)
+    configure_vae(vae)
     adapter = attach_flexiact(transformer)
     if memory_saving:
         pipe.enable_model_cpu_offload(device=device)
-        vae.enable_tiling()
     info = ModelInfo(id="random-cogvideox-5b-i2v", tiny=False, width=size.width, height=size.height, frames=size.frames, fps=8.0)
-    generator = FlexiActGenerator(pipe, adapter, info, device)
+    generator = FlexiActGenerator(pipe, adapter, info, device, refadapter="random initialisation")
     if compile:
         generator.compile_and_warm_up()
     return generator
