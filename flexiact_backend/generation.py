@@ -96,6 +96,14 @@ def find_refadapter(model_dir: str | Path, refadapter: str | Path | None = None)
     return next((Path(model_dir) / n for n in REFADAPTER_FILES if (Path(model_dir) / n).is_file()), None)
 
 
+def refadapter_missing_message(model_id: str, lora_weight: float) -> str:
+    """Why a generation with RefAdapter weight `lora_weight` is refused, and the two ways on."""
+    return (f"no RefAdapter is loaded for {model_id}, so RefAdapter weight {lora_weight:g} cannot run (FlexiAct "
+            f"without it is a different method, not a default). Put {REFADAPTER_FILES[1]} (hub repo "
+            "shiyi0408/FlexiAct; `flexiact-backend download` places it) in the model folder or start with "
+            "--refadapter FILE; or generate without it on purpose: lora_weight 0 (CLI: --no-refadapter).")
+
+
 def configure_vae(vae: torch.nn.Module) -> None:
     """Slicing and tiling on for every encode and decode, in every mode, as the authors run them.
 
@@ -204,11 +212,7 @@ class FlexiActGenerator:
         """The RefAdapter weight that will run: refused above 0 on a real model without a RefAdapter (that would
         be a different method, not a default); 0 whenever no RefAdapter is loaded (the tiny model)."""
         if self.refadapter is None and lora_weight and not self.info.tiny:
-            raise RefAdapterMissing(
-                f"no RefAdapter is loaded for {self.info.id}, so RefAdapter weight {lora_weight:g} cannot run. Put "
-                f"{REFADAPTER_FILES[1]} (from the hub repo shiyi0408/FlexiAct, or run `flexiact-backend download`) "
-                "in the model folder or pass --refadapter FILE; or generate without it on purpose with "
-                "lora_weight 0 (CLI: --no-refadapter).")
+            raise RefAdapterMissing(refadapter_missing_message(self.info.id, lora_weight))
         return float(lora_weight) if self.refadapter is not None else 0.0
 
     def scheduled_timesteps(self, steps: int) -> list[int]:

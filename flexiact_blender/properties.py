@@ -172,8 +172,9 @@ class FlexiActSettings(bpy.types.PropertyGroup):
     reweight_scale: FloatProperty(name="Motion Strength", min=0.0, max=20.0,
                                   default=GENERATION_DEFAULTS["reweight_scale"],
                                   description="How strongly the action's motion is weighted in the early steps")
-    transition: FloatProperty(name="Transition", min=0.01, max=1.0, default=GENERATION_DEFAULTS["high_timesteps"],
-                              description="Where the high-noise (motion) timesteps end")
+    transition: FloatProperty(name="Transition", min=0.7, max=1.0, default=GENERATION_DEFAULTS["high_timesteps"],
+                              description="Where the high-noise (motion) timesteps end, as a fraction of 1000: the bias "
+                                          "decays from here to timestep 700 (0.7 to 1)")
     step_cache: BoolProperty(name="Step Cache", default=False,
                              description="Faster: reuse transformer work at steps after the motion window "
                                          "(the steps that carry the motion always compute in full)")
