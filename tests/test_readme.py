@@ -1,13 +1,17 @@
-"""The README's curl examples, run as written (only the URL's port changed) against a real tiny-model server."""
+"""The README's examples run as written: curl (only the URL's port changed) against a real tiny-model server, the
+Python API on the hub-shaped tiny folder; and its preset times are the estimate's."""
 
 from __future__ import annotations
 
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+
+from flexiact_backend.presets import PRESETS, estimated_job_s
 
 from service_helpers import ServerProcess, clip_bytes, png_bytes
 
@@ -40,3 +44,37 @@ def test_readme_curl_examples_run_against_a_real_server(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert (work / "result.mp4").stat().st_size > 0
     assert '"name":"big wave"' in done.stdout  # the rename shows in the final listing
+
+
+def python_example() -> str:
+    """The python blocks of the README's 'Python API' section, in order, as one script."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Python API\n"):text.index("## CLI\n")]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 2, "the Python API section has its two examples"
+    return "\n".join(blocks)
+
+
+def test_readme_python_api_runs_as_written(hub_folder, motion_clip: Path, target_image, tmp_path: Path) -> None:
+    """Only the model path and the step counts change: the hub-shaped tiny folder, 2 steps each."""
+    script = python_example()
+    for old, new in (('MODEL = "weights/CogVideoX-5b-I2V"', f"MODEL = {str(hub_folder.model)!r}"),
+                     ("EXTRACT_STEPS, STEPS = 3000, 50", "EXTRACT_STEPS, STEPS = 2, 2")):
+        assert old in script
+        script = script.replace(old, new)
+    shutil.copy(motion_clip, tmp_path / "reference.mp4")
+    target_image.save(tmp_path / "target.png")
+    script += "\nassert frames.shape[0] == info.frames, frames.shape\n"
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=RUN_LIMIT_S)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "refnetlora_step40000_model.pt 0.7" in done.stdout
+    assert (tmp_path / "dog-jumps.mp4").stat().st_size > 0 and (tmp_path / "jump.safetensors").is_file()
+
+
+def test_readme_preset_times_are_the_estimate() -> None:
+    """The README's preset times are presets.estimated_job_s of each preset (labelled estimates)."""
+    text = (ROOT / "README.md").read_text()
+    for name, shown in (("standard", r"3,000 steps\*\*.*?an estimated ([\d.]+) h"), ("quick", r"1,000 steps\*\* \(an estimated ([\d.]+) h")):
+        hours = float(re.search(shown, text, re.S).group(1))
+        assert hours == round(estimated_job_s(PRESETS[name]) / 3600, 1), name

@@ -207,8 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     from .bench import add_bench_commands
 
+    from .gpu_check import add_gpu_check_command
+
     add_bench_commands(bench_sub)
     add_bench_serve(bench_sub)
+    add_gpu_check_command(bench_sub)
     return parser
 
 

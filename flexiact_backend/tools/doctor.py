@@ -28,11 +28,13 @@ from ..requirements import TOKENIZER_PACKAGES, missing, needs_sentencepiece, req
 from ..service.config import DEFAULT_DATA_DIR
 
 MIN_TORCH = (2, 5)
-#: bf16 CogVideoX-5B-I2V with T5-XXL resident; below this use --memory-saving (offload, VAE tiling).
-MIN_VRAM_GB = 24.0
+#: bf16 CogVideoX-5B-I2V with T5-XXL resident peaks near 26 GB (estimate) plus context; below, --memory-saving.
+MIN_VRAM_GB = 32.0
 MIN_FREE_DISK_GB = 10.0
 PIPELINE_PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 TORCH_INDEX = "https://download.pytorch.org/whl/cu{cuda}"
+#: The CUDA builds of torch in the README's table, newest first.
+TORCH_BUILDS = ((13, 0), (12, 8), (12, 6))
 
 
 @dataclass(frozen=True)
@@ -89,9 +91,14 @@ def driver_cuda_version() -> tuple[int, int] | None:
 def check_cuda_build(build: str | None, driver: tuple[int, int], version: str) -> Check:
     """torch's CUDA build (`torch.version.cuda`) against what the driver supports."""
     supported = f"{driver[0]}.{driver[1]}"
-    index = TORCH_INDEX.format(cuda=f"{driver[0]}{driver[1]}")
-    fix = (f"install a torch built for CUDA {supported} or older, e.g. pip install torch --index-url {index} "
-           "(README: 'Which torch build'), or update the NVIDIA driver")
+    fitting = next((b for b in TORCH_BUILDS if b <= driver), None)
+    if fitting is None:
+        fix = (f"update the NVIDIA driver: torch's CUDA builds need CUDA {TORCH_BUILDS[-1][0]}.{TORCH_BUILDS[-1][1]} "
+               "or newer (README: 'Which torch build')")
+    else:
+        index = TORCH_INDEX.format(cuda=f"{fitting[0]}{fitting[1]}")
+        fix = (f"pip install torch --index-url {index}  (a build for CUDA {fitting[0]}.{fitting[1]}; README: "
+               "'Which torch build'), or update the NVIDIA driver")
     if build is None:
         return Check("cuda build", "FAIL", f"torch {version} is a CPU-only build, but an NVIDIA driver (CUDA "
                      f"{supported}) is installed: the GPU would go unused", fix)
