@@ -24,6 +24,7 @@ from PIL import Image
 from .actions import motion_duration_s, read_action_metadata
 from .errors import Cancelled, CheckpointError, RefAdapterMissing
 from .media import FitMapping, fit_target_image, retime_frames, write_mp4
+from .model.processor import LORA_NAMES
 from .model import ATTENTION_BACKENDS, FlexiActAdapter, StepCache, attach_flexiact, compile_blocks, reweight_schedule, reweighting
 from .presets import GENERATION_DEFAULTS
 from .model_info import ModelInfo, read_model_info
@@ -195,9 +196,9 @@ class FlexiActGenerator:
             pipe.enable_model_cpu_offload(device=device)
         else:
             pipe.to(device)
+        generator = cls(pipe, adapter, info, device, attention_backend)
         if refadapter is not None:
-            adapter.load_refadapter(refadapter)
-        generator = cls(pipe, adapter, info, device, attention_backend, refadapter.name if refadapter else None)
+            generator.use_refadapter(refadapter)
         if compile:
             generator.compile_and_warm_up()
         return generator
@@ -207,6 +208,20 @@ class FlexiActGenerator:
         second none, so both graphs are built before the first request."""
         compile_blocks(self.pipe.transformer, dynamic=False)
         self.generate(Image.new("RGB", (self.info.width, self.info.height)), "", steps=2)
+
+    def use_refadapter(self, src: str | Path | Mapping[str, torch.Tensor] | None) -> None:
+        """Load a RefAdapter (published `.pt`, safetensors or a state dict), or with None run without one from now
+        on (weight 0); generations report which ran."""
+        with self.lock:
+            if src is None:
+                with torch.no_grad():
+                    for processor in self.adapter.processors:
+                        for name in LORA_NAMES:
+                            getattr(processor, name).up.weight.zero_()
+                self.refadapter = None
+                return
+            self.adapter.load_refadapter(src)
+            self.refadapter = Path(src).name if isinstance(src, (str, Path)) else "given state dict"
 
     def check_refadapter(self, lora_weight: float) -> float:
         """The RefAdapter weight that will run: refused above 0 on a real model without a RefAdapter (that would

@@ -93,17 +93,19 @@ def test_action_tokens_change_the_video(tiny_generator: FlexiActGenerator, targe
 
 
 def test_weights_restored_after_generation(tiny_generator: FlexiActGenerator, target_image) -> None:
-    with torch.no_grad():
-        for p in tiny_generator.adapter.processors:
-            p.lora_q.up.weight.normal_()
-    before = {k: v.clone() for k, v in tiny_generator.pipe.transformer.state_dict().items()}
-    tiny_generator.generate(target_image, "a dog runs", steps=3, lora_weight=0.7)
-    after = tiny_generator.pipe.transformer.state_dict()
-    assert all(torch.equal(after[k], v) for k, v in before.items())
-    assert not tiny_generator.adapter.lora_fused
-    with torch.no_grad():
-        for p in tiny_generator.adapter.processors:
-            p.lora_q.up.weight.zero_()
+    g = torch.Generator().manual_seed(5)
+    tiny_generator.use_refadapter({k: torch.randn(v.shape, generator=g) for k, v in
+                                   tiny_generator.adapter.refadapter_state_dict().items()})
+    tiny_generator.adapter.reset_action()  # what a generation without an action leaves
+    try:
+        before = {k: v.clone() for k, v in tiny_generator.pipe.transformer.state_dict().items()}
+        result = tiny_generator.generate(target_image, "a dog runs", steps=3, lora_weight=0.7)
+        assert result.settings.lora_weight == 0.7 and result.settings.refadapter == "given state dict"  # it was folded
+        after = tiny_generator.pipe.transformer.state_dict()
+        assert [k for k, v in before.items() if not torch.equal(after[k], v)] == []
+        assert not tiny_generator.adapter.lora_fused
+    finally:
+        tiny_generator.use_refadapter(None)
 
 
 def test_progress_once_per_step(tiny_generator: FlexiActGenerator, target_image) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from flexiact_backend.presets import PRESETS, estimated_job_s
+from flexiact_backend.service.process import free_port
 
 from service_helpers import ServerProcess, clip_bytes, png_bytes
 
@@ -78,3 +79,41 @@ def test_readme_preset_times_are_the_estimate() -> None:
     for name, shown in (("standard", r"3,000 steps\*\*.*?an estimated ([\d.]+) h"), ("quick", r"1,000 steps\*\* \(an estimated ([\d.]+) h")):
         hours = float(re.search(shown, text, re.S).group(1))
         assert hours == round(estimated_job_s(PRESETS[name]) / 3600, 1), name
+
+
+def gpu_install_block() -> list[str]:
+    """The install lines of the README's GPU block: every line up to `download` (which needs the hub)."""
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"## Running the backend on a GPU box\n.*?```sh\n(.*?)```", text, re.S).group(1)
+    lines = [line.split("#")[0].strip() for line in block.splitlines()]
+    return [line for line in lines[: next(i for i, line in enumerate(lines) if " download " in f"{line} ")] if line]
+
+
+@pytest.mark.slow
+def test_readme_gpu_install_then_every_command_on_the_hub_folder(hub_folder, motion_clip: Path, target_image,
+                                                                  tmp_path: Path) -> None:
+    """A fresh venv made and filled exactly as the README tells a GPU user (torch==2.13.0 resolves to this machine's
+    CPU wheel; the rest comes from pip's cache), then doctor, generate, extract and import-action on the hub folder."""
+    venv = tmp_path / "venv"
+    install = gpu_install_block()
+    assert install == ["python3 -m venv .venv", ".venv/bin/pip install torch==2.13.0",
+                       ".venv/bin/pip install -e '.[download]'"]
+    for line in install:
+        done = subprocess.run(["bash", "-euo", "pipefail", "-c", line.replace(".venv", str(venv))], cwd=ROOT,
+                              capture_output=True, text=True, timeout=RUN_LIMIT_S)
+        assert done.returncode == 0, f"{line}\n{done.stdout}\n{done.stderr}"
+    cli = str(venv / "bin" / "flexiact-backend")
+    target_image.save(tmp_path / "target.png")
+    model = str(hub_folder.model)
+    commands = [
+        ["doctor", "--model", model, "--data-dir", str(tmp_path / "data"), "--port", str(free_port())],
+        ["import-action", str(hub_folder.action), "--name", "jump", "--caption", "a jump", "--out", str(tmp_path / "jump.safetensors")],
+        ["generate", "--model", model, "--image", str(tmp_path / "target.png"), "--prompt", "a dog jumps", "--action",
+         str(tmp_path / "jump.safetensors"), "--steps", "1", "--out", str(tmp_path / "dog.mp4")],
+        ["extract", "--model", model, "--video", str(motion_clip), "--end", "1.5", "--caption", "a block slides",
+         "--steps", "1", "--out", str(tmp_path / "slide.safetensors")],
+    ]
+    for args in commands:
+        done = subprocess.run([cli, *args], capture_output=True, text=True, timeout=RUN_LIMIT_S)
+        assert done.returncode == 0, f"{args[0]}\n{done.stdout}\n{done.stderr}"
+    assert (tmp_path / "dog.mp4").stat().st_size > 0 and (tmp_path / "slide.safetensors").is_file()
