@@ -24,6 +24,7 @@ from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..model import ATTENTION_BACKENDS, biased_attention, rotary_embeddings
+from ..requirements import missing
 from .model_args import add_model_args, load_generator
 
 
@@ -237,8 +238,11 @@ def _peak(fn: Callable[[], object], device: torch.device) -> dict:
 
 def unsupported_reason(mode: str, device: torch.device) -> str | None:
     """Why `mode` cannot run on `device`, or None."""
-    if mode == "memory_saving" and device.type != "cuda":
-        return "needs a CUDA device (idle models are offloaded to CPU memory)"
+    if mode == "memory_saving":
+        if device.type != "cuda":
+            return "needs a CUDA device (idle models are offloaded to CPU memory)"
+        if missing({"accelerate": "accelerate"}):
+            return "needs accelerate installed (pip install accelerate)"
     if mode == "fp8":
         if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
             return "needs a CUDA GPU with fp8 support (compute capability 8.9 or newer)"
