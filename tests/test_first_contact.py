@@ -72,12 +72,11 @@ def test_every_cli_command_runs_on_the_hub_folder(hub_folder: HubFolder, motion_
     assert main(["import-action", str(hub_folder.action), "--name", "jump", "--caption", "a jump", "--out", str(imported)]) == 0
     image = tmp_path / "target.png"
     target_image.save(image)
-    for action in (hub_folder.action, imported):
-        video = tmp_path / f"{action.stem}.mp4"
-        assert main(["generate", "--model", model, "--image", str(image), "--prompt", "a dog jumps", "--action",
-                     str(action), "--steps", "2", "--out", str(video)]) == 0
-        assert video.stat().st_size > 0
-        assert "RefAdapter refnetlora_step40000_model.pt at 0.7" in capsys.readouterr().out
+    video = tmp_path / "dog.mp4"  # the published .pt as it is (the service test generates with the imported one)
+    assert main(["generate", "--model", model, "--image", str(image), "--prompt", "a dog jumps", "--action",
+                 str(hub_folder.action), "--steps", "2", "--out", str(video)]) == 0
+    assert video.stat().st_size > 0 and imported.is_file()
+    assert "RefAdapter refnetlora_step40000_model.pt at 0.7" in capsys.readouterr().out
 
     extracted = tmp_path / "slide.safetensors"
     assert main(["extract", "--model", model, "--video", str(motion_clip), "--end", "1.5", "--caption", "a block slides",
