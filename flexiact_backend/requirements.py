@@ -16,7 +16,7 @@ from .errors import FlexiActError
 
 #: transformers 5 converts the hub's `tokenizer/spiece.model` (no tokenizer.json) with both of these.
 TOKENIZER_PACKAGES = {"sentencepiece": "sentencepiece", "google.protobuf": "protobuf"}
-INSTALL = "pip install 'flexiact-backend'  (or: pip install {packages})"
+INSTALL = "pip install {packages}  (dependencies of the backend: pip install -e . in the FlexiAct clone installs them)"
 
 
 class MissingPackage(FlexiActError):
@@ -69,5 +69,5 @@ def require_memory_saving(device: torch.device) -> None:
 def require_cluster() -> None:
     """Studio mode (`serve --ray`) needs Ray, from the `cluster` extra."""
     if missing({"ray": "ray"}):
-        raise MissingPackage("--ray needs Ray. Fix: pip install 'flexiact-backend[cluster]' (the same version on "
-                             "every machine of the cluster)")
+        raise MissingPackage("--ray needs Ray, which is not installed: pip install -e '.[cluster]' in the FlexiAct "
+                             "clone (the same version on every machine of the cluster)")

@@ -1,4 +1,9 @@
-"""Studio mode on a real two-node Ray cluster (loopback): workers as actors, a killed actor, a node that leaves."""
+"""Studio mode on a real two-node Ray cluster (loopback): workers as actors, a killed actor, a node that leaves,
+the head lost and back, and a cluster without token authentication refused.
+
+Ray's GCS reconnect timeout is shortened to GCS_TIMEOUT_S for these clusters (RAY_gcs_rpc_server_reconnect_
+timeout_s, default 60 s), so that "the head stays down longer than Ray waits for it" takes seconds, not minutes.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from flexiact_backend.service.actor import SCRATCH_PREFIX
 from flexiact_backend.service.process import LocalRayCluster
 from service_helpers import Client, ServerProcess, assert_monotonic, clip_bytes, png_bytes, upload, wait_job
 
@@ -22,12 +28,39 @@ EXTRACT_STEPS = 150
 PREVIEW_EVERY = 75
 #: A safety net for worker states to change; never a performance bound.
 STATE_WAIT_S = 180.0
+#: Ray's GCS reconnect timeout in these tests (its default is 60 s).
+GCS_TIMEOUT_S = 8
+RAY_ENV = {"RAY_gcs_rpc_server_reconnect_timeout_s": str(GCS_TIMEOUT_S)}
+#: The issue's bound for /v1/health to report a lost head.
+DEGRADED_WITHIN_S = 10.0
+
+
+def test_a_cluster_without_token_auth_is_refused_unless_allowed(tmp_path: Path) -> None:
+    pytest.importorskip("ray", reason="studio mode needs the [cluster] extra (make setup installs it)")
+    with LocalRayCluster(auth=False, ray_env=RAY_ENV) as open_cluster:
+        open_cluster.add_node()
+        run = subprocess.run([sys.executable, "-m", "flexiact_backend", "serve", "--tiny", "--data-dir",
+                              str(tmp_path / "refused"), "--ray", open_cluster.address, "--ray-workers", "1"],
+                             capture_output=True, text=True, timeout=120, env={**os.environ, **open_cluster.env})
+        assert run.returncode != 0, run.stderr
+        assert "does not require token authentication" in run.stderr and "RAY_AUTH_MODE=token" in run.stderr, run.stderr
+        assert "--ray-allow-no-auth" in run.stderr and not (tmp_path / "refused" / "state.sqlite3").exists()
+        allowed = ServerProcess(tmp_path / "allowed", env=open_cluster.env, extra_args=(
+            "--ray", open_cluster.address, "--ray-workers", "1", "--ray-allow-no-auth"))
+        try:  # connected is enough: the model's loading on an actor is what the other tests wait for
+            allowed.start(loaded=False)
+            health = wait_until(allowed.health, lambda h: h and h["cluster"]["status"] == "ok", "connected")
+            assert health["cluster"]["auth"] == "open", health
+            assert "does not require token authentication" in health["cluster"]["warning"], health
+            assert "does not require token authentication" in allowed.log_path.read_text()
+        finally:
+            allowed.stop()
 
 
 @pytest.fixture(scope="module")
 def cluster():
     pytest.importorskip("ray", reason="studio mode needs the [cluster] extra (make setup installs it)")
-    with LocalRayCluster() as c:
+    with LocalRayCluster(ray_env=RAY_ENV) as c:
         c.add_node()
         c.add_node()
         yield c
@@ -58,19 +91,24 @@ def test_studio_flags_that_cannot_work_are_refused_before_anything_starts(
     assert not (tmp_path / "state.sqlite3").exists()
 
 
+def wait_until(get, ok, what: str, limit_s: float = STATE_WAIT_S):
+    """Call `get()` until `ok(value)` holds; returns that value."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        value = get()
+        if ok(value):
+            return value
+        time.sleep(0.2)
+    raise TimeoutError(f"never {what} within {limit_s} s: {get()}")
+
+
 def workers(client: Client) -> list[dict]:
     return client.request("GET", "/v1/health")[1]["workers"]
 
 
 def wait_workers(client: Client, ok, what: str) -> list[dict]:
     """Poll /v1/health until `ok(workers)` holds."""
-    deadline = time.monotonic() + STATE_WAIT_S
-    while time.monotonic() < deadline:
-        ws = workers(client)
-        if ok(ws):
-            return ws
-        time.sleep(0.2)
-    raise TimeoutError(f"workers never {what}: {workers(client)}")
+    return wait_until(lambda: workers(client), ok, f"workers {what}")
 
 
 def test_two_actors_then_kill_minus_9_mid_extraction_resumes_from_checkpoint(
@@ -164,3 +202,68 @@ def test_one_actor_left_extraction_yields_to_a_generation_and_cancel_reaches_it(
     final = wait_job(client, extraction["id"])
     assert final["status"] == "cancelled" and final["step"] < 5000, final
     wait_workers(client, lambda ws: sorted(w["state"] for w in ws) == ["dead", "idle"], "idle again")
+
+
+def wait_health(client: Client, ok, what: str, limit_s: float = STATE_WAIT_S) -> dict:
+    """Poll /v1/health until `ok(health)` holds."""
+    return wait_until(lambda: client.request("GET", "/v1/health")[1], ok, what, limit_s)
+
+
+def test_the_head_lost_longer_than_rays_timeout_then_back_resumes_every_job(
+        client: Client, server: ServerProcess, cluster: LocalRayCluster, tmp_path: Path) -> None:
+    """The service outlives its Ray head: degraded while it is gone, jobs kept, reconnected and resumed after."""
+    wait_workers(client, lambda ws: any(w["state"] == "idle" for w in ws), "one idle")
+    clip = upload(client, clip_bytes(tmp_path / "clip.mp4"), "video/mp4", "clip4.mp4")
+    image = upload(client, png_bytes(6, (80, 60)), "image/png", "target4.png")
+    status, body = client.request("POST", "/v1/actions", json_body={
+        "name": "outage", "caption": "a square slides", "video": clip["id"], "start_s": 0, "end_s": 2,
+        "steps": 60})
+    assert status == 202 and body["note"] is None, body
+    extraction = body["job"]
+    wait_job(client, extraction["id"], ("running",), min_step=2 * CHECKPOINT_EVERY + 1)
+
+    cluster.kill_node(cluster.nodes[0])  # the head's whole process group, SIGKILL: its machine went away
+    lost = time.monotonic()
+    health = wait_health(client, lambda h: h["status"] == "degraded", "degraded", limit_s=DEGRADED_WITHIN_S)
+    print(f"health said degraded {time.monotonic() - lost:.1f} s after the head was killed")
+    assert "Ray head" in health["cluster"]["reason"] or "driver" in health["cluster"]["reason"], health
+    queued = wait_job(client, extraction["id"], ("queued",))
+    assert queued["step"] >= 2 * CHECKPOINT_EVERY, queued
+    status, body = client.request("POST", "/v1/generations",
+                                  json_body={"image": image["id"], "prompt": "p", "steps": 2})
+    assert status == 202 and "unreachable" in body["note"], body  # accepted, with a note: it waits
+    generation = body["job"]
+
+    time.sleep(max(0.0, lost + GCS_TIMEOUT_S + 4 - time.monotonic()))  # past the time Ray waits for a head
+    assert server.proc.poll() is None, server.log_tail()
+    health = client.request("GET", "/v1/health")[1]
+    assert health["status"] == "degraded" and health["queue"]["queued"] == 2, health
+
+    cluster.restart()  # the same address, the same token
+    final = wait_job(client, extraction["id"])
+    assert final["status"] == "succeeded", final
+    resumed_from = final["result"]["resumed_from"]
+    assert resumed_from >= 2 * CHECKPOINT_EVERY and resumed_from % CHECKPOINT_EVERY == 0, final["result"]
+    done = wait_job(client, generation["id"])
+    assert done["status"] == "succeeded", done
+    health = wait_health(client, lambda h: h["status"] == "ok" and all(w["state"] == "idle" for w in h["workers"]),
+                         "ok with every worker idle")
+    assert health["cluster"]["reconnects"] >= 1 and health["cluster"]["auth"] == "token", health
+    # the workers were placed anew: one on each node again
+    assert sorted(w["node"] for w in health["workers"]) == ["127.0.0.2", "127.0.0.3"], health["workers"]
+    log = server.log_path.read_text()
+    assert "reconnected to the Ray cluster" in log and "next try in" in log
+
+
+def test_no_actor_scratch_folder_is_left_behind(server: ServerProcess, cluster: LocalRayCluster) -> None:
+    """Killed actors' folders were removed by the actors after them; the last ones go when the service stops."""
+    live = {w["pid"] for w in server.health()["workers"]}
+    folders = list(cluster.tmp_dir.glob(f"{SCRATCH_PREFIX}*"))  # several actors were killed before: none of theirs
+    assert len(live) == 2 and {int(f.name.removeprefix(SCRATCH_PREFIX).split("-")[0]) for f in folders} == live, (
+        folders, live)
+    server.stop()
+    assert "Application shutdown complete" in server.log_path.read_text(), server.log_tail()
+    deadline = time.monotonic() + 30
+    while list(cluster.tmp_dir.glob(f"{SCRATCH_PREFIX}*")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not list(cluster.tmp_dir.glob(f"{SCRATCH_PREFIX}*"))

@@ -1,181 +1,110 @@
 """Studio mode (`serve --ray ADDRESS`): the service's workers as Ray actors, one per GPU of a Ray cluster.
 
-Why Ray: a studio's GPUs sit on several machines. Ray places one actor per GPU (`num_gpus=1`), restarts an
-actor whose process dies, and carries bytes through its object store, so the machines share no filesystem.
-The service stays the one front door: its SQLite queue decides which job goes to which actor
-(worker.WorkerPool); the inputs go out as bytes, and the output, the checkpoints and the latent cache come
-back as bytes, stored here atomically. A job whose actor dies goes back to the queue and resumes elsewhere
-from the last checkpoint that reached the service.
+Why Ray: a studio's GPUs sit on several machines. Ray places one actor per GPU (`num_gpus=1`) and carries
+bytes through its object store, so the machines share no filesystem. The service stays the one front door: its
+SQLite queue decides which job goes to which actor (worker.WorkerPool); the inputs go out as bytes, and the
+output, the checkpoints and the latent cache come back as bytes, stored here atomically. A job whose actor dies
+goes back to the queue and resumes elsewhere from the last checkpoint that reached the service.
+
+Why no Ray in this process: Ray ends its driver's process when the head stays unreachable. The driver lives in
+a child process (ray_driver.py) that this module supervises over a pipe: when the head is lost the child is
+ended, /v1/health says `degraded` with the reason, the running jobs go back to the queue (new ones are
+accepted and wait), and a new child connects once the head answers again (retried with a growing delay).
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
-import shutil
-import signal
-import tempfile
+import socket
+import subprocess
+import sys
 import threading
 import time
-import traceback
+from dataclasses import dataclass
 from pathlib import Path
-
-import ray
-import torch
-from ray.exceptions import RayActorError
+from typing import Any
 
 from ..atomic import write_atomically
 from ..errors import Cancelled, FlexiActError, Paused
-from ..tiny import ensure_tiny_model
 from .config import ServiceConfig
-from .runner import OOM_MESSAGE, Hooks, JobRunner, is_cuda_failure, take_path
-from .worker import CUDA_MESSAGE, WorkerLost
+from .executor import ClusterDown, WorkerLost, read_work, write_work
+from .runner import Hooks, take_path
 
 log = logging.getLogger("flexiact.service")
 
 #: How often the service asks a busy actor for progress and passes on cancel and pause (well under a step).
 POLL_S = 0.2
-#: An actor that answers nothing for this long is taken for lost: it is restarted, its job requeued.
+#: How often a wait on an actor's call asks the driver whether it has answered.
+TICK_S = 0.01
+#: An actor that answers nothing for this long is taken for lost: it is recreated, its job requeued.
 LOST_AFTER_S = 20.0
 #: How long one look at a starting (or restarting) actor waits before the worker thread looks around again.
 LOAD_WAIT_S = 2.0
-OUTPUT_SUFFIX = {"generate": ".mp4", "extract": ".safetensors"}
+#: How often the head is checked; it is taken for lost after HEAD_MISSES checks in a row fail.
+CHECK_EVERY_S = 1.0
+HEAD_MISSES = 2
+#: Reconnecting: the first retry after this long, each next one after twice as long, never more than the cap.
+RETRY_FIRST_S, RETRY_MAX_S = 1.0, 30.0
+#: How long one connection attempt (a new driver joining the cluster) may take.
+CONNECT_TIMEOUT_S = 60.0
+#: A request to the driver that takes longer than this means the driver is stuck: it is replaced.
+REQUEST_TIMEOUT_S = 30.0
+OPEN_CLUSTER_MESSAGE = (
+    "the Ray cluster at {address} does not require token authentication: anyone who reaches its ports can run "
+    "code on its machines. Restart every node of it with token authentication (`ray get-auth-token --generate`, "
+    "then `RAY_AUTH_MODE=token ray start ...` on every machine, and RAY_AUTH_MODE=token for the service too), "
+    "or, on a network you trust, start the service with --ray-allow-no-auth")
+OPEN_CLUSTER_WARNING = ("the Ray cluster does not require token authentication (allowed by --ray-allow-no-auth): "
+                        "anyone who reaches its ports can run code on its machines")
 
-WorkFiles = dict[str, bytes]
-
-
-def read_work(work_dir: Path | None) -> WorkFiles:
-    """The finished files of a work folder by relative path (temp files, which start with '.', left out)."""
-    if work_dir is None or not work_dir.is_dir():
-        return {}
-    return {p.relative_to(work_dir).as_posix(): p.read_bytes() for p in sorted(work_dir.rglob("*"))
-            if p.is_file() and not p.name.startswith(".")}
-
-
-def write_work(work_dir: Path, files: WorkFiles) -> None:
-    """Store files sent back by an actor under `work_dir`, each atomically; no path may leave the folder."""
-    root = work_dir.resolve()
-    for rel, data in files.items():
-        dest = (root / rel).resolve()
-        if not dest.is_relative_to(root) or dest == root:
-            raise ValueError(f"a work file outside the work folder: {rel!r}")
-        write_atomically(dest, lambda tmp, data=data: Path(tmp).write_bytes(data))
+#: A call in flight on an actor: (the driver connection it belongs to, its id there).
+Call = tuple[int, int]
 
 
-class JobActor:
-    """The body of one Ray actor: a JobRunner kept warm; inputs arrive and outputs leave as bytes.
+def cluster_auth(address: str, timeout_s: float = 60.0) -> str | None:
+    """'token' or 'open' for the cluster whose GCS is at `address`; None when it cannot be reached.
 
-    Threaded (max_concurrency > 1): `poll` answers while `run` computes, which is how progress, checkpoints,
-    cancel and pause cross between the service and the job within a step.
+    Asked from a process of its own without the token (ray_driver.probe_auth): does the head answer a stranger?
     """
-
-    def __init__(self, model_dir: str | None, checkpoint_every: int, refadapter: str | None,
-                 memory_saving: bool) -> None:
-        self.model_dir, self.checkpoint_every = model_dir, checkpoint_every
-        self.refadapter, self.memory_saving = refadapter, memory_saving
-        self.scratch = Path(tempfile.mkdtemp(prefix="flexiact-actor-"))
-        self.runner: JobRunner | None = None
-        self.device = "cpu"
-        self._lock = threading.Lock()
-        self._events: list[dict] = []
-        self._work: Path | None = None
-        self._sent: dict[str, tuple[int, int]] = {}
-        self._cancel = self._pause = self._finish = False
-
-    def load(self) -> dict:
-        """Load the pipeline on this actor's GPU (or the CPU); the tiny model is built locally, no files shared."""
-        gpus = ray.get_gpu_ids()
-        if self.runner is None:
-            model_dir = Path(self.model_dir) if self.model_dir else ensure_tiny_model(self.scratch)
-            self.runner = JobRunner.load(model_dir, "cuda:0" if gpus else "cpu", checkpoint_every=self.checkpoint_every,
-                                         refadapter=Path(self.refadapter) if self.refadapter else None,
-                                         memory_saving=self.memory_saving)
-        name = torch.cuda.get_device_name(0) if gpus else "cpu"
-        return {"node": ray.util.get_node_ip_address(), "device": f"cuda:{gpus[0]}" if gpus else "cpu",
-                "device_name": name, "pid": os.getpid()}
-
-    def ping(self) -> bool:
-        return True
-
-    def run(self, kind: str, params: dict, inputs: dict[str, tuple[str, bytes] | None], work: WorkFiles) -> dict:
-        """Run one job; returns {result, output} or {error}, plus the progress and work files not yet polled."""
-        job_dir = self.scratch / "job"
-        shutil.rmtree(job_dir, ignore_errors=True)
-        paths: dict[str, Path | None] = {}
-        for name, item in inputs.items():
-            paths[name] = None
-            if item is not None:
-                paths[name] = job_dir / "in" / name / Path(item[0]).name
-                paths[name].parent.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
-                paths[name].write_bytes(item[1])  # type: ignore[union-attr]
-        work_dir = job_dir / "work"
-        work_dir.mkdir(parents=True)
-        write_work(work_dir, work)
-        with self._lock:
-            self._events, self._cancel, self._pause, self._finish = [], False, False, False
-            self._work = work_dir
-            self._sent = {rel: _signature(work_dir / rel) for rel in work}
-        out = job_dir / f"output{OUTPUT_SUFFIX[kind]}"
-        hooks = Hooks(progress=self._progress, cancel=lambda: self._cancel, pause=lambda: self._pause,
-                      finish=lambda: self._finish)
-        try:
-            assert self.runner is not None, "run before load"
-            result = self.runner.run(kind, params, paths, work_dir if kind == "extract" else None, out, hooks)
-            takes = [take_path(out, i).read_bytes() for i in range(1, len(result.get("takes") or ()))]
-            answer = {"result": result, "output": out.read_bytes(), "takes": takes}
-        except Exception as exc:  # every failure is reported to the service, which decides what it means
-            answer = {"error": _describe(exc)}
-        try:
-            with self._lock:
-                return {**answer, **self._drain()}
-        finally:
-            with self._lock:
-                self._work = None
-            shutil.rmtree(job_dir, ignore_errors=True)
-
-    def poll(self, cancel: bool, pause: bool, finish: bool = False) -> dict:
-        """Take the service's cancel, pause and finish wishes; give back progress events and new work files."""
-        with self._lock:
-            self._cancel = self._cancel or cancel
-            self._pause = pause
-            self._finish = self._finish or finish
-            return self._drain()
-
-    def _progress(self, **event: object) -> None:
-        with self._lock:  # keep one event per phase run: the newest step of a phase replaces the older
-            if self._events and self._events[-1]["phase"] == event["phase"]:
-                self._events[-1] = event
-            else:
-                self._events.append(event)
-
-    def _drain(self) -> dict:
-        events, self._events = self._events, []
-        changed: WorkFiles = {}
-        if self._work is not None:
-            for path in sorted(self._work.rglob("*")):
-                if not path.is_file() or path.name.startswith("."):
-                    continue
-                rel, sig = path.relative_to(self._work).as_posix(), _signature(path)
-                if self._sent.get(rel) != sig:
-                    changed[rel], self._sent[rel] = path.read_bytes(), sig
-        return {"events": events, "work": changed}
+    if _reachable(address, require_port=True):  # down (or not host:port): Ray's client would wait a minute
+        return None
+    try:
+        run = subprocess.run([sys.executable, "-m", "flexiact_backend.service.ray_driver", "--probe-auth", address],
+                             capture_output=True, text=True, timeout=timeout_s, env=auth_probe_env(dict(os.environ)))
+    except subprocess.TimeoutExpired:
+        return None
+    return run.stdout.strip() if run.returncode == 0 else None
 
 
-def _signature(path: Path) -> tuple[int, int]:
-    st = path.stat()
-    return st.st_size, st.st_mtime_ns
+def auth_probe_env(environ: dict[str, str]) -> dict[str, str]:
+    """The environment of an authentication probe: the service's, with Ray's token and its mode taken out."""
+    env = {k: v for k, v in environ.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    return {**env, "RAY_AUTH_MODE": "disabled"}
 
 
-def _describe(exc: Exception) -> dict:
-    """An actor-side failure as {code, message} for the service."""
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
-        return {"code": "out_of_memory", "message": OOM_MESSAGE}
-    if isinstance(exc, FlexiActError):
-        return {"code": exc.code, "message": str(exc)}
-    log.error("job failed in the actor:\n%s", traceback.format_exc())
-    if is_cuda_failure(exc):
-        return {"code": "cuda_error", "message": CUDA_MESSAGE.format(error=exc)}
-    return {"code": "internal_error", "message": f"{type(exc).__name__}: {exc}"}
+def _driver_main(*args: object) -> None:
+    """The driver child's entry: Ray is imported there, never in the service process."""
+    from .ray_driver import main
+
+    main(*args)  # type: ignore[arg-type]
+
+
+def _reachable(address: str, timeout_s: float = 2.0, *, require_port: bool = False) -> str | None:
+    """None when something listens at host:port, else why not (e.g. 'Connection refused').
+
+    An address that is not host:port (e.g. 'auto') counts as reachable unless `require_port`: only the
+    driver's own connection can tell.
+    """
+    host, _, port = address.rpartition(":")
+    if not (host and port.isdigit()):
+        return "not a host:port address" if require_port else None
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return None
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
 
 
 class RemoteJobError(FlexiActError):
@@ -186,61 +115,304 @@ class RemoteJobError(FlexiActError):
         self.code = code
 
 
-class RayExecutor:
-    """The service's side of one actor: ships a job's files out, polls it, stores what comes back."""
+class _CallFailed(Exception):
+    """The actor's method raised (the actor itself lives)."""
 
-    def __init__(self, actor: ray.actor.ActorHandle) -> None:
-        self.actor = actor
-        self._loading: ray.ObjectRef | None = None
-        self._ping: tuple[ray.ObjectRef, float] | None = None
+
+@dataclass
+class _Link:
+    """The service's end of one driver child: its process and pipe, and which connection it is."""
+
+    epoch: int
+    process: multiprocessing.process.BaseProcess
+    conn: Any
+    gcs_address: str
+
+
+class RayCluster:
+    """The connection to the cluster (supervised, reconnected), and the actors it should have."""
+
+    def __init__(self, config: ServiceConfig, model_dir: Path, *, refadapter: Path | None,
+                 memory_saving: bool) -> None:
+        self.address = config.ray_address
+        self.allow_no_auth = config.ray_allow_no_auth
+        self.cpu_workers = config.ray_workers
+        self.actor_args = (None if config.tiny else str(model_dir), config.checkpoint_every,
+                           str(refadapter) if refadapter else None, memory_saving)
+        self.resources = {"CPU": 1.0} if self.cpu_workers is not None else {"GPU": 1.0}
+        self._lock = threading.Lock()  # one request at a time on the pipe
+        self._link: _Link | None = None
+        self._epoch = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.state, self.reason, self.since = "connecting", None, time.time()
+        self.auth: str | None = None
+        self.reconnects = 0
+        self._warned = False
+
+    # ---- supervision ---------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._supervise, name="flexiact-ray-link", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(CONNECT_TIMEOUT_S)
+        link, self._link = self._link, None
+        if link is not None:
+            with self._lock:
+                try:
+                    link.conn.send(("close", ()))
+                    if link.conn.poll(REQUEST_TIMEOUT_S):
+                        link.conn.recv()
+                except (OSError, EOFError):
+                    pass
+            self._end(link)
+
+    def _supervise(self) -> None:
+        delay, attempt, misses = RETRY_FIRST_S, 0, 0
+        while not self._stop.is_set():
+            link = self._link
+            if link is None:
+                attempt += 1
+                try:
+                    self._connect()
+                except ConnectionError as exc:
+                    self._degrade(str(exc))
+                    log.warning("connecting to the Ray cluster at %s failed (attempt %d): %s; next try in %.0f s",
+                                self.address, attempt, exc, delay)
+                    self._stop.wait(delay)
+                    delay = min(2 * delay, RETRY_MAX_S)
+                    continue
+                if attempt > 1 or self.reconnects:
+                    self.reconnects += 1
+                    log.warning("reconnected to the Ray cluster at %s (attempt %d); queued jobs run again",
+                                self.address, attempt)
+                delay, attempt, misses = RETRY_FIRST_S, 0, 0
+                continue
+            problem = None if link.process.is_alive() else f"the Ray driver process ended (exit code " \
+                f"{link.process.exitcode}; Ray ends it when the head stays unreachable)"
+            if problem is None:
+                why = _reachable(link.gcs_address)
+                misses = misses + 1 if why else 0
+                if misses >= HEAD_MISSES:
+                    problem = f"lost the Ray head at {link.gcs_address} ({why})"
+            if problem is not None:
+                self._lose(link, problem)
+                misses = 0
+                continue
+            self._stop.wait(CHECK_EVERY_S)
+
+    def _connect(self) -> None:
+        """Start a driver child and wait until it joined the cluster; ConnectionError says why not."""
+        why = _reachable(self.address)
+        if why:
+            raise ConnectionError(f"the Ray head at {self.address} does not answer ({why})")
+        parent, child = multiprocessing.Pipe()
+        process = multiprocessing.get_context("spawn").Process(
+            target=_driver_main, args=(child, self.address, self.actor_args, self.resources),
+            name="flexiact-ray-driver", daemon=True)
+        process.start()
+        child.close()
+        link = _Link(self._epoch + 1, process, parent, "")
+        deadline = time.monotonic() + CONNECT_TIMEOUT_S
+        while not parent.poll(0.5):
+            if self._stop.is_set() or time.monotonic() > deadline:
+                self._end(link)
+                raise ConnectionError(f"joining the Ray cluster at {self.address} took over "
+                                      f"{CONNECT_TIMEOUT_S:.0f} s" if not self._stop.is_set() else "stopping")
+        try:
+            kind, info = parent.recv()
+        except (EOFError, OSError):
+            kind, info = "error", f"the Ray driver process ended (exit code {process.exitcode})"
+        if kind != "ready":
+            self._end(link)
+            raise ConnectionError(f"joining the Ray cluster at {self.address} failed: {info}")
+        link.gcs_address = info["gcs_address"]
+        auth = cluster_auth(link.gcs_address)
+        if auth == "open" and not self.allow_no_auth:
+            self._end(link)
+            log.error("refusing the Ray cluster: %s", OPEN_CLUSTER_MESSAGE.format(address=self.address))
+            raise ConnectionError(OPEN_CLUSTER_MESSAGE.format(address=self.address))
+        if auth == "open":
+            log.warning("%s", OPEN_CLUSTER_WARNING)
+        self.auth = auth
+        self._epoch = link.epoch
+        self._link = link
+        self.state, self.reason, self.since = "ok", None, time.time()
+        log.info("connected to the Ray cluster at %s (driver pid %s, authentication: %s)", self.address,
+                 info["pid"], auth or "unknown")
+
+    def _lose(self, link: _Link, problem: str) -> None:
+        log.warning("%s: the running jobs go back to the queue, new ones wait; reconnecting", problem)
+        self._degrade(problem)
+        self._link = None
+        self._end(link)
+
+    def _degrade(self, reason: str) -> None:
+        if self.state != "degraded" or self.reason != reason:
+            self.state, self.reason, self.since = "degraded", reason, time.time()
+
+    @staticmethod
+    def _end(link: _Link) -> None:
+        """End a driver child for good: politely if it already finished, else SIGKILL (it may hang on the head)."""
+        link.process.join(0.5)
+        if link.process.is_alive():
+            link.process.kill()
+            link.process.join(5)
+        link.conn.close()
+
+    # ---- what the pool and its executors ask ------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        return self._link is not None
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def head_lost(self) -> bool:
+        """Whether the head is gone now (asked when an actor was lost: was it the head's loss?)."""
+        link = self._link
+        return link is None or _reachable(link.gcs_address) is not None
+
+    def health(self) -> dict:
+        return {"address": self.address, "status": self.state, "reason": self.reason, "since": self.since,
+                "auth": self.auth, "reconnects": self.reconnects,
+                "warning": OPEN_CLUSTER_WARNING if self.auth == "open" else None}
+
+    def note(self) -> str | None:
+        """What a client submitting a job now should know: None while the cluster is connected."""
+        if self.state == "ok":
+            return None
+        return (f"the Ray cluster is unreachable ({self.reason or 'connecting'}); the job is queued and runs when "
+                "the service has reconnected (it retries by itself)")
+
+    def request(self, op: str, *args: object, epoch: int | None = None) -> Any:
+        """One request to the driver; ClusterDown when it is gone (or, `epoch` given, was replaced since)."""
+        link = self._link
+        if link is None or (epoch is not None and epoch != link.epoch):
+            raise ClusterDown(self.reason or "the connection to the Ray cluster was reset")
+        with self._lock:
+            try:
+                link.conn.send((op, args))
+                if not link.conn.poll(REQUEST_TIMEOUT_S):
+                    raise ClusterDown(f"the Ray driver did not answer {op} within {REQUEST_TIMEOUT_S:.0f} s")
+                kind, answer = link.conn.recv()
+            except (EOFError, OSError) as exc:
+                raise ClusterDown(f"the Ray driver process is gone ({type(exc).__name__})") from None
+        if kind == "error":
+            raise WorkerLost(f"the Ray driver could not {op}: {answer}")
+        return answer
+
+    def submit(self, key: int, method: str, *args: object, epoch: int | None = None, fresh: bool = False) -> Call:
+        link_epoch = self._epoch
+        return link_epoch, self.request("submit", key, method, args, fresh, epoch=epoch or link_epoch)
+
+    def wait(self, call: Call, timeout_s: float) -> bool:
+        """True once `call` has answered; False after `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while not self.request("ready", [call[1]], epoch=call[0]):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(TICK_S)
+        return True
+
+    def get(self, call: Call) -> Any:
+        """A finished call's answer; WorkerLost when its actor died, _CallFailed when the method raised."""
+        kind, answer = self.request("get", call[1], epoch=call[0])
+        if kind == "lost":
+            raise WorkerLost(answer)
+        if kind == "failed":
+            raise _CallFailed(answer)
+        return answer
+
+    def kill(self, key: int) -> None:
+        try:
+            self.request("kill", key)
+        except WorkerLost:  # the cluster is gone: so is the actor
+            pass
+
+    def new_executors(self, have: int) -> list[RayExecutor]:
+        """Actors for the GPUs (or CPU workers) the cluster has beyond the `have` already started."""
+        if not self.connected:
+            return []
+        want = self.cpu_workers if self.cpu_workers is not None else int(self.request("resources_total").get("GPU", 0))
+        if want == 0 and not self._warned:
+            log.warning("the Ray cluster has no GPUs yet; workers start when GPU nodes join (or pass "
+                        "--ray-workers N for N CPU workers)")
+            self._warned = True
+        return [RayExecutor(self, key) for key in range(have, want)]
+
+
+class RayExecutor:
+    """The service's side of one worker's actor (worker `key`): ships a job's files out, polls, stores results."""
+
+    def __init__(self, cluster: RayCluster, key: int) -> None:
+        self.cluster, self.key = cluster, key
+        self._epoch: int | None = None  # the connection the loaded actor belongs to
+        self._loading: Call | None = None
+        self._ping: tuple[Call, float] | None = None
         self._lost = False
 
     def load(self) -> dict | None:
-        """The actor's {node, device, device_name, pid} once loaded; None while it starts or restarts."""
-        if self._loading is None:
-            self._loading = self.actor.load.remote()
-        ready, _ = ray.wait([self._loading], timeout=LOAD_WAIT_S)
-        if not ready:
+        """The actor's {node, device, device_name, pid} once loaded; None while it starts, or while the
+        cluster is unreachable. A lost actor is replaced by a new one, placed on the emptiest node."""
+        if not self.cluster.connected:
+            time.sleep(LOAD_WAIT_S)
             return None
-        ref, self._loading = self._loading, None
         try:
-            where = ray.get(ref)
-        except RayActorError:  # died while loading: Ray restarts it, the next look loads again
+            if self._loading is None:
+                self._loading = self.cluster.submit(self.key, "load", fresh=self._lost)
+                self._lost = False
+            if not self.cluster.wait(self._loading, LOAD_WAIT_S):
+                return None
+            call, self._loading = self._loading, None
+            where = self.cluster.get(call)
+        except _CallFailed as exc:
+            self._loading = None
+            raise RuntimeError(str(exc)) from None
+        except WorkerLost:  # died while loading, or the cluster went away: the next look starts again
+            self._loading, self._lost = None, True
             return None
-        self._lost, self._ping = False, None
+        self._epoch, self._ping = call[0], None
         return where
 
     def alive(self) -> bool:
-        if self._lost:
+        if self._lost or self._epoch != self.cluster.epoch or not self.cluster.connected:
             return False
-        if self._ping is None:
-            self._ping = (self.actor.ping.remote(), time.monotonic())
-            return True
-        ref, sent = self._ping
-        if ray.wait([ref], timeout=0)[0]:
-            self._ping = None
-            try:
-                return bool(ray.get(ref))
-            except RayActorError:
-                return False
+        try:
+            if self._ping is None:
+                self._ping = (self.cluster.submit(self.key, "ping", epoch=self._epoch), time.monotonic())
+                return True
+            call, sent = self._ping
+            if self.cluster.wait(call, 0):
+                self._ping = None
+                return bool(self.cluster.get(call))
+        except (WorkerLost, _CallFailed):
+            self._lost = True
+            return False
         return time.monotonic() - sent < LOST_AFTER_S
 
     def run(self, kind: str, params: dict, inputs: dict[str, Path | None], work_dir: Path | None, out: Path,
             hooks: Hooks) -> dict:
         sent = {name: (path.name, path.read_bytes()) if path else None for name, path in inputs.items()}
-        call = self.actor.run.remote(kind, params, sent, read_work(work_dir))
-        poll: ray.ObjectRef | None = None
+        call = self._submit("run", kind, params, sent, read_work(work_dir))
+        poll: Call | None = None
         heard = time.monotonic()
-        while not ray.wait([call], timeout=POLL_S)[0]:
-            if poll is not None and ray.wait([poll], timeout=0)[0]:
+        while not self._wait(call, POLL_S):
+            if poll is not None and self._wait(poll, 0):
                 self._apply(self._get(poll), work_dir, hooks)
                 poll, heard = None, time.monotonic()
             if poll is None:
                 extract = kind == "extract"
-                poll = self.actor.poll.remote(hooks.cancel(), extract and hooks.pause(), extract and hooks.finish())
+                poll = self._submit("poll", hooks.cancel(), extract and hooks.pause(), extract and hooks.finish())
             elif time.monotonic() - heard > LOST_AFTER_S:
                 self._restart()
                 raise WorkerLost(f"the actor did not answer for {LOST_AFTER_S:.0f} s")
+        if poll is not None and self._wait(poll, LOST_AFTER_S):  # a poll in flight may hold files the actor
+            self._apply(self._get(poll), work_dir, hooks)  # already counts as sent (a last preview): store them
         answer = self._get(call)
         self._apply(answer, work_dir, hooks)
         if "error" in answer:
@@ -250,12 +422,24 @@ class RayExecutor:
             write_atomically(take_path(out, i), lambda tmp, data=data: Path(tmp).write_bytes(data))
         return answer["result"]
 
-    def _get(self, ref: ray.ObjectRef) -> dict:
+    def _submit(self, method: str, *args: object) -> Call:
+        return self._lose_on_failure(lambda: self.cluster.submit(self.key, method, *args, epoch=self._epoch))
+
+    def _wait(self, call: Call, timeout_s: float) -> bool:
+        return self._lose_on_failure(lambda: self.cluster.wait(call, timeout_s))
+
+    def _get(self, call: Call) -> dict:
         try:
-            return ray.get(ref)
-        except RayActorError as exc:
+            return self._lose_on_failure(lambda: self.cluster.get(call))
+        except _CallFailed as exc:
+            raise RemoteJobError("internal_error", str(exc)) from None
+
+    def _lose_on_failure(self, do: Any) -> Any:
+        try:
+            return do()
+        except WorkerLost:
             self._lost = True
-            raise WorkerLost(str(exc).strip().splitlines()[0]) from None
+            raise
 
     def _apply(self, answer: dict, work_dir: Path | None, hooks: Hooks) -> None:
         """Work files first, then progress: progress never runs ahead of the checkpoints stored here."""
@@ -275,39 +459,6 @@ class RayExecutor:
         return RemoteJobError(code, message)
 
     def _restart(self) -> None:
+        """End the actor; the worker's next load starts a new one."""
         self._lost = True
-        ray.kill(self.actor, no_restart=False)
-
-
-class RayCluster:
-    """The connection to the cluster, and the actors it should have: one per GPU, or N CPU actors."""
-
-    def __init__(self, config: ServiceConfig, model_dir: Path, *, refadapter: Path | None,
-                 memory_saving: bool) -> None:
-        on_sigterm = signal.getsignal(signal.SIGTERM)
-        ray.init(address=config.ray_address, namespace="flexiact", logging_level=logging.WARNING)
-        if threading.current_thread() is threading.main_thread():  # ray.init took SIGTERM for a bare exit:
-            signal.signal(signal.SIGTERM, on_sigterm)  # give it back to uvicorn's graceful shutdown
-        self.cpu_workers = config.ray_workers
-        self.actor_class = ray.remote(JobActor)
-        self.args = (None if config.tiny else str(model_dir), config.checkpoint_every,
-                     str(refadapter) if refadapter else None, memory_saving)
-        self._warned = False
-
-    def new_executors(self, have: int) -> list[RayExecutor]:
-        """Actors for the GPUs (or CPU workers) the cluster has beyond the `have` already started."""
-        want = self.cpu_workers if self.cpu_workers is not None else int(ray.cluster_resources().get("GPU", 0))
-        if want == 0 and not self._warned:
-            log.warning("the Ray cluster has no GPUs yet; workers start when GPU nodes join (or pass "
-                        "--ray-workers N for N CPU workers)")
-            self._warned = True
-        return [self._executor() for _ in range(max(0, want - have))]
-
-    def _executor(self) -> RayExecutor:
-        resources = {"num_cpus": 1} if self.cpu_workers is not None else {"num_gpus": 1}
-        actor = self.actor_class.options(max_restarts=-1, max_task_retries=0, max_concurrency=4,
-                                         scheduling_strategy="SPREAD", **resources).remote(*self.args)
-        return RayExecutor(actor)
-
-    def shutdown(self) -> None:
-        ray.shutdown()
+        self.cluster.kill(self.key)

@@ -62,6 +62,8 @@ class ServiceConfig:
     #: how many CPU actors to start; None: one machine, one worker thread per local device.
     ray_address: str | None = None
     ray_workers: int | None = None
+    #: Studio mode: use a Ray cluster without token authentication (refused otherwise)
+    ray_allow_no_auth: bool = False
     #: compile the transformer blocks and warm them up at load
     compile: bool = False
 

@@ -29,7 +29,8 @@ from .api_errors import APIError, path_redactor
 from .schemas import ActionCreate, GenerationCreate
 from .retention import collect, tree_bytes
 from .storage import FileStore
-from .worker import WorkerPool, work_dir
+from .executor import work_dir
+from .worker import WorkerPool
 
 
 log = logging.getLogger("flexiact.service")

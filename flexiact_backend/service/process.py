@@ -39,8 +39,9 @@ class ServerProcess:
         self.proc: subprocess.Popen | None = None
         self.log_path = self.data_dir / "server.log"
 
-    def start(self, timeout_s: float = 600.0) -> ServerProcess:
-        """Start and wait until /v1/health says the model is loaded (or the process dies)."""
+    def start(self, timeout_s: float = 600.0, *, loaded: bool = True) -> ServerProcess:
+        """Start and wait until /v1/health says the model is loaded (or the process dies); `loaded=False`:
+        return at once."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         model = ["--model", str(self.model_dir)] if self.model_dir else ["--tiny"]
         cmd = [sys.executable, "-m", "flexiact_backend", "serve", *model, "--data-dir", str(self.data_dir),
@@ -48,7 +49,8 @@ class ServerProcess:
         env = {**os.environ, **self.env}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        self.wait_loaded(timeout_s)
+        if loaded:
+            self.wait_loaded(timeout_s)
         return self
 
     def health(self) -> dict | None:
@@ -108,17 +110,23 @@ class LocalRayCluster:
     Ray rewrites 127.0.0.1 to the machine's routable address, so the nodes take other loopback addresses
     (127.0.0.2, 127.0.0.3, ...), which it keeps. Stopping a node signals only the `ray start` we spawned,
     which takes its own Ray processes down with it. Each node has `num_cpus` CPUs and a small object store.
-    Ray's token authentication is on, with a token of this cluster's own: pass `env` to every process that
-    joins it (the service); nothing is read from or written to ~/.ray.
+    Ray's token authentication is on (unless `auth=False`), with a token of this cluster's own: pass `env` to
+    every process that joins it (the service); nothing is read from or written to ~/.ray. Its processes have a
+    temp dir of their own (`tmp_dir`, where actors keep their scratch folders); `ray_env` adds Ray settings
+    (e.g. a shorter GCS timeout) to every node and to `env`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, auth: bool = True, ray_env: dict[str, str] | None = None) -> None:
         self.temp_dir = Path(tempfile.mkdtemp(prefix="fr-", dir="/tmp"))  # short: Ray's socket paths have a limit
+        self.tmp_dir = self.temp_dir / "tmp"
+        self.tmp_dir.mkdir()
         self.port = free_port()
         self.address = f"127.0.0.2:{self.port}"
         self.nodes: list[subprocess.Popen] = []
-        self.env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_USAGE_STATS_ENABLED": "0"}
+        auth_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)} if auth else {}
+        self.env = {**auth_env, "RAY_USAGE_STATS_ENABLED": "0", **(ray_env or {})}
         self.ray = str(Path(sys.executable).with_name("ray"))
+        self._logs = 0
 
     def add_node(self, num_cpus: int = 1) -> subprocess.Popen:
         """Start the next node and wait until it has joined."""
@@ -129,10 +137,11 @@ class LocalRayCluster:
             cmd.append(f"--address={self.address}")
         else:
             cmd += ["--head", f"--port={self.port}", "--include-dashboard=false", f"--temp-dir={self.temp_dir}"]
-        log_path = self.temp_dir / f"node-{len(self.nodes)}.log"
+        log_path = self.temp_dir / f"node-{self._logs}.log"
+        self._logs += 1
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                    env={**os.environ, **self.env})
+                                    env={**os.environ, **self.env, "TMPDIR": str(self.tmp_dir)})
         self.nodes.append(proc)
         deadline = time.monotonic() + RAY_START_S
         while b"Ray runtime started" not in log_path.read_bytes():
@@ -150,6 +159,21 @@ class LocalRayCluster:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+    def kill_node(self, proc: subprocess.Popen) -> None:
+        """SIGKILL the node's whole process group at once: the machine's power cut, as Ray sees it."""
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    def restart(self) -> None:
+        """Kill what is left of the cluster, then start as many nodes again, on the same address and token."""
+        count = len(self.nodes)
+        for proc in reversed(self.nodes):
+            self.kill_node(proc)
+        self.nodes = []
+        for _ in range(count):
+            self.add_node()
 
     def stop(self) -> None:
         for proc in reversed(self.nodes):

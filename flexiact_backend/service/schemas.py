@@ -74,8 +74,21 @@ class DiskHealth(BaseModel):
     low: bool
 
 
+class ClusterHealth(BaseModel):
+    address: str = Field(description="the Ray cluster's address as given to --ray")
+    status: Literal["connecting", "ok", "degraded"] = Field(description="degraded: the cluster is unreachable "
+                                                             "(see reason); jobs wait in the queue meanwhile")
+    reason: str | None = Field(description="why the cluster is unreachable; null while connected")
+    since: float = Field(description="when the status last changed, seconds since the Unix epoch")
+    auth: Literal["token", "open"] | None = Field(description="whether the cluster requires Ray's token "
+                                                  "authentication; null before the first connection")
+    reconnects: int = Field(description="how often the service has reconnected since it started")
+    warning: str | None = Field(description="set when the cluster was allowed without token authentication")
+
+
 class Health(BaseModel):
-    status: Literal["ok", "loading", "error"]
+    status: Literal["ok", "loading", "error", "degraded"] = Field(description="degraded: studio mode's Ray "
+                                                                  "cluster is unreachable (cluster.reason)")
     version: str
     model: ModelHealth
     device: DeviceHealth
@@ -85,6 +98,7 @@ class Health(BaseModel):
     disk: DiskHealth
     step_s: dict[str, float | None] = Field(description="per job kind (extract, generate): seconds per step of "
                                             "the last finished job, loading included; null before the first")
+    cluster: ClusterHealth | None = Field(None, description="studio mode (--ray): the Ray cluster's connection")
 
 
 class FileInfo(BaseModel):
@@ -224,13 +238,19 @@ class Job(BaseModel):
     queue_position: int | None = Field(None, ge=1, description="while queued: 1 starts next; else null")
 
 
+QUEUE_NOTE = Field(None, description="set when the job was queued while it cannot start soon (studio mode's Ray "
+                  "cluster unreachable): it waits in the queue and runs once the service has reconnected")
+
+
 class JobAccepted(BaseModel):
     job: Job
+    note: str | None = QUEUE_NOTE
 
 
 class ActionAccepted(BaseModel):
     action: Action
     job: Job
+    note: str | None = QUEUE_NOTE
 
 
 class JobList(BaseModel):

@@ -21,15 +21,17 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Literal
 
 import torch
 
 from .. import media
 from ..errors import Cancelled, FlexiActError, Paused
 from ..model_info import ModelInfo
+from .cluster import RayCluster
 from .config import ServiceConfig
 from .db import Database
+from .executor import CUDA_MESSAGE, ClusterDown, Executor, WorkerLost, work_dir
 from .runner import (OOM_MESSAGE, PREVIEWS_DIR, Hooks, JobRunner, is_cuda_failure, resolve_devices,
                      take_path)
 from .storage import FileStore
@@ -39,8 +41,6 @@ log = logging.getLogger("flexiact.service")
 DISK_FULL_MESSAGE = ("The server's disk filled up while this job wrote its files; nothing partial was kept. If the "
                      "server's disk is full, free space on it (or run `flexiact-backend gc`), then submit the job "
                      "again.")
-CUDA_MESSAGE = ("The GPU reported an error ({error}); the job failed and its worker is restarting. Submit the job "
-                "again; if it fails the same way, check the GPU with `nvidia-smi` and `flexiact-backend doctor`.")
 #: The database is written at most this often per job (and always on a phase change or the last step).
 PROGRESS_INTERVAL_S = 0.2
 #: How often studio mode looks for GPUs that joined the cluster.
@@ -49,28 +49,6 @@ GROW_EVERY_S = 2.0
 PREVIEW_SCAN_S = 1.0
 
 WorkerState = Literal["loading", "idle", "busy", "dead"]
-
-
-class WorkerLost(Exception):
-    """The worker's process or machine went away (or stopped answering); its job goes back to the queue."""
-
-
-class Executor(Protocol):
-    """Where a worker runs its jobs: in this process (LocalExecutor) or in a Ray actor (cluster.RayExecutor)."""
-
-    def load(self) -> dict | None:
-        """Load the pipeline (once); returns {node, device, device_name, pid}, or None: not yet, ask again."""
-        ...
-
-    def alive(self) -> bool:
-        """False once the worker is known to be gone; cheap, never blocks."""
-        ...
-
-    def run(self, kind: str, params: dict, inputs: dict[str, Path | None], work_dir: Path | None, out: Path,
-            hooks: Hooks) -> dict:
-        """JobRunner.run wherever the worker lives; the output lands in `out` (take i of a generation in
-        `take_path(out, i)`), work files (an extraction's previews too) in `work_dir`."""
-        ...
 
 
 class LocalExecutor:
@@ -138,11 +116,6 @@ def _disk_full(exc: BaseException, data_dir: Path) -> bool:
         return False
 
 
-def work_dir(data_dir: Path, action_id: str) -> Path:
-    """Where an action's extraction keeps its caches and checkpoints; a retry of the same action resumes here."""
-    return Path(data_dir) / "work" / action_id
-
-
 class WorkerPool:
     """Owns the workers, their threads, and what the HTTP side needs to know about them."""
 
@@ -157,14 +130,13 @@ class WorkerPool:
         self._wake = threading.Condition()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._cluster = None
+        self._cluster: RayCluster | None = None
 
     def start(self) -> None:
         if self.config.ray_address:
-            from .cluster import RayCluster  # Ray is imported only by those who asked for it
-
             self._cluster = RayCluster(self.config, self.model_dir, refadapter=self.refadapter,
                                        memory_saving=self.memory_saving)
+            self._cluster.start()
             self._spawn(self._grow, "flexiact-ray-nodes")
             return
         for device in resolve_devices(self.config.devices):
@@ -197,6 +169,8 @@ class WorkerPool:
             try:
                 for executor in self._cluster.new_executors(len(self.workers)):  # type: ignore[union-attr]
                     self.add_worker(executor)
+            except WorkerLost:  # the cluster is unreachable: its supervisor says so and reconnects
+                pass
             except Exception:  # the cluster may be briefly unreachable; the next look may succeed
                 log.exception("looking for new Ray nodes failed")
             self._stop.wait(GROW_EVERY_S)
@@ -209,6 +183,14 @@ class WorkerPool:
     def should_pause_extraction(self) -> bool:
         """True when a generation waits and no worker is idle: the extraction yields at this checkpoint."""
         return not any(w.state == "idle" for w in self.workers) and self.db.generation_queued()
+
+    def cluster_health(self) -> dict | None:
+        """Studio mode: the Ray cluster's connection as /v1/health's `cluster`; None on one machine."""
+        return self._cluster.health() if self._cluster is not None else None
+
+    def queue_note(self) -> str | None:
+        """What a client queueing a job should know now (the cluster is unreachable), else None."""
+        return self._cluster.note() if self._cluster is not None else None
 
     def workers_health(self) -> list[dict]:
         return [w.health() for w in self.workers]
@@ -273,9 +255,15 @@ class WorkerPool:
             else:
                 self._extract(worker, job)
         except WorkerLost as exc:
-            log.warning("%s lost while running job %s (%s); the job goes back to the queue", worker.id, job_id, exc)
             worker.state = "dead"
-            self.db.requeue_lost(job_id, self.config.max_job_restarts)
+            if isinstance(exc, ClusterDown) or (self._cluster is not None and self._cluster.head_lost()):
+                log.warning("%s lost the Ray cluster while running job %s (%s); the job waits in the queue",
+                            worker.id, job_id, exc)
+                self.db.requeue(job_id, "requeued")  # not the job's fault: its attempts are not counted
+            else:
+                log.warning("%s lost while running job %s (%s); the job goes back to the queue", worker.id, job_id,
+                            exc)
+                self.db.requeue_lost(job_id, self.config.max_job_restarts)
             self.wake()
         except Paused:
             self.db.requeue(job_id, "paused")

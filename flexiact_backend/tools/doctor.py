@@ -135,7 +135,7 @@ def check_packages(model_dir: Path, memory_saving: bool, cluster: bool) -> list[
             require_cluster()
             checks.append(Check("ray", "OK", "installed"))
         except FlexiActError as e:
-            checks.append(Check("ray", "FAIL", str(e), "pip install 'flexiact-backend[cluster]'"))
+            checks.append(Check("ray", "FAIL", str(e), "pip install -e '.[cluster]' in the FlexiAct clone"))
     return checks
 
 

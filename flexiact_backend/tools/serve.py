@@ -55,8 +55,10 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
                    "a request body")
     p.add_argument("--access-log", action="store_true", help="log every request")
     p.add_argument("--ray", metavar="ADDRESS", help="studio mode: run the workers as actors of the Ray cluster at "
-                   "ADDRESS (host:port of its head), one per GPU; needs pip install 'flexiact-backend[cluster]'")
+                   "ADDRESS (host:port of its head), one per GPU; needs pip install -e '.[cluster]' in the FlexiAct clone")
     p.add_argument("--ray-workers", type=int, metavar="N", help="with --ray on a cluster without GPUs: N CPU workers")
+    p.add_argument("--ray-allow-no-auth", action="store_true", help="with --ray: use a Ray cluster without token "
+                   "authentication (refused otherwise: anyone who reaches its ports can run code on its machines)")
     p.set_defaults(func=run_serve)
     return p
 
@@ -86,7 +88,8 @@ def run_serve(args: argparse.Namespace) -> int:
                            min_free_bytes=args.min_free_mb * 1024**2, retention=_retention(args),
                            allowed_hosts=tuple(args.allowed_host), public_docs=args.public_docs,
                            header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
-                           ray_address=args.ray, ray_workers=args.ray_workers, compile=args.compile)
+                           ray_address=args.ray, ray_workers=args.ray_workers,
+                           ray_allow_no_auth=args.ray_allow_no_auth, compile=args.compile)
     os.umask(0o077)  # the database, uploads and results are readable by the service's user only
     check_data_dir(args.data_dir)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -154,14 +157,19 @@ def check_data_dir(data_dir: Path) -> None:
 def check_ray_args(args: argparse.Namespace) -> None:
     """Refuse a studio-mode command line that cannot work, before anything loads."""
     if args.ray is None:
-        if args.ray_workers is not None:
-            raise SystemExit("--ray-workers needs --ray ADDRESS (the Ray cluster to start the workers on)")
+        if args.ray_workers is not None or args.ray_allow_no_auth:
+            flag = "--ray-workers" if args.ray_workers is not None else "--ray-allow-no-auth"
+            raise SystemExit(f"{flag} needs --ray ADDRESS (the Ray cluster to start the workers on)")
         return
     if args.device:
         raise SystemExit("--device chooses local devices; with --ray every GPU of the cluster gets a worker")
     if args.ray_workers is not None and args.ray_workers < 1:
         raise SystemExit(f"--ray-workers must be at least 1, not {args.ray_workers}")
     require_cluster()
+    from ..service.cluster import OPEN_CLUSTER_MESSAGE, cluster_auth
+
+    if not args.ray_allow_no_auth and cluster_auth(args.ray) == "open":  # unreachable now: checked on connecting
+        raise SystemExit(f"refusing to start: {OPEN_CLUSTER_MESSAGE.format(address=args.ray)}")
 
 
 def check_serve_args(args: argparse.Namespace) -> None:

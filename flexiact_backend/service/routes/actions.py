@@ -24,7 +24,7 @@ def create_action(svc: Svc, body: ActionCreate) -> dict:
     if body.preview_image is not None:
         svc.file_of_kind(body.preview_image, "image")
     action, job = svc.queue_extraction(body)
-    return {"action": action, "job": job_out(job)}
+    return {"action": action, "job": job_out(job), "note": svc.pool.queue_note()}
 
 
 @router.api_route("/actions/import", methods=["GET", "PUT", "PATCH", "DELETE"], include_in_schema=False)

@@ -34,7 +34,7 @@ def create_generation(svc: Svc, body: GenerationCreate) -> dict:
         if action["status"] != "ready":
             raise APIError(409, "action_not_ready", f"action {body.action} is {action['status']}; wait until "
                            "its extraction succeeds")
-    return {"job": job_out(svc.queue_generation(body))}
+    return {"job": job_out(svc.queue_generation(body)), "note": svc.pool.queue_note()}
 
 
 @router.get("/jobs", response_model=JobList)
