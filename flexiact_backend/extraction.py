@@ -16,7 +16,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -64,6 +64,9 @@ class ExtractionConfig:
     num_crops: int = 12
     windows_per_crop: int = 4
     checkpoint_every: int = 500
+    #: Training windows per step, their gradients averaged: 1 is the authors' batch 1 on one GPU; N is their
+    #: N-GPU data-parallel run (one window per GPU), computed on however many ranks the job has.
+    windows_per_step: int = 1
 
 
 @dataclass
@@ -247,9 +250,9 @@ class FAETrainer:
             frame=int(torch.randint(shape[2] - 1, (1,), generator=self.rng)),
         )
 
-    def loss(self) -> torch.Tensor:
-        """The FAE objective on one random window of one random crop at one uniform random timestep."""
-        cfg, data, d = self.config, self.data, self.draw()
+    def loss(self, d: StepDraw) -> torch.Tensor:
+        """The FAE objective on the window, crop and timestep `d` drew."""
+        cfg, data = self.config, self.data
         x0 = data.latents[d.crop, d.window].unsqueeze(0).to(self.device, torch.float32)
         image = data.image_latents[d.crop, d.window].unsqueeze(0).to(self.device, self.dtype)
         # The conditioning image sits in latent frame 0; the other frames are zeros (or all of it, dropped).
@@ -273,16 +276,55 @@ class FAETrainer:
             loss = loss + cfg.temporal_ratio * torch.mean((diff(x0_pred) - diff(x0)) ** 2)
         return loss
 
+    def own_draws(self, draws: list[StepDraw]) -> list[StepDraw]:
+        """The step's windows this process computes (all of them; a data-parallel rank computes its share)."""
+        return draws
+
+    def reduce(self, loss: torch.Tensor) -> torch.Tensor:
+        """Combine the gradients and the loss of every process's windows (nothing to combine in one process)."""
+        return loss
+
     def train_step(self) -> float:
+        """One optimizer step on the mean loss of `windows_per_step` windows, all drawn in order from one generator."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss()
-        loss.backward()
+        draws = [self.draw() for _ in range(self.config.windows_per_step)]
+        total = torch.zeros((), device=self.device)
+        for d in self.own_draws(draws):  # one backward per window: the memory of one
+            loss = self.loss(d) / len(draws)
+            loss.backward()
+            total += loss.detach()
+        total = self.reduce(total)
         torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
         self.optimizer.step()
         self.step += 1
-        value = loss.item()
+        value = total.item()
         self.losses.append(value)
         return value
+
+
+class ExtractionRanks:
+    """How the processes of one extraction work together; this base is the usual single process.
+
+    `parallel.extraction` derives the multi-rank kinds (sequence- and data-parallel). Every rank runs
+    `extract_action`; the leader alone reports, previews and writes files, and its stop wishes reach every rank.
+    """
+
+    leader = True
+
+    def trainer(self, generator: FlexiActGenerator, data: TrainingData, config: ExtractionConfig) -> FAETrainer:
+        return FAETrainer(generator, data, config)
+
+    def training(self, generator: FlexiActGenerator) -> AbstractContextManager:
+        """Around the training loop and its previews (where a sequence-parallel job installs its hooks)."""
+        return nullcontext()
+
+    def agree(self, flag: bool) -> bool:
+        """The leader's `flag`, on every rank."""
+        return flag
+
+    def leader_first(self, fn: Callable[[], object]) -> object:
+        """`fn()` on the leader, then on the others (which then find its cache)."""
+        return fn()
 
 
 def extract_action(
@@ -306,6 +348,8 @@ def extract_action(
     preview: PreviewFn | None = None,
     preview_every: int = 0,
     preview_image: Image.Image | None = None,
+    windows_per_step: int = 1,
+    ranks: ExtractionRanks | None = None,
 ) -> dict:
     """Train an action on `video[start_s:end_s]` and write it to `out`; returns the action's metadata.
 
@@ -317,28 +361,34 @@ def extract_action(
     to resume); `finish()` after each step: the action is written from the tokens as they are
     (`steps_trained` in the metadata says how far it got). `progress` receives dicts with phase, step, total,
     loss (smoothed), steps_per_s, eta_s. Every `preview_every` steps (0: never) `preview(step, result)` gets
-    a `render_preview` of `preview_image` (default: the trim's first frame).
+    a `render_preview` of `preview_image` (default: the trim's first frame). `windows_per_step` windows train
+    each step (their mean loss); `ranks` is given when this process is one rank of a multi-rank extraction.
     """
-    config = ExtractionConfig(steps=steps, seed=seed, checkpoint_every=max(1, checkpoint_every))
+    ranks = ranks or ExtractionRanks()
+    config = ExtractionConfig(steps=steps, seed=seed, checkpoint_every=max(1, checkpoint_every),
+                              windows_per_step=windows_per_step)
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     video = Path(video)
     clip_sha = file_sha256(video)
-    report = progress or (lambda _: None)
+    report = (progress if ranks.leader else None) or (lambda _: None)
+    if windows_per_step < 1:
+        raise FlexiActError(f"windows_per_step is {windows_per_step}: give 1 or more windows per step")
     if preview_every < 0:
         raise FlexiActError(f"preview_every is {preview_every}: give 0 (no previews) or a number of steps")
-    if preview is not None and preview_every and preview_image is None:
+    previewing = ranks.agree(preview is not None and preview_every > 0)  # every rank renders, the leader reports
+    if previewing and preview_image is None:
         preview_image = Image.fromarray(read_clip(video, start_s, end_s, 1)[0])
     with generator.lock:
-        data, data_info = prepare_training_data(
+        data, data_info = ranks.leader_first(lambda: prepare_training_data(
             generator, video=video, clip_sha256=clip_sha, start_s=start_s, end_s=end_s, caption=caption, seed=seed,
             num_crops=config.num_crops, windows_per_crop=config.windows_per_crop,
             cache_dir=Path(cache_dir) if cache_dir else work_dir / "cache", progress=report,
-        )
+        ))
         adapter = generator.adapter
         adapter.reset_action()  # RefAdapter off and no bias: the training forward passes no attention_kwargs
         transformer = generator.pipe.transformer
-        trainer = FAETrainer(generator, data, config)
+        trainer = ranks.trainer(generator, data, config)
         checkpoint = work_dir / CHECKPOINT_NAME
         if checkpoint.is_file():
             trainer.load(checkpoint)
@@ -350,26 +400,30 @@ def extract_action(
         started, smoothed = time.monotonic(), None
         idle = (generator.pipe.vae, generator.pipe.text_encoder)
         try:
-            with moved(idle, ["cpu"] * len(idle)) as home:
+            with moved(idle, ["cpu"] * len(idle)) as home, ranks.training(generator):
                 while trainer.step < config.steps:
-                    if cancel is not None and cancel():
+                    if ranks.agree(cancel is not None and cancel()):
                         raise Cancelled(f"extraction cancelled at step {trainer.step} of {config.steps}; last checkpoint kept")
                     loss = trainer.train_step()
                     smoothed = loss if smoothed is None else 0.9 * smoothed + 0.1 * loss
                     rate = (trainer.step - resumed_at) / max(time.monotonic() - started, 1e-9)
                     report({"phase": "training", "step": trainer.step, "total": config.steps, "loss": smoothed,
                             "steps_per_s": rate, "eta_s": (config.steps - trainer.step) / rate if rate else None})
-                    if finish is not None and finish():
+                    if ranks.agree(finish is not None and finish()):
                         break
-                    if preview is not None and preview_every and trainer.step % preview_every == 0:
+                    if previewing and trainer.step % preview_every == 0:
                         report({"phase": "previewing", "step": trainer.step, "total": config.steps})
                         with moved(idle, home):
-                            preview(trainer.step, render_preview(generator, preview_image, caption, seed=seed))
+                            result = render_preview(generator, preview_image, caption, seed=seed)
+                        if preview is not None and ranks.leader:
+                            preview(trainer.step, result)
                     if trainer.step % config.checkpoint_every == 0 and trainer.step < config.steps:
-                        trainer.save(checkpoint)
-                        if pause is not None and pause():
+                        if ranks.leader:
+                            trainer.save(checkpoint)
+                        if ranks.agree(pause is not None and pause()):
                             raise Paused(f"extraction paused at step {trainer.step}; it resumes from this checkpoint")
-            trainer.save(checkpoint)
+            if ranks.leader:
+                trainer.save(checkpoint)
         finally:
             for p in trainer.params:
                 p.requires_grad_(False)
@@ -384,5 +438,6 @@ def extract_action(
             "duration_s": data_info["duration_s"],
             "sampling": {k: data_info[k] for k in ("sampled_frames", "windowed", "frame_size", "crops", "windows")},
         }
-        write_action(out, adapter.action_state_dict(), metadata)
+        if ranks.leader:
+            write_action(out, adapter.action_state_dict(), metadata)
         return {**metadata, "losses": trainer.losses}

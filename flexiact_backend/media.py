@@ -29,19 +29,22 @@ import io
 import math
 import os
 import re
+import struct
 import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Sequence
+from typing import IO, Sequence
 
 import av
 import imageio_ffmpeg
 import numpy as np
+from av.sidedata.sidedata import Type as SideDataType
 from av.video.reformatter import ColorRange, Colorspace, Interpolation, VideoReformatter
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
+from flexiact_backend import mp4_boxes
 from flexiact_backend.colour import bt2100_to_sdr, composite, srgb_decode, srgb_encode, to_uint8
 from flexiact_backend.errors import MediaError, MediaTooLarge
 
@@ -307,33 +310,79 @@ def _has_alpha(frame: av.VideoFrame) -> bool:
         frame.format.name == "pal8")  # GIF/QuickTime palettes may hold transparent entries
 
 
-def probe_video(path: PathLike) -> VideoInfo:
+@dataclass(frozen=True)
+class VideoLimits:
+    """A service's limits on one clip: pixels of a frame, seconds and frames."""
+
+    pixels: int
+    seconds: float
+    frames: int
+
+
+MAX_EDITS = 64
+"""Most edit list entries of one MP4/QuickTime track (real files have one or two)."""
+_PACKETS_PER_S = 200
+"""Packets a second of a non-video track may hold (audio has about 50) when a header is checked."""
+
+
+def _check_mp4_counts(p: Path, limits: VideoLimits) -> None:
+    """Refuse an MP4/QuickTime file whose boxes declare more samples or edits than the limits allow, before
+    FFmpeg builds its index from them (see `mp4_boxes`)."""
+    try:
+        counts = mp4_boxes.read_counts(p)
+    except (mp4_boxes.BoxError, struct.error, OSError) as exc:
+        raise MediaError(f"{p.name}: the file's structure is damaged ({exc}); export it again.") from None
+    other_cap = max(limits.frames, int(limits.seconds * _PACKETS_PER_S))
+    for track in counts.tracks:
+        if track.edits > MAX_EDITS:
+            raise MediaError(f"{p.name}: a track has an edit list of {track.edits} entries; at most {MAX_EDITS} are "
+                             "read. Export or remux the clip again (e.g. ffmpeg -c copy).")
+        cap = limits.frames if track.handler == "vide" else other_cap
+        if track.index_entries > cap:
+            raise MediaTooLarge(f"{p.name}: a {'video' if track.handler == 'vide' else 'non-video'} track declares "
+                                f"{track.index_entries} samples; the limit is {cap}. Cut out the part with the action.")
+    if counts.fragment_samples > limits.frames + other_cap:
+        raise MediaTooLarge(f"{p.name}: the file's fragments declare {counts.fragment_samples} samples; the limit "
+                            f"is {limits.frames + other_cap}. Cut out the part with the action.")
+
+
+def probe_video(path: PathLike, limits: VideoLimits | None = None) -> VideoInfo:
     """Describe the first video stream: one pass over its packets and one decoded frame.
 
     Raises MediaError for a missing, empty, unreadable, incomplete or non-video file (saying what it is
     instead), for a video stream without frames and for a single-frame video (use it as the target image).
+    With `limits`, MediaTooLarge as soon as the header or the packets read so far pass them.
     """
-    info = _probe(path).info
+    info = _probe(path, limits).info
+    if limits is not None:
+        check_video_limits(info, limits)
     if info.frames == 1:
         raise MediaError(f"{Path(path).name}: the video has a single frame, too little to show an action; use it "
                          "as the target image instead, or choose a longer clip.")
     return info
 
 
-def _probe(path: PathLike) -> _Probed:
+def _probe(path: PathLike, limits: VideoLimits | None = None) -> _Probed:
     p = _existing_file(path)
     fmt = _video_format(p)
     size = p.stat().st_size
+    if limits is not None and fmt in ("mp4", "mov", "3gp"):
+        _check_mp4_counts(p, limits)
     with _open(p, fmt) as c:
         vs = _video_stream(c, p)
         tb = vs.time_base
+        if limits is not None and vs.frames > limits.frames:
+            raise MediaTooLarge(f"the video has {vs.frames} frames; the limit is {limits.frames}. Cut out the part "
+                                "with the action.")
         pts: list[int] = []
+        empty = 0  # packets without data: frames a writer dropped (shown as the frame before)
         last_dur = 0
         first: av.VideoFrame | None = None
         decoder = _decoder(vs)
         try:
             for pkt in c.demux(vs):
                 if pkt.size == 0:
+                    empty += 1
                     continue
                 t = pkt.pts if pkt.pts is not None else pkt.dts
                 if t is None:
@@ -343,6 +392,8 @@ def _probe(path: PathLike) -> _Probed:
                     raise MediaError(f"{p.name}: the file is incomplete (it ends inside its video data); copy or "
                                      "export it again.")
                 pts.append(t)
+                if limits is not None:
+                    _check_read_so_far(p, pts, tb, limits)
                 last_dur = pkt.duration or 0
                 if first is None:
                     first = next(iter(decoder.decode(pkt)), None)
@@ -354,7 +405,10 @@ def _probe(path: PathLike) -> _Probed:
         if not pts or first is None:
             raise MediaError(f"{p.name}: the video stream has no frames that can be decoded; export the clip "
                              "again.")
-        if vs.frames and len(pts) < vs.frames:  # the index lists frames whose data is not in the file
+        # the index lists frames whose data is not in the file; an AVI's frames a writer dropped (empty
+        # chunks, or none) are counted there too, but leave no gap at its end
+        listed = len(pts) + empty if fmt != "avi" else max(pts) - min(pts) + 1 if pts else 0
+        if vs.frames and listed < vs.frames:
             raise MediaError(f"{p.name}: the file is incomplete ({len(pts)} of {vs.frames} frames are in it); copy "
                              "or export it again.")
         has_audio = bool(c.streams.audio)
@@ -370,7 +424,7 @@ def _probe(path: PathLike) -> _Probed:
     end = (pts[-1] + last_dur) * tb - origin
     w = max(1, round(first.width * sar)) if sar > 0 else first.width
     h = first.height
-    rotation = first.rotation % 360
+    rotation = _rotation(first)
     info = VideoInfo(
         width=h if rotation in (90, 270) else w,
         height=w if rotation in (90, 270) else h,
@@ -387,8 +441,30 @@ def _probe(path: PathLike) -> _Probed:
     return _Probed(info, fmt, end, origin, index, (w, h))
 
 
-def check_video_limits(info: VideoInfo, max_pixels: int, max_seconds: float, max_frames: int) -> None:
+def _check_read_so_far(p: Path, pts: list[int], tb: Fraction, limits: VideoLimits) -> None:
+    """Stop reading packets as soon as they pass the frame or duration limit (whatever the header said)."""
+    if len(pts) > limits.frames:
+        raise MediaTooLarge(f"{p.name}: the video has more than {limits.frames} frames; the limit is "
+                            f"{limits.frames}. Cut out the part with the action.")
+    if len(pts) % 256 == 0 and (max(pts[-1], pts[0]) - min(pts[-1], pts[0])) * tb > limits.seconds:
+        raise MediaTooLarge(f"{p.name}: the video is longer than {limits.seconds:g} s; the limit is "
+                            f"{limits.seconds:g} s. Cut out the part with the action.")
+
+
+def _rotation(frame: av.VideoFrame) -> int:
+    """Degrees (0/90/180/270) from the frame's display matrix; none for a missing, zero or non-finite matrix."""
+    matrix = frame.side_data.get(SideDataType.DISPLAYMATRIX)
+    if matrix is None or not any(bytes(matrix)):
+        return 0
+    angle = frame.rotation
+    if not isinstance(angle, (int, float)) or not math.isfinite(angle):
+        return 0
+    return int(round(angle / 90)) * 90 % 360
+
+
+def check_video_limits(info: VideoInfo, limits: VideoLimits) -> None:
     """Refuse a clip over the service's limits before anything of it is decoded (MediaTooLarge)."""
+    max_pixels, max_seconds, max_frames = limits.pixels, limits.seconds, limits.frames
     if info.width * info.height > max_pixels:
         raise MediaTooLarge(f"the video is {info.width}x{info.height} = {info.width * info.height / 1e6:.1f} "
                             f"megapixels a frame; the limit is {max_pixels / 1e6:g} megapixels. Scale it down.")
@@ -632,34 +708,147 @@ def _too_many_pixels(name: str, w: int, h: int, limit: int) -> MediaTooLarge:
                          f"{limit / 1e6:g} megapixels. Scale it down.")
 
 
+_EXR_MULTIPART, _EXR_DEEP = 0x1000, 0x800
+_EXR_MAX_ATTRIBUTES = 1000
+
+
+def _exr_size(f: IO[bytes], name: str) -> tuple[int, int]:
+    """(width, height) of an OpenEXR image from its header's dataWindow: nothing of the pixels is read.
+
+    Why by hand: FFmpeg's EXR decoder learns the size only while it decodes the whole image."""
+    head = f.read(8)
+    if len(head) < 8 or head[:4] != b"\x76\x2f\x31\x01":
+        raise MediaError(f"{name}: not an OpenEXR file that can be read; save it again.")
+    flags = int.from_bytes(head[4:8], "little")
+    if flags & (_EXR_MULTIPART | _EXR_DEEP):
+        raise MediaError(f"{name}: multi-part and deep OpenEXR files are not read; save a single-part "
+                         "scanline or tiled EXR.")
+
+    def cstring() -> bytes:
+        out = bytearray()
+        while len(out) <= 256:
+            c = f.read(1)
+            if not c:
+                raise MediaError(f"{name}: the EXR header ends early; the file is incomplete, save it again.")
+            if c == b"\0":
+                return bytes(out)
+            out += c
+        raise MediaError(f"{name}: the EXR header is damaged (a name longer than 255 bytes); save it again.")
+
+    for _ in range(_EXR_MAX_ATTRIBUTES):
+        attr = cstring()
+        if not attr:
+            break
+        cstring()  # the type name
+        raw = f.read(4)
+        size = int.from_bytes(raw, "little", signed=True) if len(raw) == 4 else -1
+        if size < 0:
+            raise MediaError(f"{name}: the EXR header is damaged; save it again.")
+        if attr == b"dataWindow":
+            box = f.read(16)
+            if size != 16 or len(box) != 16:
+                raise MediaError(f"{name}: the EXR header's data window is damaged; save it again.")
+            x0, y0, x1, y1 = (int.from_bytes(box[i:i + 4], "little", signed=True) for i in range(0, 16, 4))
+            if x1 < x0 or y1 < y0:
+                raise MediaError(f"{name}: the EXR image is empty (its data window holds no pixel); save it again.")
+            return x1 - x0 + 1, y1 - y0 + 1
+        f.seek(size, io.SEEK_CUR)
+    raise MediaError(f"{name}: the EXR header has no data window; save it again.")
+
+
 def _exr_image(data: Path | io.BytesIO, name: str, max_pixels: int) -> Image.Image:
     """A scene-linear OpenEXR frame as display sRGB: linear values clipped to [0, 1], sRGB curve, alpha
-    (premultiplied, as EXR stores it) composited over BACKGROUND in linear light."""
+    (premultiplied, as EXR stores it) composited over BACKGROUND in linear light. The size is checked from
+    the header before FFmpeg decodes anything."""
+    if isinstance(data, Path):
+        with open(data, "rb") as f:
+            w, h = _exr_size(f, name)
+    else:
+        w, h = _exr_size(io.BytesIO(data.getbuffer()), name)
+    if w * h > max_pixels:
+        raise _too_many_pixels(name, w, h, max_pixels)
     src = "file:" + str(Path(data).resolve()) if isinstance(data, Path) else data
     try:
         with av.open(src, format="exr_pipe", options={"protocol_whitelist": "file"}) as c:
-            cc = c.streams.video[0].codec_context
-            if cc.width * cc.height > max_pixels:
-                raise _too_many_pixels(name, cc.width, cc.height, max_pixels)
             frame = next(c.decode(video=0))
-            has_alpha = _has_alpha(frame)
-            arr = frame.reformat(format="gbrapf32le" if has_alpha else "gbrpf32le").to_ndarray()
     except (av.FFmpegError, StopIteration) as exc:
         reason = _av_reason(exc) if isinstance(exc, av.FFmpegError) else "no image in it"
         raise MediaError(f"{name}: the EXR file cannot be read ({reason}); save it again.") from None
-    arr = np.moveaxis(arr, 0, -1) if arr.shape[0] in (3, 4) and arr.shape[-1] not in (3, 4) else arr
-    linear = arr[..., :3]
-    if has_alpha:
-        bg_linear = srgb_decode(np.asarray(BACKGROUND, np.float32) / 255.0)
-        linear = linear + (1 - np.clip(arr[..., 3:4], 0, 1)) * bg_linear
-    return Image.fromarray(to_uint8(srgb_encode(linear)), "RGB")
+    return Image.fromarray(_exr_to_srgb(frame), "RGB")
+
+
+_EXR_STRIP_PIXELS = 1 << 20
+"""Pixels converted at once: the float temporaries of a strip stay a few MiB whatever the image's size."""
+
+
+def _exr_to_srgb(frame: av.VideoFrame) -> np.ndarray:
+    """Planar float G, B, R (and A) read in place, converted to uint8 sRGB strip by strip: the decoded frame
+    and the output are the only full-size arrays."""
+    has_alpha = _has_alpha(frame)
+    fmt = "gbrapf32le" if has_alpha else "gbrpf32le"
+    if frame.format.name != fmt:
+        frame = frame.reformat(format=fmt)
+    h, w = frame.height, frame.width
+
+    def plane(i: int) -> np.ndarray:
+        p = frame.planes[i]
+        return np.frombuffer(p, np.float32).reshape(h, p.line_size // 4)[:, :w]
+
+    g, b, r = plane(0), plane(1), plane(2)
+    alpha = plane(3) if has_alpha else None
+    bg_linear = srgb_decode(np.asarray(BACKGROUND, np.float32) / 255.0)
+    out = np.empty((h, w, 3), np.uint8)
+    step = max(1, _EXR_STRIP_PIXELS // w)
+    for y in range(0, h, step):
+        rows = slice(y, y + step)
+        linear = np.stack([r[rows], g[rows], b[rows]], axis=-1)
+        if alpha is not None:  # premultiplied, as EXR stores it: over BACKGROUND in linear light
+            linear = linear + (1 - np.clip(alpha[rows][..., None], 0, 1)) * bg_linear
+        out[rows] = to_uint8(srgb_encode(linear))
+    return out
+
+
+def _unreadable(label: str, exc: BaseException, max_pixels: int = MAX_IMAGE_PIXELS) -> MediaError:
+    if isinstance(exc, Image.DecompressionBombError):  # over twice Pillow's own limit: it refuses to open it
+        pixels = re.search(r"\((\d+) pixels\)", str(exc))
+        return MediaTooLarge(f"{label}: the image is {int(pixels[1]) / 1e6 if pixels else math.inf:.1f} "
+                             f"megapixels; the limit is {max_pixels / 1e6:g} megapixels. Scale it down.")
+    if isinstance(exc, UnidentifiedImageError):
+        return MediaError(f"{label}: not an image file that can be read (not an image); use PNG, JPEG, TIFF or EXR.")
+    # Pillow raises many types on malformed headers and metadata (SyntaxError on bad EXIF, struct.error ...)
+    return MediaError(f"{label}: not an image file that can be read (incomplete or damaged: {type(exc).__name__}); "
+                      "save it again as PNG, JPEG, TIFF or EXR.")
+
+
+def image_header_size(src: PathLike | IO[bytes], name: str | None = None) -> tuple[int, int]:
+    """(width, height) as stored, read from the image's header alone (EXR, PNG, JPEG, TIFF, WebP, BMP, GIF);
+    MediaError when it is not a readable image. Nothing is decoded: this is the check before decoding."""
+    label = name or (Path(src).name if not hasattr(src, "read") else "image")
+    f = open(src, "rb") if not hasattr(src, "read") else src  # type: ignore[arg-type]
+    try:
+        head = f.read(1024)
+        f.seek(0)
+        found = sniff(head)
+        if found == ("image", "exr"):
+            return _exr_size(f, label)
+        if found is None or found[0] != "image":
+            raise MediaError(f"{label}: not an image file that can be read; use PNG, JPEG, TIFF or EXR.")
+        try:
+            with Image.open(f, formats=list(IMAGE_FORMATS)) as img:
+                return img.size
+        except Exception as exc:
+            raise _unreadable(label, exc) from None
+    finally:
+        if f is not src:
+            f.close()
 
 
 def open_image(path: PathLike | io.BytesIO, max_pixels: int = MAX_IMAGE_PIXELS, name: str | None = None) -> Image.Image:
     """An image file (PNG, JPEG, TIFF, WebP, BMP, GIF or OpenEXR, judged by content) loaded in full.
 
-    Over `max_pixels` it is refused with MediaTooLarge before it is decoded (the default is Pillow's own
-    bomb limit; the service passes its configured one).
+    Over `max_pixels` it is refused with MediaTooLarge from its header, before it is decoded (the default is
+    Pillow's own bomb limit; the service passes its configured one). The one image opener of the backend:
+    uploads, sequences, generation and previews all read images through it.
     """
     if isinstance(path, io.BytesIO):
         label, head = name or "image", path.getvalue()[:1024]
@@ -677,14 +866,11 @@ def open_image(path: PathLike | io.BytesIO, max_pixels: int = MAX_IMAGE_PIXELS, 
         if w * h > max_pixels:
             raise _too_many_pixels(label, w, h, max_pixels)
         img.load()
-    except Image.DecompressionBombError as exc:  # over twice Pillow's own limit: it refuses to open it at all
-        pixels = re.search(r"\((\d+) pixels\)", str(exc))
-        raise MediaTooLarge(f"{label}: the image is {int(pixels[1]) / 1e6 if pixels else math.inf:.1f} megapixels; "
-                            f"the limit is {max_pixels / 1e6:g} megapixels. Scale it down.") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        reason = "not an image" if isinstance(exc, UnidentifiedImageError) else "incomplete or damaged"
-        raise MediaError(f"{label}: not an image file that can be read ({reason}); use PNG, JPEG, TIFF or "
-                         "EXR.") from None
+        img.getexif()  # malformed EXIF fails here, not later in a job
+    except MediaError:
+        raise
+    except Exception as exc:
+        raise _unreadable(label, exc, max_pixels) from None
     return img
 
 
@@ -701,7 +887,11 @@ _SRGB = ImageCms.createProfile("sRGB")
 def _to_rgb(image: Image.Image, background: tuple[int, int, int] = BACKGROUND) -> Image.Image:
     """Upright RGB: EXIF orientation, embedded ICC profile (CMYK, Display P3 ...) to sRGB, 16-bit and float
     grey scaled to 8 bits, transparency (RGBA, LA, PA, palette) composited over `background`."""
-    image = ImageOps.exif_transpose(image)
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception as exc:  # Pillow raises many types on malformed EXIF
+        raise MediaError(f"the image's EXIF metadata is damaged ({type(exc).__name__}); save it again without "
+                         "EXIF, as PNG or JPEG.") from None
     icc = image.info.get("icc_profile")
     if icc and image.mode in ("RGB", "RGBA", "CMYK"):
         try:
@@ -770,7 +960,7 @@ def _fps_fraction(fps: float) -> Fraction:
     """Exact rate for ffmpeg: NTSC rates (23.976, 29.97, 59.94 ...) become N*1000/1001."""
     f = Fraction(repr(float(fps)))
     ntsc = round(float(fps) * 1.001)
-    if f.denominator != 1 and abs(float(fps) - ntsc * 1000 / 1001) < 5e-3:
+    if f.denominator != 1 and ntsc > 0 and abs(float(fps) - ntsc * 1000 / 1001) < 5e-3:
         return Fraction(ntsc * 1000, 1001)
     return f.limit_denominator(1_000_000)
 

@@ -7,6 +7,8 @@ every Pillow mode, EXR scene-linear to display sRGB, alpha over `media.BACKGROUN
 frame rate the caller gives, to a lossless FFV1 AVI file (exact 1/fps timestamps, unlike Matroska's
 milliseconds) that every other step reads as an ordinary clip.
 Nothing here parses a name as a path for FFmpeg: files are listed by Python and read one at a time.
+Untrusted names (a zip's) are split in one pass, never by a backtracking pattern; every frame's size comes from
+its header and a zip's sizes from its directory, checked against `SequenceLimits` before any frame is decoded.
 """
 
 from __future__ import annotations
@@ -25,12 +27,54 @@ import av
 import numpy as np
 
 from .errors import MediaError, MediaTooLarge
-from .media import MAX_IMAGE_PIXELS, PathLike, VideoInfo, _fps_fraction, _probe, image_rgb
+from . import zips
+from .media import MAX_IMAGE_PIXELS, PathLike, VideoInfo, _fps_fraction, _probe, image_header_size, image_rgb
+from .zips import MAX_ZIP_ENTRIES
 
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".exr")
-_NUMBERED = re.compile(r"^(?P<prefix>.*?)(?P<number>\d+)(?P<suffix>\.[A-Za-z]+)$")
 _HASHES = re.compile(r"#+")
 _PRINTF = re.compile(r"%0?(\d*)d")
+MAX_FRAME_NAME_CHARS = 1024
+"""Longest frame name (a zip member's path included) that is looked at; a longer one is refused."""
+MAX_FRAME_DIGITS = 9
+"""Most digits of a frame number (a billion frames); more is no render's numbering and is refused."""
+
+
+@dataclass(frozen=True)
+class FrameName:
+    """``shot_0001.png`` split as prefix ``shot_``, number ``0001`` and suffix ``.png``."""
+
+    prefix: str
+    number: str
+    suffix: str
+
+    @property
+    def value(self) -> int:
+        return int(self.number)
+
+
+def split_frame_name(name: str) -> FrameName | None:
+    """The numbered parts of a frame's name, or None when it has none: one pass from the end of the name.
+
+    Why not a regular expression: ``(.*?)(\\d+)`` backtracks quadratically on a long run of digits, and the
+    names come from uploaded zips. Raises MediaError for a name too long or a frame number of absurd length.
+    """
+    if len(name) > MAX_FRAME_NAME_CHARS:
+        raise MediaError(f"a file name in the sequence is {len(name)} characters long; the limit is "
+                         f"{MAX_FRAME_NAME_CHARS}. Rename the frames (like shot_0001.png).")
+    dot = name.rfind(".")
+    suffix = name[dot:] if dot >= 0 else ""
+    if len(suffix) < 2 or not (suffix[1:].isascii() and suffix[1:].isalpha()):
+        return None
+    end = i = dot
+    while i > 0 and "0" <= name[i - 1] <= "9":
+        i -= 1
+    if i == end:
+        return None
+    if end - i > MAX_FRAME_DIGITS:
+        raise MediaError(f"{name[:40]}…: its frame number has {end - i} digits; the limit is {MAX_FRAME_DIGITS}. "
+                         "Renumber the frames (like shot_0001.png).")
+    return FrameName(name[:i], name[i:end], suffix)
 
 
 @dataclass(frozen=True)
@@ -52,9 +96,9 @@ def looks_like_sequence(path: PathLike) -> bool:
 def _numbered(names: list[str]) -> dict[tuple[str, str], dict[int, str]]:
     groups: dict[tuple[str, str], dict[int, str]] = {}
     for name in names:
-        m = _NUMBERED.match(name)
-        if m and m["suffix"].lower() in FRAME_SUFFIXES and not name.startswith("."):
-            groups.setdefault((m["prefix"], m["suffix"]), {})[int(m["number"])] = name
+        m = split_frame_name(name)
+        if m and m.suffix.lower() in FRAME_SUFFIXES and not name.startswith("."):
+            groups.setdefault((m.prefix, m.suffix), {})[m.value] = name
     return groups
 
 
@@ -62,9 +106,9 @@ def _ordered(group: dict[int, str], where: str) -> tuple[tuple[str, ...], int]:
     numbers = sorted(group)
     for a, b in zip(numbers, numbers[1:]):
         if b != a + 1:
-            m = _NUMBERED.match(group[a])
+            m = split_frame_name(group[a])
             assert m is not None
-            missing = f"{m['prefix']}{str(a + 1).zfill(len(m['number']))}{m['suffix']}"
+            missing = f"{m.prefix}{str(a + 1).zfill(len(m.number))}{m.suffix}"
             raise MediaError(f"{where}: frame {a + 1} ({missing}) is missing between {group[a]} and {group[b]}; "
                              "render or copy it again, or renumber the frames.")
     if len(numbers) < 2:
@@ -97,13 +141,13 @@ def find_frames(spec: PathLike) -> Frames:
             raise MediaError(f"{folder.name or folder}: no such folder; check the path.")
         groups = _numbered(os.listdir(folder))
         if path.is_file():
-            m = _NUMBERED.match(path.name)
-            key = (m["prefix"], m["suffix"]) if m else ("", "")
+            m = split_frame_name(path.name)
+            key = (m.prefix, m.suffix) if m else ("", "")
             if key not in groups:
                 raise MediaError(f"{path.name}: not a numbered frame (like shot_0001.png); choose one frame of the "
                                  "sequence, its folder, or a pattern.")
         else:
-            m = re.match(r"^(.*?)(?:#+|%0?\d*d)(\.[A-Za-z]+)$", path.name)
+            m = re.match(r"^(.*?)(?:#+|%0?\d*d)(\.[A-Za-z]+)$", path.name[:MAX_FRAME_NAME_CHARS])
             if not m:
                 raise MediaError(f"{path.name}: no such file or sequence; name a folder, a frame, or a pattern such "
                                  "as shot_####.png.")
@@ -114,19 +158,29 @@ def find_frames(spec: PathLike) -> Frames:
     return Frames(names, first, folder)
 
 
-def zip_holds_frames(archive: PathLike) -> bool:
-    """Whether a zip holds numbered image frames (then it is an image sequence, not a checkpoint)."""
-    try:
-        with zipfile.ZipFile(archive) as z:
-            return bool(_numbered([os.path.basename(n) for n in z.namelist()]))
-    except zipfile.BadZipFile:
-        return False
+@dataclass(frozen=True)
+class SequenceLimits:
+    """What one sequence may cost, all checked from file headers and the zip's directory before any frame is
+    decoded: pixels of a frame, frames, pixels of all frames together, zip entries and unpacked bytes."""
+
+    frame_pixels: int = MAX_IMAGE_PIXELS
+    frames: int | None = None
+    seconds: float | None = None
+    fps: float | None = None  # with `seconds`: frames / fps must stay within it
+    total_pixels: int | None = None
+    zip_entries: int = MAX_ZIP_ENTRIES
+    unpacked_bytes: int | None = None
 
 
-def _zip_frames(archive: Path) -> Frames:
-    with zipfile.ZipFile(archive) as z:
+def zip_holds_frames_named(names: list[str]) -> bool:
+    """Whether a zip with these member names holds numbered image frames (an image sequence, not a checkpoint)."""
+    return bool(_numbered([os.path.basename(n) for n in names]))
+
+
+def _zip_frames(archive: Path, max_entries: int = MAX_ZIP_ENTRIES) -> Frames:
+    with zips.open_zip(archive, max_entries) as z:
         members = [i for i in z.infolist() if not i.is_dir() and not i.filename.startswith("__MACOSX/")]
-    folders = {os.path.dirname(i.filename) for i in members if _NUMBERED.match(os.path.basename(i.filename))}
+    folders = {os.path.dirname(i.filename) for i in members if split_frame_name(os.path.basename(i.filename))}
     if len(folders) > 1:
         raise MediaError(f"{archive.name}: numbered frames in more than one folder of the zip; put one sequence "
                          "in it.")
@@ -135,33 +189,79 @@ def _zip_frames(archive: Path) -> Frames:
     return Frames(names, first, None, archive)
 
 
+def _check_budget(frames: Frames, limits: SequenceLimits) -> None:
+    """Every frame's size from its header (and, in a zip, its method and unpacked size from the directory):
+    within the limits, all alike. Raises before a single frame is decoded."""
+    if limits.frames is not None and len(frames.names) > limits.frames:
+        raise MediaTooLarge(f"the sequence has {len(frames.names)} frames; the limit is {limits.frames}.")
+    if limits.seconds is not None and limits.fps and len(frames.names) / limits.fps > limits.seconds:
+        raise MediaTooLarge(f"the sequence is {len(frames.names)} frames at {limits.fps:g} fps = "
+                            f"{len(frames.names) / limits.fps:.1f} s; the limit is {limits.seconds:g} s.")
+    size: tuple[int, int] | None = None
+
+    def check(name: str, wh: tuple[int, int]) -> None:
+        nonlocal size
+        w, h = wh
+        base = os.path.basename(name)
+        if w * h > limits.frame_pixels:
+            raise MediaTooLarge(f"{base}: the frame is {w}x{h} = {w * h / 1e6:.1f} megapixels; the limit is "
+                                f"{limits.frame_pixels / 1e6:g} megapixels. Render smaller frames.")
+        if size is None:
+            size = wh
+            total = w * h * len(frames.names)
+            if limits.total_pixels is not None and total > limits.total_pixels:
+                raise MediaTooLarge(f"the sequence is {len(frames.names)} frames of {w}x{h} = {total:,} pixels in "
+                                    f"all; the limit is {limits.total_pixels:,} pixels. Send fewer or smaller frames.")
+        elif wh != size:
+            raise MediaError(f"{base} is {w}x{h}, the first frame {size[0]}x{size[1]}; every frame of a sequence "
+                             "must have the same size.")
+
+    if frames.archive is None:
+        assert frames.folder is not None
+        for name in frames.names:
+            check(name, image_header_size(frames.folder / name))
+        return
+    with zips.open_zip(frames.archive, limits.zip_entries) as z:
+        infos = [z.getinfo(n) for n in frames.names]
+        unpacked = sum(i.file_size for i in infos)
+        if limits.unpacked_bytes is not None and unpacked > limits.unpacked_bytes:
+            raise MediaTooLarge(f"{frames.archive.name}: the frames unpack to {unpacked:,} bytes; the limit is "
+                                f"{limits.unpacked_bytes:,} bytes.")
+        for info in infos:
+            zips.check_member(info, frames.archive.name)
+            try:
+                with z.open(info) as member:
+                    check(info.filename, image_header_size(member, os.path.basename(info.filename)))
+            except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+                raise MediaError(f"{frames.archive.name}: {info.filename[-80:]} cannot be unpacked ({exc}); zip "
+                                 "it again.") from None
+
+
 def _read_frames(frames: Frames, max_pixels: int) -> Iterator[tuple[str, np.ndarray]]:
     if frames.archive is None:
         assert frames.folder is not None
         for name in frames.names:
             yield name, image_rgb(frames.folder / name, max_pixels)
         return
-    with zipfile.ZipFile(frames.archive) as z:
+    with zipfile.ZipFile(frames.archive) as z:  # its directory was bounded by `_check_budget`
         for name in frames.names:
-            info = z.getinfo(name)
-            if info.file_size > 8 * max_pixels + (64 << 20):  # bigger than any frame within the pixel limit
-                raise MediaTooLarge(f"{os.path.basename(name)}: {info.file_size} bytes unpacked, too big for a "
-                                    f"frame of at most {max_pixels / 1e6:g} megapixels.")
-            yield name, image_rgb(io.BytesIO(z.read(info)), max_pixels, os.path.basename(name))
+            data = zips.read_member(z, z.getinfo(name), frames.archive.name)
+            yield name, image_rgb(io.BytesIO(data), max_pixels, os.path.basename(name))
 
 
-def encode_sequence(spec: PathLike, fps: float, dest: PathLike, max_pixels: int = MAX_IMAGE_PIXELS,
-                    max_frames: int | None = None) -> VideoInfo:
+def encode_sequence(spec: PathLike, fps: float, dest: PathLike, limits: SequenceLimits = SequenceLimits()
+                    ) -> VideoInfo:
     """Write the sequence `spec` names as a lossless FFV1 AVI clip at `fps` to `dest` (atomically); its VideoInfo.
 
-    Every frame must have the first frame's size. Raises MediaError saying which frame is wrong.
+    Every frame must have the first frame's size. Raises MediaError saying which frame is wrong, MediaTooLarge
+    past `limits` (from the headers, before decoding).
     """
     if not fps > 0:
         raise MediaError(f"frame rate {fps!r} is not positive; give the rate the frames were rendered at "
                          "(e.g. 24).")
-    frames = find_frames(spec)
-    if max_frames is not None and len(frames.names) > max_frames:
-        raise MediaTooLarge(f"the sequence has {len(frames.names)} frames; the limit is {max_frames}.")
+    path = Path(spec)
+    frames = _zip_frames(path, limits.zip_entries) if path.is_file() and zipfile.is_zipfile(path) else find_frames(spec)
+    _check_budget(frames, limits)
     dest = Path(dest)
     tmp = dest.with_name(f".{dest.stem}.{uuid.uuid4().hex}.tmp.avi")
     rate = _fps_fraction(fps)
@@ -169,7 +269,7 @@ def encode_sequence(spec: PathLike, fps: float, dest: PathLike, max_pixels: int 
         with av.open(str(tmp), "w", format="avi") as out:
             stream = None
             size = None
-            for i, (name, rgb) in enumerate(_read_frames(frames, max_pixels)):
+            for i, (name, rgb) in enumerate(_read_frames(frames, limits.frame_pixels)):
                 if stream is None:
                     size = rgb.shape[:2]
                     stream = out.add_stream("ffv1", rate=rate)

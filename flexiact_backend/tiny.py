@@ -34,8 +34,10 @@ def make_tokenizer() -> T5Tokenizer:
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=TEXT_LEN)
 
 
-def build_tiny_pipeline(seed: int = 0, tokenizer: PreTrainedTokenizerBase | None = None) -> CogVideoXImageToVideoPipeline:
-    """The tiny pipeline in memory, weights drawn from `seed`; the text encoder's vocabulary fits `tokenizer`."""
+def build_tiny_pipeline(seed: int = 0, heads: int = 2,
+                        tokenizer: PreTrainedTokenizerBase | None = None) -> CogVideoXImageToVideoPipeline:
+    """The tiny pipeline in memory, weights drawn from `seed`; `heads` of 16 channels each (Ulysses over N ranks
+    needs N to divide the head count); the text encoder's vocabulary fits `tokenizer`."""
     torch.manual_seed(seed)
     tokenizer = tokenizer or make_tokenizer()
     text_encoder = T5EncoderModel(
@@ -50,7 +52,7 @@ def build_tiny_pipeline(seed: int = 0, tokenizer: PreTrainedTokenizerBase | None
     )  # tiles are half the sample size (the hub's 480x720 gives 240x360): here they cover the frame, so tiling is
     # on as for the real model but one tile, which keeps tests quick; test_first_contact sets the hub's ratio
     transformer = CogVideoXTransformer3DModel(
-        num_attention_heads=2, attention_head_dim=16, in_channels=2 * _LATENT_CHANNELS, out_channels=_LATENT_CHANNELS,
+        num_attention_heads=heads, attention_head_dim=16, in_channels=2 * _LATENT_CHANNELS, out_channels=_LATENT_CHANNELS,
         time_embed_dim=16, text_embed_dim=_TEXT_DIM, num_layers=2, sample_width=TINY_WIDTH // 8,
         sample_height=TINY_HEIGHT // 8, sample_frames=TINY_FRAMES, patch_size=2, temporal_compression_ratio=4,
         max_text_seq_length=TEXT_LEN, use_rotary_positional_embeddings=True, use_learned_positional_embeddings=True,
@@ -68,13 +70,13 @@ def make_scheduler() -> CogVideoXDPMScheduler:
     )
 
 
-def make_tiny_model(directory: str | Path, seed: int = 0) -> Path:
+def make_tiny_model(directory: str | Path, seed: int = 0, heads: int = 2) -> Path:
     """Write the tiny pipeline in diffusers format to `directory`, atomically (a temp folder, then a rename)."""
     target = Path(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
     try:
-        build_tiny_pipeline(seed).save_pretrained(staging)
+        build_tiny_pipeline(seed, heads).save_pretrained(staging)
         (staging / ADAPTER_CONFIG_NAME).write_text(json.dumps(
             {"model_id": TINY_MODEL_ID, "tiny": True, "rank": 8, "alpha": 4, "num_motion_tokens": TEXT_LEN, "fps": 8}, indent=2))
         if target.exists():

@@ -120,8 +120,12 @@ class BackendClient:
 
     # -- API ----------------------------------------------------------------------------------------
     def health(self) -> dict[str, Any]:
-        """GET /v1/health: model size, frames, fps, device and queue."""
-        return self._json("GET", "/v1/health")
+        """GET /v1/health: model size, frames, fps, device and queue (sent with the token: the backend shows
+        them only to it; without them the token is missing or wrong)."""
+        health = self._json("GET", "/v1/health")
+        if isinstance(health, dict) and "model" not in health:
+            raise self._error(401, b"")
+        return health
 
     def has_file(self, file_id: str) -> bool:
         """HEAD /v1/files/{id}: True when the server already holds this content."""

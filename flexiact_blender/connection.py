@@ -61,12 +61,13 @@ CONNECTION = Connection()
 def check(client: BackendClient) -> dict[str, Any]:
     """The health, the model and the token, each failure saying which of the three to fix (off the main thread).
 
-    /v1/health is open; the authenticated call after it is what proves the token.
+    /v1/health is open but shows the model only to the token; the authenticated call after it proves the token.
     """
     try:
         health = client.health()
     except BackendError as exc:
-        raise BackendError(f"Backend URL: {exc.message}", exc.code, exc.status) from exc
+        field = "Token" if exc.status == 401 else "Backend URL"
+        raise BackendError(f"{field}: {exc.message}", exc.code, exc.status) from exc
     if health.get("status") == "error":
         raise BackendError(f"Model: the backend is up but could not load its model: "
                            f"{(health.get('model') or {}).get('error')}. See the backend's log.", "load_failed")

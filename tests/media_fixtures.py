@@ -116,3 +116,12 @@ class OpenWatch:
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+def exr_bytes(linear: np.ndarray) -> bytes:
+    """One OpenEXR file (float RGB) encoded by FFmpeg from a linear [H, W, 3] array."""
+    planes = np.ascontiguousarray(linear.astype(np.float32)[..., [1, 2, 0]].transpose(2, 0, 1))  # G, B, R
+    h, w = linear.shape[:2]
+    return subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "gbrpf32le", "-s", f"{w}x{h}",
+                           "-i", "-", "-c:v", "exr", "-f", "image2pipe", "-"],
+                          input=planes.tobytes(), stdout=subprocess.PIPE, check=True).stdout

@@ -21,9 +21,10 @@ from PIL import Image
 
 from flexiact_backend.colour import hlg_inverse_oetf
 from flexiact_backend.errors import MediaError, MediaTooLarge
-from flexiact_backend.media import check_video_limits, classify, image_rgb, open_image, probe_video, read_clip
+from flexiact_backend.media import (VideoLimits, check_video_limits, classify, image_rgb, open_image, probe_video,
+                                    read_clip)
 from flexiact_backend.sequences import encode_sequence, find_frames, looks_like_sequence
-from tests.media_fixtures import PLAYLISTS, H, OpenWatch, W, coded_frame, make_clip, read_code
+from tests.media_fixtures import PLAYLISTS, H, OpenWatch, W, coded_frame, exr_bytes, make_clip, read_code
 
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
 H264 = ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "12", "-preset", "ultrafast"]
@@ -292,11 +293,11 @@ def test_decompression_bomb_gets_the_services_size_message(tmp_path: Path) -> No
 def test_video_limits_are_checked_from_the_probe(tmp_path: Path) -> None:
     clip = make_clip(tmp_path / "c.mp4", 24, Fraction(24), H264)
     info = probe_video(clip)
-    check_video_limits(info, W * H, 1.0, 24)
+    check_video_limits(info, VideoLimits(W * H, 1.0, 24))
     for pixels, seconds, frames, fragment in [(W * H - 1, 10, 100, "megapixels"), (10**9, 0.5, 100, "s long"),
                                               (10**9, 10, 23, "frames")]:
         with pytest.raises(MediaTooLarge, match=fragment):
-            check_video_limits(info, pixels, seconds, frames)
+            check_video_limits(info, VideoLimits(pixels, seconds, frames))
 
 
 # --------------------------------------------------------------------------------------------
@@ -388,22 +389,13 @@ def test_sequence_refusals(tmp_path: Path) -> None:
     assert not (tmp_path / "x.avi").exists() and not list(tmp_path.glob(".x.*"))
 
 
-def _exr_bytes(linear: np.ndarray) -> bytes:
-    """One OpenEXR file (float RGB) encoded by FFmpeg from a linear [H, W, 3] array."""
-    planes = np.ascontiguousarray(linear.astype(np.float32)[..., [1, 2, 0]].transpose(2, 0, 1))  # G, B, R
-    h, w = linear.shape[:2]
-    return subprocess.run([FFMPEG, "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "gbrpf32le", "-s", f"{w}x{h}",
-                           "-i", "-", "-c:v", "exr", "-f", "image2pipe", "-"],
-                          input=planes.tobytes(), stdout=subprocess.PIPE, check=True).stdout
-
-
 def test_exr_is_scene_linear_to_srgb(tmp_path: Path) -> None:
     """Linear 0.18 (photographic mid grey) is sRGB 118; 1.0 and above are white; 0.0 black."""
     lin = np.zeros((8, 24, 3), np.float32)
     lin[:, 8:16] = 0.18
     lin[:, 16:] = 4.0
     path = tmp_path / "f.exr"
-    path.write_bytes(_exr_bytes(lin))
+    path.write_bytes(exr_bytes(lin))
     rgb = image_rgb(path).astype(int)
     assert rgb[4, 2].tolist() == [0, 0, 0] and rgb[4, 20].tolist() == [255, 255, 255]
     assert np.abs(rgb[4, 12] - 118).max() <= 1
@@ -414,7 +406,7 @@ def test_zip_of_exr_frames(tmp_path: Path) -> None:
     archive = tmp_path / "frames.zip"
     with zipfile.ZipFile(archive, "w") as z:
         for i in range(12):  # 0 and 1 are the same in linear and sRGB, so the code blocks survive exactly
-            z.writestr(f"render/frame_{i + 1:03d}.exr", _exr_bytes(coded_frame(i).astype(np.float32) / 255.0))
+            z.writestr(f"render/frame_{i + 1:03d}.exr", exr_bytes(coded_frame(i).astype(np.float32) / 255.0))
     assert classify(archive) == ("zip", "zip")
     info = encode_sequence(archive, 24, tmp_path / "ref.avi")
     assert info.frames == 12

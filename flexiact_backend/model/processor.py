@@ -8,6 +8,8 @@ Per-call settings (the step's bias, the LoRA weight) arrive as keyword arguments
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import apply_rotary_emb
@@ -18,6 +20,15 @@ from .lora import LoRAPair
 
 #: Published names of the four LoRA branches, in the order of the projections they adapt.
 LORA_NAMES = ("lora_q", "lora_k", "lora_v", "lora_proj")
+
+
+class SequenceExchange(Protocol):
+    """How a sequence-parallel job lays attention out (`parallel.sequence_parallel.UlyssesAttention`): `gather`
+    turns this rank's tokens with all heads into all tokens with its heads, `scatter` undoes it."""
+
+    def gather(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, video_start: int) -> tuple[torch.Tensor, ...]: ...
+
+    def scatter(self, out: torch.Tensor, video_start: int) -> torch.Tensor: ...
 
 
 class FlexiActAttnProcessor(nn.Module):
@@ -52,10 +63,12 @@ class FlexiActAttnProcessor(nn.Module):
         reweight: torch.Tensor | float | None = None,
         lora_weight: float = 0.0,
         attention_backend: str = "padded",
+        sequence_parallel: SequenceExchange | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`reweight`: this step's logit bias on video-query x motion-key attention (a 0-dim tensor, so compiled
         graphs take new values without recompiling; None for none). `lora_weight`: RefAdapter strength computed as
-        a branch (0 when off, or when the adapter has folded it into the projections)."""
+        a branch (0 when off, or when the adapter has folded it into the projections). `sequence_parallel`: set
+        when `hidden_states` is this rank's shard of the video tokens (and the RoPE table its rows)."""
         if attention_mask is not None:
             raise ValueError("FlexiAct attention takes no attention_mask (CogVideoX never passes one)")
         batch = hidden_states.shape[0]
@@ -78,10 +91,14 @@ class FlexiActAttnProcessor(nn.Module):
             if not attn.is_cross_attention:
                 key = torch.cat([key[:, :, :video_start], apply_rotary_emb(key[:, :, video_start:], image_rotary_emb)], dim=2)
 
+        if sequence_parallel is not None:  # from here to the output projection: this rank's heads, every token
+            query, key, value = sequence_parallel.gather(query, key, value, video_start)
         out = biased_attention(
             query, key, value, bias=reweight, rows=slice(video_start, None), columns=slice(text_len, video_start),
             backend=attention_backend,
         )
+        if sequence_parallel is not None:
+            out = sequence_parallel.scatter(out, video_start)
         out = out.transpose(1, 2).flatten(2)
         # Output projection is row-wise: drop the motion rows first instead of projecting and discarding them.
         out = torch.cat([out[:, :text_len], out[:, video_start:]], dim=1)

@@ -6,6 +6,7 @@ import errno
 import json
 import logging
 import re
+import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -111,10 +112,15 @@ def install_error_handlers(app: FastAPI, redact: Callable[[str], str]) -> None:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             return error_response(507, "insufficient_storage", "the server's disk is full; the request was not "
                                   "stored. Free space on the server (or run `flexiact-backend gc`) and try again.")
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal_error", f"internal error ({type(exc).__name__}); this is a bug")
+        return _internal(request)
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal_error", f"internal error ({type(exc).__name__}); this is a bug")
+        return _internal(request)
+
+    def _internal(request: Request) -> JSONResponse:
+        """A logged 500 with an id to find it in the log by; the client sees no traceback and no internals."""
+        error_id = uuid.uuid4().hex[:12]
+        log.exception("unhandled error %s on %s %s", error_id, request.method, request.url.path)
+        return error_response(500, "internal_error", f"internal error {error_id}; this is a bug: report it with "
+                              "this id (the server's log holds the details under it)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import ipaddress
 
@@ -28,3 +29,11 @@ def token_matches(authorization: str, expected: bytes) -> bool:
     """Constant-time check of an `Authorization: Bearer <token>` header value."""
     scheme, _, given = authorization.partition(" ")
     return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode("latin-1"), expected)
+
+
+def client_key(authorization: str, peer: str | None) -> str:
+    """Whom a request counts against for the per-token limits: its token (hashed), else its peer address."""
+    scheme, _, given = authorization.partition(" ")
+    if scheme.lower() == "bearer" and given.strip():
+        return "token:" + hashlib.sha256(given.strip().encode("latin-1")).hexdigest()[:16]
+    return f"peer:{peer or '?'}"

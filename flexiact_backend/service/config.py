@@ -29,6 +29,20 @@ class Limits:
     video_pixels: int = field(default_factory=lambda: _env_int("FLEXIACT_MAX_VIDEO_PIXELS", 7680 * 4320))
     video_seconds: int = field(default_factory=lambda: _env_int("FLEXIACT_MAX_VIDEO_SECONDS", 3600))
     video_frames: int = field(default_factory=lambda: _env_int("FLEXIACT_MAX_VIDEO_FRAMES", 3600 * 60))
+    #: all frames of an image sequence together (the default: 2,000 frames of 1920x1080)
+    sequence_pixels: int = field(default_factory=lambda: _env_int("FLEXIACT_MAX_SEQUENCE_PIXELS", 4_147_200_000))
+    #: entries of an uploaded zip, counted from its end record before it is opened
+    zip_entries: int = field(default_factory=lambda: _env_int("FLEXIACT_MAX_ZIP_ENTRIES", 20_000))
+    #: bytes the frames of a zip unpack to, from its central directory
+    zip_unpacked_bytes: int = field(default_factory=lambda: _env_int("FLEXIACT_MAX_ZIP_UNPACKED_BYTES", 8 * 1024**3))
+    #: uploads received and checked at once: per token (each client without a token counts as one) and in all
+    uploads_per_token: int = field(default_factory=lambda: _env_int("FLEXIACT_MAX_UPLOADS_PER_TOKEN", 4))
+    uploads: int = field(default_factory=lambda: _env_int("FLEXIACT_MAX_UPLOADS", 8))
+    #: threads that probe and decode uploads (off the event loop): the most decoding at once
+    media_workers: int = field(default_factory=lambda: _env_int("FLEXIACT_MEDIA_WORKERS", 2))
+    #: jobs waiting in the queue: per token and in all
+    queued_jobs_per_token: int = field(default_factory=lambda: _env_int("FLEXIACT_MAX_QUEUED_PER_TOKEN", 100))
+    queued_jobs: int = field(default_factory=lambda: _env_int("FLEXIACT_MAX_QUEUED_JOBS", 500))
 
     def bytes_for(self, kind: str) -> int:
         return {"video": self.video_bytes, "image": self.image_bytes, "checkpoint": self.checkpoint_bytes}[kind]

@@ -13,6 +13,7 @@ import shutil
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated
 
@@ -23,6 +24,8 @@ from ..generation import find_refadapter, refadapter_missing_message
 from ..model.schedule import BadTransition, check_transition
 from ..model_info import read_model_info
 from ..tiny import ensure_tiny_model
+from .admission import UploadSlots
+from .auth import client_key
 from .config import ServiceConfig
 from .db import Database
 from .api_errors import APIError, path_redactor
@@ -38,6 +41,8 @@ log = logging.getLogger("flexiact.service")
 GC_INTERVAL_S = 3600.0
 #: how long the data dir's measured size is reused by /v1/health
 USAGE_CACHE_S = 30.0
+#: the Retry-After of a 429 for a full queue
+QUEUE_RETRY_S = 30
 
 
 def _mib(n: int) -> str:
@@ -73,6 +78,11 @@ class Service:
         self._stop_gc = threading.Event()
         self._gc_thread = threading.Thread(target=self._collect_garbage, name="flexiact-gc", daemon=True)
         self._usage: tuple[float, int] = (0.0, 0)
+        limits = config.limits
+        #: probing and decoding uploads: off the event loop, at most `media_workers` at once
+        self.media_pool = ThreadPoolExecutor(max_workers=limits.media_workers, thread_name_prefix="flexiact-media")
+        self.upload_slots = UploadSlots(limits.uploads_per_token, limits.uploads)
+        self._queue_lock = threading.Lock()
 
     def start(self) -> None:
         self.pool.start()
@@ -82,6 +92,7 @@ class Service:
         self._stop_gc.set()
         self.pool.stop()
         self._gc_thread.join(5.0)
+        self.media_pool.shutdown(wait=False, cancel_futures=True)
         self.db.close()
 
     def _collect_garbage(self) -> None:
@@ -164,22 +175,47 @@ class Service:
         return path
 
     # ---- domain rules ------------------------------------------------------------------------
-    def extraction_key(self, body: ActionCreate) -> str:
-        """The same video, trim, steps, seed and caption on the same model is the same action."""
-        fields = [self.info.id, body.video, body.start_s, body.end_s, body.steps, body.seed, body.caption]
+    def extraction_key(self, body: ActionCreate | dict) -> str:
+        """The same name, video, trim, steps, seed and caption on the same model is the same action (a resent
+        request); under another name it is an action of its own. `body` may be a stored action."""
+        d = body if isinstance(body, dict) else body.model_dump()
+        fields = [self.info.id, d["video"], d["start_s"], d["end_s"], d["steps"], d["seed"], d["caption"], d["name"]]
         return hashlib.sha256(json.dumps(fields).encode()).hexdigest()
 
-    def queue_extraction(self, body: ActionCreate) -> tuple[dict, dict]:
+    def rename_action(self, action_id: str, name: str) -> dict:
+        """Rename an action; an extracted one is then found under its new name by a resent request."""
+        action = self.action_or_404(action_id)
+        key = self.extraction_key({**action, "name": name}) if action["source"] == "extract" else None
+        renamed = self.db.rename_action(action_id, name, key)
+        if renamed is None:  # deleted meanwhile
+            raise APIError(404, "not_found", f"no action {action_id}")
+        return renamed
+
+    def _admit_job(self, owner: str) -> None:
+        """A 429 with Retry-After when the queue holds its limit of jobs, of this token or in all."""
+        cfg = self.config
+        retry = {"Retry-After": str(QUEUE_RETRY_S)}
+        if self.db.queued_count() >= cfg.limits.queued_jobs:
+            raise APIError(429, "queue_full", f"the queue holds {cfg.limits.queued_jobs} jobs (the server's "
+                           "limit); submit this one when some have started or been cancelled", headers=retry)
+        if self.db.queued_count(owner) >= cfg.limits.queued_jobs_per_token:
+            raise APIError(429, "queue_full", f"{cfg.limits.queued_jobs_per_token} of your jobs are waiting in the "
+                           "queue (the limit per token); submit this one when some have started or been cancelled",
+                           headers=retry)
+
+    def queue_extraction(self, body: ActionCreate, owner: str) -> tuple[dict, dict]:
         """Queue an extraction (or return the existing action for the same request); returns (action, job)."""
         self.require_free()
-        action, job, _created = self.db.create_extraction(
-            key=self.extraction_key(body), name=body.name, caption=body.caption, video=body.video,
-            start_s=body.start_s, end_s=body.end_s, steps=body.steps, seed=body.seed, base_model=self.info.id,
-            params=body.model_dump())
+        with self._queue_lock:  # the count and the insert together: the caps hold under concurrent requests
+            self._admit_job(owner)
+            action, job, _created = self.db.create_extraction(
+                key=self.extraction_key(body), name=body.name, caption=body.caption, video=body.video,
+                start_s=body.start_s, end_s=body.end_s, steps=body.steps, seed=body.seed, base_model=self.info.id,
+                params=body.model_dump(), owner=owner)
         self.pool.wake()
         return action, job
 
-    def queue_generation(self, body: GenerationCreate) -> dict:
+    def queue_generation(self, body: GenerationCreate, owner: str) -> dict:
         """Queue a generation; refused (422) when its reweighting transition or RefAdapter weight cannot run."""
         params = body.model_dump()
         params["transition"] = transition_fraction(body.high_timesteps)
@@ -191,7 +227,9 @@ class Service:
             raise APIError(422, "refadapter_missing", refadapter_missing_message(self.info.id, body.lora_weight))
         self.require_free()
         params["seeds"] = body.take_seeds()
-        job = self.db.create_generation(params, body.steps * body.takes, body.action)  # steps count every take
+        with self._queue_lock:
+            self._admit_job(owner)
+            job = self.db.create_generation(params, body.steps * body.takes, body.action, owner)  # every take's steps
         self.pool.wake()
         return job
 
@@ -211,4 +249,10 @@ def get_service(request: Request) -> Service:
     return request.app.state.service
 
 
+def requester(request: Request) -> str:
+    """Whom the request counts against for the per-token limits (see `auth.client_key`)."""
+    return client_key(request.headers.get("authorization", ""), request.client.host if request.client else None)
+
+
 Svc = Annotated[Service, Depends(get_service)]
+Requester = Annotated[str, Depends(requester)]

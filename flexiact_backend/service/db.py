@@ -43,7 +43,8 @@ CREATE TABLE IF NOT EXISTS previews(
     PRIMARY KEY(job, step));
 """
 #: Columns added after a release: (table, column, declaration), added to databases that predate them.
-_ADDED_COLUMNS = (("jobs", "worker", "TEXT"), ("jobs", "finish_requested", "INTEGER NOT NULL DEFAULT 0"))
+_ADDED_COLUMNS = (("jobs", "worker", "TEXT"), ("jobs", "finish_requested", "INTEGER NOT NULL DEFAULT 0"),
+                  ("jobs", "owner", "TEXT"))
 #: The order jobs leave the queue in: generations first, then the oldest.
 _QUEUE_KEY = "CASE {t}kind WHEN 'generate' THEN 0 ELSE 1 END, {t}created_at, {t}rowid"
 
@@ -94,23 +95,24 @@ class Database:
         with self._lock:
             return self._conn.execute(sql, args).fetchall()
 
-    def _tx(self, statements: list[tuple[str, tuple]], *, use_reserve: bool = False) -> None:
-        """One transaction; with `use_reserve`, on a full disk the reserve is given up and it is tried once more."""
+    def _tx(self, statements: list[tuple[str, tuple]], *, use_reserve: bool = False) -> list[int]:
+        """One transaction; the rows each statement changed. With `use_reserve`, on a full disk the reserve is
+        given up and it is tried once more."""
         with self._lock:
             try:
-                self._run_tx(statements)
+                return self._run_tx(statements)
             except sqlite3.OperationalError as exc:
                 if not use_reserve or "full" not in str(exc) or not self._reserve_path.exists():
                     raise
                 self._reserve_path.unlink()  # so that a job's failure can still be recorded
-                self._run_tx(statements)
+                return self._run_tx(statements)
 
-    def _run_tx(self, statements: list[tuple[str, tuple]]) -> None:
+    def _run_tx(self, statements: list[tuple[str, tuple]]) -> list[int]:
         self._conn.execute("BEGIN IMMEDIATE")
         try:
-            for sql, args in statements:
-                self._conn.execute(sql, args)
+            changed = [self._conn.execute(sql, args).rowcount for sql, args in statements]
             self._conn.execute("COMMIT")
+            return changed
         except BaseException:
             if self._conn.in_transaction:
                 self._conn.execute("ROLLBACK")
@@ -188,7 +190,8 @@ class Database:
         return [_action(r) for r in self._all("SELECT * FROM actions ORDER BY created_at, rowid")]
 
     def create_extraction(self, *, key: str, name: str, caption: str, video: str, start_s: float, end_s: float,
-                          steps: int, seed: int, base_model: str, params: dict) -> tuple[dict, dict, bool]:
+                          steps: int, seed: int, base_model: str, params: dict, owner: str | None = None
+                          ) -> tuple[dict, dict, bool]:
         """Create (or reuse) the action for this exact request and queue its job; returns (action, job, created).
 
         A finished or in-progress action for the same request is returned as is; a failed or cancelled
@@ -202,9 +205,9 @@ class Database:
             job_id = new_id()
             action_id = existing["id"] if existing else new_id()
             stmts: list[tuple[str, tuple]] = [(
-                "INSERT INTO jobs(id,kind,status,phase,total_steps,created_at,params,action) "
-                "VALUES(?,?,?,?,?,?,?,?)",
-                (job_id, "extract", "queued", "queued", steps, now, json.dumps(params), action_id))]
+                "INSERT INTO jobs(id,kind,status,phase,total_steps,created_at,params,action,owner) "
+                "VALUES(?,?,?,?,?,?,?,?,?)",
+                (job_id, "extract", "queued", "queued", steps, now, json.dumps(params), action_id, owner))]
             if existing:
                 stmts.append(("UPDATE actions SET status='pending', job=?, error=NULL, name=? WHERE id=?",
                               (job_id, name, action_id)))
@@ -238,11 +241,13 @@ class Database:
             return action
 
     # ---- jobs --------------------------------------------------------------------------------
-    def create_generation(self, params: dict, total_steps: int, action_id: str | None) -> dict:
+    def create_generation(self, params: dict, total_steps: int, action_id: str | None, owner: str | None = None
+                          ) -> dict:
         job_id = new_id()
         self._tx([(
-            "INSERT INTO jobs(id,kind,status,phase,total_steps,created_at,params,action) VALUES(?,?,?,?,?,?,?,?)",
-            (job_id, "generate", "queued", "queued", total_steps, time.time(), json.dumps(params), action_id))])
+            "INSERT INTO jobs(id,kind,status,phase,total_steps,created_at,params,action,owner) "
+            "VALUES(?,?,?,?,?,?,?,?,?)",
+            (job_id, "generate", "queued", "queued", total_steps, time.time(), json.dumps(params), action_id, owner))])
         return self.get_job(job_id)  # type: ignore[return-value]
 
     def get_job(self, job_id: str) -> dict | None:
@@ -284,9 +289,25 @@ class Database:
             out[kind] = float(row[0]) if row is not None and row[0] is not None else None
         return out
 
-    def rename_action(self, action_id: str, name: str) -> dict | None:
-        self._tx([("UPDATE actions SET name=? WHERE id=?", (name, action_id))])
-        return self.get_action(action_id)
+    def rename_action(self, action_id: str, name: str, key: str | None = None) -> dict | None:
+        """Rename an action wherever its name is shown (its record, its metadata, its job's parameters) and give
+        it the request key of its new name (unless another action holds that key); None if it is gone (a delete
+        that came first: the two are serialised by the lock)."""
+        with self._lock:
+            changed = self._tx([
+                ("UPDATE actions SET name=?, meta=CASE WHEN json_extract(meta, '$.name') IS NULL "
+                 "THEN meta ELSE json_set(meta, '$.name', ?) END, request_key=CASE WHEN ? IS NULL OR EXISTS "
+                 "(SELECT 1 FROM actions a WHERE a.request_key=? AND a.id!=actions.id) THEN NULL ELSE ? END "
+                 "WHERE id=?", (name, name, key, key, key, action_id)),
+                ("UPDATE jobs SET params=json_set(params, '$.name', ?), version=version+1 WHERE action=? AND "
+                 "kind='extract' AND EXISTS (SELECT 1 FROM actions WHERE id=?)", (name, action_id, action_id))])
+            return self.get_action(action_id) if changed[0] else None
+
+    def queued_count(self, owner: str | None = None) -> int:
+        """Jobs waiting in the queue, of one owner or of all."""
+        if owner is None:
+            return self._one("SELECT COUNT(*) FROM jobs WHERE status='queued'")[0]  # type: ignore[index]
+        return self._one("SELECT COUNT(*) FROM jobs WHERE status='queued' AND owner=?", (owner,))[0]  # type: ignore[index]
 
     def generation_queued(self) -> bool:
         return self._one("SELECT 1 FROM jobs WHERE status='queued' AND kind='generate' LIMIT 1") is not None
@@ -330,15 +351,25 @@ class Database:
              "WHERE id=? AND status='running'", (job_id,)),
         ])
 
-    def finish_job(self, job_id: str, result: dict, action_update: dict | None = None, step: int | None = None) -> None:
-        """Record success; `step` is how far an extraction finished early got (default: all its steps)."""
-        stmts = [("UPDATE jobs SET status='succeeded', phase='done', progress=1.0, step=COALESCE(?, total_steps), "
-                  "eta_s=0, finished_at=?, result=?, version=version+1 WHERE id=?",
-                  (step, time.time(), json.dumps(result), job_id))]
-        if action_update:
-            stmts.append(("UPDATE actions SET status='ready', file=?, meta=?, error=NULL WHERE job=?",
-                          (action_update["file"], json.dumps(action_update["meta"]), job_id)))
-        self._tx(stmts)
+    def finish_job(self, job_id: str, result: dict, action_update: dict | None = None, step: int | None = None) -> bool:
+        """Record success; `step` is how far an extraction finished early got (default: all its steps).
+
+        A cancel that was answered first wins: the job ends cancelled instead (returns False), never
+        "succeeded" after its client was told it is being cancelled."""
+        with self._lock:
+            stmts = [("UPDATE jobs SET status='succeeded', phase='done', progress=1.0, step=COALESCE(?, total_steps), "
+                      "eta_s=0, finished_at=?, result=?, version=version+1 WHERE id=? AND status='running' AND "
+                      "cancel_requested=0", (step, time.time(), json.dumps(result), job_id))]
+            if action_update:
+                meta = json.dumps(action_update["meta"])  # its name is the action's now (a rename while it ran)
+                stmts.append(("UPDATE actions SET status='ready', file=?, meta=CASE WHEN json_extract(?, '$.name') IS "
+                              "NULL THEN ? ELSE json_set(?, '$.name', name) END, error=NULL WHERE job=? AND "
+                              "(SELECT status FROM jobs WHERE id=?)='succeeded'",
+                              (action_update["file"], meta, meta, meta, job_id, job_id)))
+            if self._tx(stmts)[0]:
+                return True
+            self.fail_job(job_id, "cancelled", "cancelled", "cancelled by request")
+            return False
 
     def fail_job(self, job_id: str, status: str, code: str, message: str) -> None:
         err = json.dumps({"code": code, "message": self._redact(message)})

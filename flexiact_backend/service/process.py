@@ -54,8 +54,10 @@ class ServerProcess:
         return self
 
     def health(self) -> dict | None:
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         try:
-            with urllib.request.urlopen(self.url + "/v1/health", timeout=5) as r:
+            with urllib.request.urlopen(urllib.request.Request(self.url + "/v1/health", headers=headers),
+                                        timeout=5) as r:
                 return json.loads(r.read())
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             return None

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
 
+from ..media import open_image
 from ..extraction import extract_action
 from ..generation import FlexiActGenerator, GenerationResult
 
@@ -102,8 +102,7 @@ class JobRunner:
             eta = elapsed / step * (total - step) if step else None
             hooks.progress(phase="denoising", progress=0.95 * step / total, step=step, total=total, eta_s=eta)
 
-        with Image.open(image_path) as img:
-            image = img.copy()
+        image = open_image(image_path)  # the opener that accepted the upload: EXR, TIFF ... work here too
         results = self.generator.generate_takes(
             image, p["prompt"], seeds=p.get("seeds") or [p["seed"]], action=action_path, steps=p["steps"],
             guidance_scale=p["guidance_scale"], lora_weight=p["lora_weight"], reweight_scale=p["reweight_scale"],
@@ -144,10 +143,7 @@ class JobRunner:
             path.parent.mkdir(parents=True, exist_ok=True)
             result.write_mp4(path)  # atomic: a collector never sees half a preview
 
-        image = None
-        if preview_image is not None:
-            with Image.open(preview_image) as img:
-                image = img.copy()
+        image = open_image(preview_image) if preview_image is not None else None
         every = p.get("preview_every")
         started = time.monotonic()
         meta = extract_action(

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Annotated, Any, Literal
 
 from fastapi import Path as PathParam
-from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, computed_field, model_validator
 
 from ..presets import GENERATION_DEFAULTS, PRESETS
 
@@ -87,17 +88,21 @@ class ClusterHealth(BaseModel):
 
 
 class Health(BaseModel):
+    """Liveness and version for anyone; the rest only with the token (when the server has one)."""
+
     status: Literal["ok", "loading", "error", "degraded"] = Field(description="degraded: studio mode's Ray "
                                                                   "cluster is unreachable (cluster.reason)")
     version: str
-    model: ModelHealth
-    device: DeviceHealth
-    queue: QueueHealth
-    workers: list[WorkerHealth]
-    presets: dict[str, int] = Field(description="extraction steps per preset name; clients show these, not their own")
-    disk: DiskHealth
-    step_s: dict[str, float | None] = Field(description="per job kind (extract, generate): seconds per step of "
-                                            "the last finished job, loading included; null before the first")
+    model: ModelHealth | None = None
+    device: DeviceHealth | None = None
+    queue: QueueHealth | None = None
+    workers: list[WorkerHealth] | None = None
+    presets: dict[str, int] | None = Field(None, description="extraction steps per preset name; clients show "
+                                           "these, not their own")
+    disk: DiskHealth | None = None
+    step_s: dict[str, float | None] | None = Field(None, description="per job kind (extract, generate): seconds "
+                                                   "per step of the last finished job, loading included; null "
+                                                   "before the first")
     cluster: ClusterHealth | None = Field(None, description="studio mode (--ray): the Ray cluster's connection")
 
 
@@ -109,8 +114,30 @@ class FileInfo(BaseModel):
     meta: dict[str, Any]
 
 
+MAX_NAME_CHARS = 200
+
+
+def _display_name(value: str) -> str:
+    """A name as the add-on's library shows it: trimmed, not blank, no control, format (bidi) or separator
+    characters (they hide or reorder what a user reads)."""
+    name = value.strip()
+    if not name:
+        raise ValueError("the name is blank; give the action a name")
+    if len(name) > MAX_NAME_CHARS:
+        raise ValueError(f"the name is {len(name)} characters long; the limit is {MAX_NAME_CHARS}")
+    bad = next((c for c in name if unicodedata.category(c)[0] == "C" or unicodedata.category(c) in ("Zl", "Zp")),
+               None)
+    if bad is not None:
+        raise ValueError(f"the name holds the invisible character U+{ord(bad):04X} "
+                         f"({unicodedata.name(bad, 'a control character')}); use printable characters only")
+    return name
+
+
+DisplayName = Annotated[str, Field(min_length=1, max_length=4 * MAX_NAME_CHARS), AfterValidator(_display_name)]
+
+
 class ActionCreate(_Request):
-    name: str = Field(min_length=1, max_length=200)
+    name: DisplayName
     caption: str = Field(min_length=1, max_length=2000)
     video: str = Field(pattern=SHA256_PATTERN, description="id of an uploaded video")
     start_s: float = Field(ge=0, le=MAX_CLIP_S)
@@ -125,11 +152,11 @@ class ActionCreate(_Request):
 
 
 class ActionRename(_Request):
-    name: str = Field(min_length=1, max_length=200)
+    name: DisplayName
 
 
 class ActionImport(_Request):
-    name: str = Field(min_length=1, max_length=200)
+    name: DisplayName
     caption: str = Field(min_length=1, max_length=2000)
     file: str = Field(pattern=SHA256_PATTERN, description="id of an uploaded published .pt or project safetensors")
 
@@ -259,4 +286,5 @@ class JobList(BaseModel):
 
 def job_out(job: dict) -> dict:
     """The public view of a job row (internal bookkeeping columns dropped)."""
-    return {k: v for k, v in job.items() if k not in ("cancel_requested", "finish_requested", "attempts", "version")}
+    return {k: v for k, v in job.items() if k not in ("cancel_requested", "finish_requested", "attempts", "version",
+                                                   "owner")}

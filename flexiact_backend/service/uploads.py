@@ -5,22 +5,27 @@ allow-listed container; a GIF with more than one frame), image, a zip of numbere
 stored as a lossless video at the `fps` the client gives) or a checkpoint. What the client declares only picks
 the byte limit while the body streams and the wording of the error when the content is none of these. The
 stored file's extension comes from the detected format. Video limits (frame size, duration, frame count) and
-image pixels are checked from the probe, before anything is decoded.
+image pixels are checked from headers, before anything is decoded (see `media`, `mp4_boxes`, `zips`).
+
+Cost: each upload holds a slot while it streams and is checked (a bounded number per token and in all; past
+them the answer is 429 or 503 with Retry-After at once, never a wait), and the checking runs on the service's
+small media pool, off the event loop, so the other requests (and /v1/health) stay quick.
 """
 
 from __future__ import annotations
 
+import asyncio
+import re
 from pathlib import Path
 
 from fastapi import Request
-from fastapi.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from .. import media, sequences
+from .. import media, sequences, zips
 from ..model.checkpoints import check_torch_archive
-from ..errors import CheckpointError, MediaError
+from ..errors import CheckpointError, FlexiActError, MediaError
 from .config import Limits
-from .context import Service
+from .context import Service, requester
 from .api_errors import APIError
 from .storage import TooLarge, safe_suffix, sha256_file
 
@@ -54,13 +59,25 @@ def checkpoint_format(path: Path) -> str:
     raise CheckpointError("not a checkpoint: expected a published FlexiAct .pt file or a project .safetensors action")
 
 
-def classify(path: Path, claimed: str | None) -> str:
+def _zip_kind(path: Path, limits: Limits) -> str:
+    """'sequence' (numbered frames) or 'checkpoint' (a torch.save archive) from the zip's names alone."""
+    with zips.open_zip(path, limits.zip_entries) as z:
+        names = z.namelist()
+    if sequences.zip_holds_frames_named(names):
+        return "sequence"
+    if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+        return "checkpoint"
+    raise MediaError(f"{path.name}: the zip holds no numbered image frames (like shot_0001.png) and is not an "
+                     "action checkpoint; for an image sequence, zip the numbered PNG, JPEG, TIFF or EXR frames.")
+
+
+def classify(path: Path, claimed: str | None, limits: Limits) -> str:
     """video, image, sequence or checkpoint, from the content; else the error for what the client claimed."""
     found = media.classify(path)
     if found is not None and found[0] in ("video", "image"):
         return found[0]
-    if found == ("zip", "zip") and sequences.zip_holds_frames(path):
-        return "sequence"
+    if found == ("zip", "zip"):
+        return _zip_kind(path, limits)
     try:
         checkpoint_format(path)
         return "checkpoint"
@@ -68,9 +85,9 @@ def classify(path: Path, claimed: str | None) -> str:
         if claimed == "checkpoint":
             raise
     if claimed == "video":
-        media.probe_video(path)  # raises, saying what the file is instead
+        media.probe_video(path, _video_limits(limits))  # raises, saying what the file is instead
     if claimed == "image":
-        media.open_image(path)
+        media.image_header_size(path)
     raise APIError(415, "unsupported_media_type", "the file is not a video, an image, a zip of numbered frames or "
                    "an action checkpoint that the service can read")
 
@@ -80,29 +97,31 @@ def inspect(path: Path, filename: str | None, claimed: str | None, fps: float | 
     """Check an upload; returns its kind, meta, (renamed or converted) path and its new sha256 if converted."""
     try:
         return _inspect(path, claimed, fps, limits)
-    except MediaError as exc:  # name the file as the client knows it, not by its temp name
-        raise type(exc)(str(exc).replace(path.name, Path(filename or "upload").name)) from None
+    except FlexiActError as exc:  # name the file as the client knows it, never by its temp name (or its variants)
+        own = Path(filename or "upload").name
+        raise type(exc)(re.sub(r"[^\s'\"():,;]*" + re.escape(path.stem) + r"[^\s'\"():,;]*", lambda _m: own, str(exc))
+                        ) from None
 
 
-def _video_limits(info: media.VideoInfo, limits: Limits) -> None:
-    media.check_video_limits(info, limits.video_pixels, limits.video_seconds, limits.video_frames)
+def _video_limits(limits: Limits) -> media.VideoLimits:
+    return media.VideoLimits(limits.video_pixels, limits.video_seconds, limits.video_frames)
+
+
+def _sequence_limits(limits: Limits, fps: float) -> sequences.SequenceLimits:
+    return sequences.SequenceLimits(
+        frame_pixels=min(limits.image_pixels, limits.video_pixels), frames=limits.video_frames,
+        seconds=limits.video_seconds, fps=fps, total_pixels=limits.sequence_pixels, zip_entries=limits.zip_entries,
+        unpacked_bytes=limits.zip_unpacked_bytes)
 
 
 def _inspect(path: Path, claimed: str | None, fps: float | None, limits: Limits
              ) -> tuple[str, dict, Path, str | None]:
-    kind = classify(path, claimed)
+    kind = classify(path, claimed, limits)
     if kind == "video":
-        info = media.probe_video(path)
-        _video_limits(info, limits)
+        info = media.probe_video(path, _video_limits(limits))
         return kind, info.to_meta(), _renamed(path, info.container), None
     if kind == "image":
-        try:
-            w, h = media.read_image_info(path, max_pixels=limits.image_pixels)
-        except (MediaError, APIError):
-            raise
-        except Exception as exc:  # Pillow raises many types on malformed metadata (e.g. SyntaxError on bad EXIF)
-            raise MediaError(f"{path.name}: the image's metadata could not be read ({type(exc).__name__}: {exc}); "
-                             "save it again without EXIF, as PNG or JPEG.") from None
+        w, h = media.read_image_info(path, max_pixels=limits.image_pixels)
         return kind, {"width": w, "height": h}, _renamed(path, media.classify(path)[1]), None  # type: ignore[index]
     if kind == "sequence":
         if fps is None:
@@ -110,9 +129,8 @@ def _inspect(path: Path, claimed: str | None, fps: float | None, limits: Limits
                              "send it as ?fps=24 (for example).")
         out = path.with_name(path.stem + ".avi")
         try:
-            info = sequences.encode_sequence(path, fps, out, max_pixels=limits.image_pixels,
-                                             max_frames=limits.video_frames)
-            _video_limits(info, limits)
+            info = sequences.encode_sequence(path, fps, out, _sequence_limits(limits, fps))
+            media.check_video_limits(info, _video_limits(limits))
             return "video", info.to_meta(), out, sha256_file(out)
         except BaseException:
             out.unlink(missing_ok=True)
@@ -132,6 +150,11 @@ def _renamed(path: Path, fmt: str) -> Path:
 
 async def receive_upload(svc: Service, request: Request, filename: str | None, fps: float | None = None) -> dict:
     """Stream an upload to disk within a byte limit, classify and check it, store it under its sha256."""
+    with svc.upload_slots.take(requester(request)):
+        return await _receive(svc, request, filename, fps)
+
+
+async def _receive(svc: Service, request: Request, filename: str | None, fps: float | None) -> dict:
     limits = svc.config.limits
     claimed = claimed_kind(request.headers.get("content-type", ""), filename)
     limit = limits.bytes_for(claimed) if claimed else max(limits.bytes_for(k) for k in ("video", "image", "checkpoint"))
@@ -153,8 +176,10 @@ async def receive_upload(svc: Service, request: Request, filename: str | None, f
         existing = svc.db.get_file(sha)
         if existing is not None:  # the same bytes again: they restore the stored copy if it went missing
             svc.store.restore(tmp, existing["path"])
-            return existing
-        kind, meta, stored, converted_sha = await run_in_threadpool(inspect, tmp, filename, claimed, fps, limits)
+            return {**existing, "filename": filename}  # this uploader's name, not the first one's
+        loop = asyncio.get_running_loop()
+        kind, meta, stored, converted_sha = await loop.run_in_executor(svc.media_pool, inspect, tmp, filename,
+                                                                       claimed, fps, limits)
         if size > limits.bytes_for(kind):
             raise APIError(413, "too_large", f"{kind} files are limited to {limits.bytes_for(kind)} bytes")
         if converted_sha is not None:  # an image sequence: stored as the clip made from it, under that clip's id
@@ -162,9 +187,9 @@ async def receive_upload(svc: Service, request: Request, filename: str | None, f
             existing = svc.db.get_file(sha)
             if existing is not None:
                 svc.store.restore(stored, existing["path"])
-                return existing
+                return {**existing, "filename": filename}
         _sha, rel, size = svc.store.adopt(stored, sha)
     finally:
         tmp.unlink(missing_ok=True)
         stored.unlink(missing_ok=True)
-    return svc.db.add_file(sha, kind, size, rel, filename, meta)
+    return {**svc.db.add_file(sha, kind, size, rel, filename, meta), "filename": filename}

@@ -25,6 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..model import ATTENTION_BACKENDS, biased_attention, rotary_embeddings
 from ..requirements import missing
+from .bench_parallel import add_bench_parallel, add_bench_windows, bench_parallel, bench_windows
 from .model_args import add_model_args, load_generator
 
 
@@ -424,11 +425,17 @@ def run_benchmarks(args: argparse.Namespace) -> int:
         report = bench_full(args)
     elif args.bench == "takes":
         report = bench_takes(args)
+    elif args.bench == "parallel":
+        report = bench_parallel(args)
+    elif args.bench == "windows":
+        report = bench_windows(args)
     else:
         report = bench_generate(args)
     text = json.dumps(report, indent=2)
     print(text)
     print(format_table(report))
+    if "multi_gpu" in report:
+        print(format_table({"results": report["multi_gpu"]}))
     if args.json:
         Path(args.json).write_text(text)
     return 0
@@ -489,3 +496,5 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=2, help="timed repeats")
     p.add_argument("--json", type=Path)
     p.set_defaults(func=run_benchmarks)
+    add_bench_parallel(sub).set_defaults(func=run_benchmarks)
+    add_bench_windows(sub).set_defaults(func=run_benchmarks)

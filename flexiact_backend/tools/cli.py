@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 from tqdm import tqdm
@@ -12,9 +13,10 @@ from .doctor import add_doctor_command
 from ..errors import FlexiActError
 from ..presets import GENERATION_DEFAULTS, PRESETS
 from ..generation import TEMPOS
+from ..parallel.util import EXTRACTION_MODES
 from .hub import add_download_command
 from .model_args import add_model_args, load_generator
-from .serve import add_bench_serve, add_gc_command, add_serve_command
+from .serve import add_bench_hostile, add_bench_serve, add_gc_command, add_serve_command
 
 
 def run_make_tiny_model(args: argparse.Namespace) -> int:
@@ -43,19 +45,61 @@ def _transition(text: str) -> float:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _on_gpus(args: argparse.Namespace, rank_fn) -> int:
+    """Run `rank_fn(device, args)` on `--gpus` ranks of this machine (CPU ranks over gloo where it has no GPU)."""
+    from ..parallel.launch import available_gpus, run_ranks
+    from ..tiny import ensure_tiny_model
+
+    gpus = available_gpus()
+    if gpus and args.gpus > gpus:
+        raise FlexiActError(f"--gpus {args.gpus}: this machine has {gpus} GPUs; give at most {gpus}.")
+    if not gpus:
+        print(f"no GPU here: running {args.gpus} CPU ranks over gloo (slow; for parity checks and tests)", file=sys.stderr)
+    if args.device:
+        raise FlexiActError("--device names one device; with --gpus N each rank takes its own GPU, so leave it out.")
+    args.model = args.model or ensure_tiny_model(Path(tempfile.gettempdir()) / "flexiact-tiny")  # built once, not per rank
+    return run_ranks(rank_fn, args.gpus, (args,))[0]
+
+
+def _rank_generator(device, args: argparse.Namespace):
+    """This rank's generator and its place in the job's mesh."""
+    args.device = str(device)
+    return load_generator(args)
+
+
 def run_generate(args: argparse.Namespace) -> int:
+    _check_paths(args)
+    if args.gpus > 1:
+        return _on_gpus(args, generate_on_rank)
+    return _generate(load_generator(args), args)
+
+
+def generate_on_rank(device, args: argparse.Namespace) -> int:
+    """One rank of `generate --gpus N`: guidance branches on two ranks where N is even, Ulysses over the rest."""
+    import torch.distributed as dist
+
+    from ..parallel.sequence_parallel import parallelize
+    from ..parallel.util import ParallelConfig, build_mesh
+
+    generator = _rank_generator(device, args)
+    mesh = build_mesh(ParallelConfig.for_generation(args.gpus, guidance=args.guidance > 1))
+    with parallelize(generator.pipe.transformer, mesh):
+        return _generate(generator, args, leader=dist.get_rank() == 0)
+
+
+def _generate(generator, args: argparse.Namespace, leader: bool = True) -> int:
     from ..media import open_image
 
-    _check_paths(args)
     image = open_image(args.image)
-    generator = load_generator(args)
-    with tqdm(total=args.steps, desc="generate", unit="step", file=sys.stderr) as bar:
+    with tqdm(total=args.steps, desc="generate", unit="step", file=sys.stderr, disable=not leader) as bar:
         result = generator.generate(
             image, args.prompt, action=args.action, seed=args.seed, steps=args.steps, guidance_scale=args.guidance,
             lora_weight=0.0 if args.no_refadapter else args.lora_weight, reweight_scale=None if args.no_reweight else args.reweight_scale,
             transition=args.transition, fit=args.fit, tempo=args.tempo, step_cache=args.step_cache,
             progress=lambda step, total, elapsed: bar.update(step - bar.n),
         )
+    if not leader:
+        return 0
     path = result.write_mp4(args.out, fps=args.fps)
     ran = result.settings
     refadapter = f"RefAdapter {ran.refadapter} at {ran.lora_weight:g}" if ran.refadapter else "no RefAdapter"
@@ -85,18 +129,36 @@ def _reference_clip(args: argparse.Namespace, work_dir: Path) -> Path:
 
 
 def run_extract(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    _check_paths(args)
+    args.work_dir = args.work_dir or out.with_name(out.name + ".work")
+    if not args.resume and (args.work_dir / "checkpoint.pt").exists():
+        raise FlexiActError(f"{args.work_dir} holds a checkpoint of an earlier run: pass --resume to continue it, or remove it")
+    args.video = _reference_clip(args, args.work_dir)
+    if args.windows_per_step is None:  # data mode: one window per rank, the authors' N-GPU semantics
+        args.windows_per_step = args.gpus if args.parallel == "data" else 1
+    if args.gpus > 1:
+        return _on_gpus(args, extract_on_rank)
+    return _extract(load_generator(args), args)
+
+
+def extract_on_rank(device, args: argparse.Namespace) -> int:
+    """One rank of `extract --gpus N`, in the `--parallel` mode."""
+    from ..parallel.extraction import extraction_ranks
+    from ..parallel.util import ParallelConfig, build_mesh
+
+    generator = _rank_generator(device, args)
+    return _extract(generator, args, extraction_ranks(build_mesh(ParallelConfig.for_extraction(args.gpus, args.parallel))))
+
+
+def _extract(generator, args: argparse.Namespace, ranks=None) -> int:
     from ..extraction import extract_action
     from ..generation import GenerationResult
 
     steps = args.steps or PRESETS[args.preset]
     out = Path(args.out)
-    _check_paths(args)
-    work_dir = args.work_dir or out.with_name(out.name + ".work")
-    if not args.resume and (work_dir / "checkpoint.pt").exists():
-        raise FlexiActError(f"{work_dir} holds a checkpoint of an earlier run: pass --resume to continue it, or remove it")
-    video = _reference_clip(args, work_dir)
-    generator = load_generator(args)
-    with tqdm(total=steps, desc="extract", unit="step", file=sys.stderr) as bar:
+    leader = ranks is None or ranks.leader
+    with tqdm(total=steps, desc="extract", unit="step", file=sys.stderr, disable=not leader) as bar:
         def progress(update: dict) -> None:
             if update.get("phase") and update["phase"] != bar.desc:  # decoding, encoding, training, saving
                 bar.set_description(update["phase"])
@@ -111,10 +173,12 @@ def run_extract(args: argparse.Namespace) -> int:
             previews.mkdir(parents=True, exist_ok=True)
             bar.write(f"preview at step {step}: {result.write_mp4(previews / f'step_{step:06d}.mp4')}")
 
-        meta = extract_action(generator, video=video, start_s=args.start, end_s=args.end, caption=args.caption,
-                              name=args.name or out.stem, out=out, work_dir=work_dir, steps=steps, seed=args.seed,
+        meta = extract_action(generator, video=args.video, start_s=args.start, end_s=args.end, caption=args.caption,
+                              name=args.name or out.stem, out=out, work_dir=args.work_dir, steps=steps, seed=args.seed,
                               checkpoint_every=args.checkpoint_every, progress=progress, preview=preview,
-                              preview_every=args.preview_every)
+                              preview_every=args.preview_every, windows_per_step=args.windows_per_step, ranks=ranks)
+    if not leader:
+        return 0
     last = f"last step's loss {meta['losses'][-1]:.4f}, " if meta.get("losses") else ""
     print(f"wrote {out} after {meta['steps']} steps, {last}mean loss of the last fifth {meta['final_loss']:.4f}")
     return 0
@@ -132,6 +196,18 @@ def run_bench(args: argparse.Namespace) -> int:
     from .bench import run_benchmarks
 
     return run_benchmarks(args)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a number of GPUs: give 1 or more")
+    return value
+
+
+def add_gpus_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gpus", type=_positive, default=1,
+                   help="GPUs of this machine one job runs on (without GPUs: that many CPU ranks over gloo, for tests)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reference: the clip lasts as long as the action's motion did in its reference; "
                         "model: the model's clip length (every generated frame once at the model's fps)")
     p.add_argument("--step-cache", action="store_true", help="reuse transformer work after the reweight window (TaylorSeer)")
+    add_gpus_arg(p)
     p.set_defaults(func=run_generate)
 
     p = sub.add_parser("extract", help="train an action (FAE motion tokens) on a reference clip")
@@ -189,6 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preview-every", type=int, default=0,
                    help="write a short preview mp4 every N steps to OUT.previews/ (default 0: none)")
     p.add_argument("--out", type=Path, required=True, help="action .safetensors to write")
+    add_gpus_arg(p)
+    p.add_argument("--parallel", choices=EXTRACTION_MODES, default="sequence",
+                   help="with --gpus N: 'sequence' shards each step's tokens (one GPU's result, faster steps); "
+                        "'data' trains N windows per step, one per GPU (the authors' multi-GPU run)")
+    p.add_argument("--windows-per-step", type=int,
+                   help="windows averaged per step (default 1; N in --parallel data); equal values give equal results "
+                        "on any number of GPUs")
     p.set_defaults(func=run_extract)
 
     p = sub.add_parser("import-action", help="convert a published FAE .pt into an action file")
@@ -211,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_commands(bench_sub)
     add_bench_serve(bench_sub)
+    add_bench_hostile(bench_sub)
     add_gpu_check_command(bench_sub)
     return parser
 

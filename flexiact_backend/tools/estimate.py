@@ -21,6 +21,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from .full_size import TEXT_LENGTH, FullSize, build_modules
+from ..parallel.cost import LINKS_GBPS, TransformerShape, multi_gpu_estimate
 from ..tiny import make_scheduler
 from ..model import attach_flexiact, reweight_schedule, rotary_embeddings
 
@@ -29,6 +30,11 @@ DEFAULT_TFLOPS = 800.0
 NOTE = ("Estimates from fake tensors on the CPU, not GPU measurements: peak bytes count live tensors only (the CUDA "
         "allocator's fragmentation, workspaces and the CUDA context are left out); times are FLOPs divided by the stated "
         "sustained throughput.")
+
+
+MULTI_GPU_NOTE = (f"N-GPU rows: this estimate's FLOPs split by the parallel plan (parallel/cost.py), plus Ulysses traffic at "
+                  f"{', '.join(f'{k} {v:g} GB/s' for k, v in LINKS_GBPS.items())} per direction per GPU, not overlapped "
+                  "with compute; text encoding and the VAE decode stay on one GPU.")
 
 
 class LiveBytes(TorchDispatchMode):
@@ -184,10 +190,14 @@ def estimate_full(size: FullSize = FullSize(), dtype: torch.dtype = torch.bfloat
             phases[name] = {"model": model, "activation_peak_bytes": m.peak_bytes, "flops": m.flops,
                             "estimated_s": m.flops / (tflops * 1e12), "seconds_to_trace": round(m.seconds_to_trace, 1)}
 
-    return summarise({"benchmark": "full_estimate", "note": NOTE, "size": size.to_dict(), "dtype": str(dtype),
-                      "tflops_assumed": tflops, "models": sizes,
-                      "motion_tokens": {"params": sum(p.numel() for p in motion), "bytes": motion_bytes},
-                      "results": phases})
+    report = summarise({"benchmark": "full_estimate", "note": NOTE, "size": size.to_dict(), "dtype": str(dtype),
+                        "tflops_assumed": tflops, "models": sizes,
+                        "motion_tokens": {"params": sum(p.numel() for p in motion), "bytes": motion_bytes},
+                        "results": phases})
+    shape = TransformerShape(layers=size.layers, video_tokens=size.latent_frames * (size.height // 16) * (size.width // 16))
+    report["multi_gpu"] = multi_gpu_estimate(report, shape, tflops)
+    report["multi_gpu_note"] = MULTI_GPU_NOTE
+    return report
 
 
 def summarise(report: dict) -> dict:

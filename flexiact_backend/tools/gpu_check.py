@@ -26,7 +26,9 @@ from pathlib import Path
 import diffusers
 import torch
 
+from ..parallel.launch import available_gpus
 from .bench import bench_attention, run_mode, unsupported_reason
+from .bench_parallel import multi_gpu_phases
 from .full_size import FullSize
 
 #: Planned on one H100 so the whole check stays under 8 minutes; a phase that would pass the budget is skipped.
@@ -83,6 +85,15 @@ def _attention(ctx: CheckContext) -> dict:
     return report["results"]
 
 
+def _several_gpus(ctx: CheckContext) -> str | None:
+    gpus = available_gpus()
+    return None if gpus >= 2 else f"needs at least 2 CUDA GPUs; {gpus} here"
+
+
+def _multi_gpu(ctx: CheckContext) -> dict:
+    return multi_gpu_phases(repeats=ctx.repeats)["runs"]
+
+
 def _reduced(ctx: CheckContext) -> FullSize:
     return ctx.reduced
 
@@ -105,6 +116,8 @@ PHASES: list[Phase] = [
     Phase("attention_backends", "biased attention, every backend against the dense mask", _attention, planned_s=20),
     Phase("full_size", "720x480x49, 42 layers: text encoding, steps, tiled VAE decode, request to mp4, extraction step",
           _mode("eager", _full), lambda ctx: None if ctx.dry_run else _cuda(ctx), 150),
+    Phase("multi_gpu", "bench parallel (tiny model) on 2, 4 and 8 GPUs as present, each against 1 GPU",
+          _multi_gpu, _several_gpus, 120),
 ]
 
 

@@ -45,6 +45,18 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--max-video-pixels", type=int, help="largest video frame in pixels (default 8K UHD, 7680x4320)")
     p.add_argument("--max-video-seconds", type=int, help="longest video upload in seconds (default 3600)")
     p.add_argument("--max-video-frames", type=int, help="most frames in a video upload (default 216000)")
+    p.add_argument("--max-sequence-pixels", type=int, help="all frames of an image sequence together, in pixels "
+                   "(default 4147200000: 2000 frames of 1920x1080)")
+    p.add_argument("--max-zip-entries", type=int, help="most entries of an uploaded zip (default 20000)")
+    p.add_argument("--max-zip-unpacked-bytes", type=int, help="most bytes the frames of a zip unpack to (default 8 GiB)")
+    p.add_argument("--max-uploads", type=int, help="uploads received and checked at once; past it a 503 with "
+                   "Retry-After (default 8)")
+    p.add_argument("--max-uploads-per-token", type=int, help="uploads at once per token (a client without a token "
+                   "counts by its address); past it a 429 with Retry-After (default 4)")
+    p.add_argument("--media-workers", type=int, help="threads probing and decoding uploads (default 2)")
+    p.add_argument("--max-queued-jobs", type=int, help="jobs waiting in the queue; past it a 429 (default 500)")
+    p.add_argument("--max-queued-per-token", type=int, help="jobs waiting in the queue per token; past it a 429 "
+                   "(default 100)")
     p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
                    help="also answer requests for this Host name (repeat for several); by default only localhost, "
                    "127.0.0.1, [::1] and the --host address")
@@ -80,7 +92,11 @@ def run_serve(args: argparse.Namespace) -> int:
     overrides = {"video_bytes": args.max_video_bytes, "image_bytes": args.max_image_bytes,
                  "checkpoint_bytes": args.max_checkpoint_bytes, "image_pixels": args.max_image_pixels,
                  "video_pixels": args.max_video_pixels, "video_seconds": args.max_video_seconds,
-                 "video_frames": args.max_video_frames}
+                 "video_frames": args.max_video_frames, "sequence_pixels": args.max_sequence_pixels,
+                 "zip_entries": args.max_zip_entries, "zip_unpacked_bytes": args.max_zip_unpacked_bytes,
+                 "uploads": args.max_uploads, "uploads_per_token": args.max_uploads_per_token,
+                 "media_workers": args.media_workers, "queued_jobs": args.max_queued_jobs,
+                 "queued_jobs_per_token": args.max_queued_per_token}
     limits = Limits(**{**limits.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
     config = ServiceConfig(data_dir=args.data_dir, model_dir=args.model, tiny=args.tiny, token=args.token,
                            limits=limits, devices=tuple(args.device), checkpoint_every=args.checkpoint_every,
@@ -222,6 +238,25 @@ def run_bench_serve(args: argparse.Namespace) -> int:
                          upload_every=args.upload_every, queued=args.queued, pollers=args.pollers)
     _print_report(report, format_table(report), args.json)
     return 0 if report["errors"] == 0 and report["queue"]["errors"] == 0 else 1
+
+
+def add_bench_hostile(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `hostile` under `bench` (sets `func=run_bench_hostile`)."""
+    p = subparsers.add_parser("hostile", help="what each crafted hostile upload costs a tiny server (RSS, health "
+                              "latency)", description="Sends small crafted uploads (zip, image and video bombs) to a "
+                              "fresh tiny server one at a time while polling /v1/health; prints each answer, its "
+                              "time, the server's peak RSS rise and the slowest health answer.")
+    p.add_argument("--json", type=Path, help="also write the JSON report here")
+    p.set_defaults(func=run_bench_hostile)
+    return p
+
+
+def run_bench_hostile(args: argparse.Namespace) -> int:
+    from .hostile_bench import bench_hostile, format_table
+
+    report = bench_hostile()
+    _print_report(report, format_table(report), args.json)
+    return 0
 
 
 def _print_report(report: dict, table: str, json_path: Path | None) -> None:

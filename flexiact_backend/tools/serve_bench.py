@@ -47,9 +47,16 @@ class Client:
             status, raw, ctype = e.code, e.read(), e.headers.get("content-type", "")
         return status, (json.loads(raw) if ctype.startswith("application/json") and raw else raw)
 
-    def upload(self, data: bytes, content_type: str, filename: str) -> tuple[int, object]:
-        return self.request("POST", "/v1/files", data=data,
-                            headers={"Content-Type": content_type, "X-Filename": filename})
+    def upload(self, data: bytes, content_type: str, filename: str, *, retries: int = 0) -> tuple[int, object]:
+        """POST /v1/files; with `retries`, a 429/503 (too many uploads at once) is sent again after a short wait."""
+        headers = {"Content-Type": content_type, "X-Filename": filename}
+        status, body = self.request("POST", "/v1/files", data=data, headers=headers)
+        for attempt in range(retries):
+            if status not in (429, 503):
+                break
+            time.sleep(0.2 * (attempt + 1))
+            status, body = self.request("POST", "/v1/files", data=data, headers=headers)
+        return status, body
 
 
 def png_bytes(seed: int, size: tuple[int, int] = (48, 32)) -> bytes:
@@ -98,7 +105,7 @@ def run_load(client: Client, current_job: Callable[[], str], *, clients: int = 2
                 data = png_bytes(c * 100_003 + r + int(time.time_ns() % 1_000_000_007))
                 t0 = time.perf_counter()
                 try:
-                    status, body = client.upload(data, "image/png", f"bench-{c}-{r}.png")
+                    status, body = client.upload(data, "image/png", f"bench-{c}-{r}.png", retries=20)
                     ok = status == 201 and isinstance(body, dict) and body.get("id") == hashlib.sha256(data).hexdigest()
                     err = None if ok else f"upload: {status} {str(body)[:200]}"
                 except Exception as exc:

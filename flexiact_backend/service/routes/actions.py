@@ -8,7 +8,7 @@ from fastapi.responses import FileResponse
 from ... import media
 from ...actions import expected_action_shapes, import_published_action
 from ...errors import CheckpointError
-from ..context import Svc
+from ..context import Requester, Svc
 from ..api_errors import APIError
 from ..schemas import (Action, ActionAccepted, ActionCreate, ActionImport, ActionList, ActionRename, ObjectId,
                        job_out)
@@ -17,13 +17,13 @@ router = APIRouter(tags=["actions"])
 
 
 @router.post("/actions", status_code=202, response_model=ActionAccepted)
-def create_action(svc: Svc, body: ActionCreate) -> dict:
+def create_action(svc: Svc, who: Requester, body: ActionCreate) -> dict:
     """Queue an extraction; the same request for the same model returns the existing action instead."""
     video = svc.file_of_kind(body.video, "video")
     media.check_trim(media.VideoInfo(**video["meta"]), body.start_s, body.end_s)
     if body.preview_image is not None:
         svc.file_of_kind(body.preview_image, "image")
-    action, job = svc.queue_extraction(body)
+    action, job = svc.queue_extraction(body, who)
     return {"action": action, "job": job_out(job), "note": svc.pool.queue_note()}
 
 
@@ -67,8 +67,7 @@ def get_action(svc: Svc, action_id: ObjectId) -> dict:
 @router.patch("/actions/{action_id}", response_model=Action)
 def rename_action(svc: Svc, action_id: ObjectId, body: ActionRename) -> dict:
     """Give an action a new name (what the add-on's library shows)."""
-    svc.action_or_404(action_id)
-    return svc.db.rename_action(action_id, body.name)
+    return svc.rename_action(action_id, body.name)
 
 
 @router.delete("/actions/{action_id}", status_code=204)

@@ -20,7 +20,7 @@ router = APIRouter(tags=["files"])
                 for t in ("video/mp4", "image/png", "image/jpeg", "application/octet-stream")}}})
 async def upload_file(svc: Svc, request: Request,
                       x_filename: Annotated[str | None, Header(max_length=255)] = None,
-                      fps: Annotated[float | None, Query(gt=0, le=240, description="frame rate of a zip of "
+                      fps: Annotated[float | None, Query(ge=1, le=240, description="frame rate of a zip of "
                                                          "numbered frames (an image sequence)")] = None) -> dict:
     """Stream an upload to disk, check it, store it under its sha256 (a sequence: as the clip made from it)."""
     return await receive_upload(svc, request, x_filename, fps)
@@ -32,5 +32,6 @@ def get_file(svc: Svc, file_id: FileId) -> dict:
     """The file's record; HEAD answers 200 or 404 without a body, so a client can skip re-uploading.
 
     A record whose bytes are gone from disk is a 404 too: the client uploads again, which restores them.
+    No file name: the same bytes may have been uploaded by others, under names that are theirs.
     """
-    return svc.stored_file(file_id)
+    return {**svc.stored_file(file_id), "filename": None}

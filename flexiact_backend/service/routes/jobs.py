@@ -13,7 +13,7 @@ from fastapi import APIRouter, Path as PathParam, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, StreamingResponse
 
-from ..context import Svc
+from ..context import Requester, Svc
 from ..db import TERMINAL
 from ..api_errors import APIError
 from ..schemas import (MAX_TAKES, GenerationCreate, Job, JobAccepted, JobList, JobStatus, ObjectId, Preview,
@@ -26,7 +26,7 @@ router = APIRouter(tags=["jobs"])
 
 
 @router.post("/generations", status_code=202, response_model=JobAccepted)
-def create_generation(svc: Svc, body: GenerationCreate) -> dict:
+def create_generation(svc: Svc, who: Requester, body: GenerationCreate) -> dict:
     """Queue a generation of the target image performing the action, returned at the requested fps."""
     svc.file_of_kind(body.image, "image")
     if body.action is not None:
@@ -34,7 +34,7 @@ def create_generation(svc: Svc, body: GenerationCreate) -> dict:
         if action["status"] != "ready":
             raise APIError(409, "action_not_ready", f"action {body.action} is {action['status']}; wait until "
                            "its extraction succeeds")
-    return {"job": job_out(svc.queue_generation(body)), "note": svc.pool.queue_note()}
+    return {"job": job_out(svc.queue_generation(body, who)), "note": svc.pool.queue_note()}
 
 
 @router.get("/jobs", response_model=JobList)
