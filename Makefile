@@ -7,14 +7,17 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 TORCH_VERSION := 2.13.0
 
-.PHONY: setup test test-fast demo bench clean
+.PHONY: setup test test-fast demo bench gpu-check clean
 
 setup: $(STAMP)
 
-# torch first, pinned, so that a CPU machine never pulls a multi-GB CUDA build through the `torch>=2.5` range.
+# torch first, pinned, so the `torch>=2.5` range never pulls another build. From pip's configured indexes (the
+# default index's torch is a CUDA build); a CPU-only machine without a local wheel saves about 2.5 GB with
+# `make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu` (README: "Which torch build").
+TORCH_INDEX ?=
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==$(TORCH_VERSION)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PIP) install -q -e '.[test,cluster]'
 	touch $(STAMP)
 
@@ -115,3 +118,9 @@ bench: setup
 	$(VENV)/bin/flexiact-backend bench attention --json out/bench/attention.json
 	$(VENV)/bin/flexiact-backend bench generate $(BENCH_MODEL) --json out/bench/generate.json
 	$(VENV)/bin/flexiact-backend bench extract $(BENCH_MODEL) --json out/bench/extract.json
+
+# On one CUDA GPU, under 8 minutes: every CUDA-only path at reduced size, then full-size steps with random
+# weights; JSON and a table to docs/benchmarks/. `make gpu-check GPU_CHECK_ARGS=--dry-run` tries it on a CPU.
+GPU_CHECK_ARGS ?=
+gpu-check: setup
+	$(VENV)/bin/flexiact-backend bench gpu-check --out-dir docs/benchmarks $(GPU_CHECK_ARGS)

@@ -16,6 +16,12 @@ class CheckpointError(FlexiActError):
     code = "bad_checkpoint"
 
 
+class RefAdapterMissing(FlexiActError):
+    """A real model with no RefAdapter found was asked for a RefAdapter weight above 0 (a different method)."""
+
+    code = "refadapter_missing"
+
+
 class MediaError(FlexiActError):
     """A video or image that cannot be used: not a video, no frames, unreadable, bad trim, too short."""
 

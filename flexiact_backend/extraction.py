@@ -31,9 +31,9 @@ from .actions import write_action
 from .atomic import write_atomically
 from .augmentation import crop_boxes, crop_frames, plan_sampling, window_starts
 from .errors import Cancelled, FlexiActError, Paused
-from .generation import FlexiActGenerator, GenerationResult
+from .generation import FlexiActGenerator, GenerationResult, vae_tiling_state
 from .media import check_trim, probe_video, read_clip
-from .presets import PRESETS
+from .presets import GENERATION_DEFAULTS, PRESETS
 from .model import rotary_embeddings
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -122,9 +122,12 @@ def render_preview(generator: FlexiActGenerator, image: Image.Image, caption: st
     """A short generation with the motion tokens as trained so far, RefAdapter and reweighting as in a real one.
 
     The tokens are used in place (not copied out and back); the RefAdapter and the bias are scoped to the
-    generation, and the trainer's RNG is untouched, so previews never change what the extraction learns.
+    generation, and the trainer's RNG is untouched, so previews never change what the extraction learns. Without a
+    loaded RefAdapter (an extraction does not need one) the preview runs at RefAdapter weight 0 and says so.
     """
-    return generator.generate(image, caption, action=generator.adapter.action_state_dict(), seed=seed, steps=steps)
+    lora_weight = GENERATION_DEFAULTS.lora_weight if generator.refadapter is not None else 0.0  # as generation runs
+    return generator.generate(image, caption, action=generator.adapter.action_state_dict(), seed=seed, steps=steps,
+                              lora_weight=lora_weight)
 
 
 def encode_video(generator: FlexiActGenerator, crop: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,7 +153,8 @@ def prepare_training_data(
     start, end = check_trim(probe_video(video), start_s, end_s)
     sampling = plan_sampling(start, end, info.frames, info.fps)
     key = hashlib.sha256(repr((CACHE_RECIPE, clip_sha256, sampling, seed, num_crops, windows_per_crop, info.id,
-                               info.width, info.height, info.frames, info.fps, caption)).encode()).hexdigest()[:32]
+                               info.width, info.height, info.frames, info.fps, caption,
+                               vae_tiling_state(generator.pipe.vae))).encode()).hexdigest()[:32]
     cache = cache_dir / f"{key}.safetensors"
     if cache.is_file():
         with safe_open(str(cache), framework="pt") as f:

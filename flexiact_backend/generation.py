@@ -22,14 +22,14 @@ from diffusers import CogVideoXDPMScheduler, CogVideoXImageToVideoPipeline
 from PIL import Image
 
 from .actions import motion_duration_s, read_action_metadata
-from .errors import Cancelled, CheckpointError
+from .errors import Cancelled, CheckpointError, RefAdapterMissing
 from .media import FitMapping, fit_target_image, retime_frames, write_mp4
 from .options import TEMPOS
+from .model.processor import LORA_NAMES
 from .model import ATTENTION_BACKENDS, FlexiActAdapter, StepCache, attach_flexiact, compile_blocks, reweight_schedule, reweighting
 from .presets import GENERATION_DEFAULTS
-from .model_info import REFADAPTER_FILES, ModelInfo, read_model_info
-
-#: Where a pipeline folder may carry its RefAdapter (the published file name, or the project's safetensors).
+from .model_info import REFADAPTER_FILES, ModelInfo, find_refadapter, read_model_info
+from .requirements import TOKENIZER_PACKAGES, MissingPackage, require_memory_saving, require_tokenizer_packages
 
 
 ProgressFn = Callable[[int, int, float], None]
@@ -50,6 +50,8 @@ class GenerationSettings:
     fit: str = "crop"
     tempo: str = "reference"
     step_cache: bool = False
+    #: The RefAdapter file that ran (None: none was loaded, and `lora_weight` is then 0, what ran).
+    refadapter: str | None = None
 
 
 @dataclass
@@ -83,11 +85,46 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def refadapter_missing_message(model_id: str, lora_weight: float) -> str:
+    """Why a generation with RefAdapter weight `lora_weight` is refused, and the two ways on."""
+    return (f"no RefAdapter is loaded for {model_id}, so RefAdapter weight {lora_weight:g} cannot run (FlexiAct "
+            f"without it is a different method, not a default). Put {REFADAPTER_FILES[1]} (hub repo "
+            "shiyi0408/FlexiAct; `flexiact-backend download` places it) in the model folder or start with "
+            "--refadapter FILE; or generate without it on purpose: lora_weight 0 (CLI: --no-refadapter).")
+
+
+def configure_vae(vae: torch.nn.Module) -> None:
+    """Slicing and tiling on for every encode and decode, in every mode, as the authors run them.
+
+    Why: at 720x480 tiling really runs and changes the latents in the blend bands, and the RefAdapter and the
+    published actions were trained on tiled latents; slicing decodes a batch of takes one video at a time.
+    The hub VAE's tiles (240x360 pixels, overlap 1/6 and 1/5) step by whole latents; a smaller VAE (the tiny model)
+    gets the nearest overlap that does too, else its tiled latents would not fit together.
+    """
+    vae.enable_slicing()
+    vae.enable_tiling()
+    overlaps = {}
+    for axis in ("height", "width"):
+        tile = getattr(vae, f"tile_latent_min_{axis}")
+        factor = getattr(vae, f"tile_overlap_factor_{axis}")
+        if (tile * factor) % 1:
+            overlaps[f"tile_overlap_factor_{axis}"] = max(1, round(tile * factor)) / tile
+    if overlaps:
+        vae.enable_tiling(**overlaps)
+
+
+def vae_tiling_state(vae: torch.nn.Module) -> tuple:
+    """What of the VAE's set-up changes its latents (part of the latent cache key)."""
+    return (bool(getattr(vae, "use_tiling", False)), getattr(vae, "tile_sample_min_height", None),
+            getattr(vae, "tile_sample_min_width", None), getattr(vae, "tile_overlap_factor_height", None),
+            getattr(vae, "tile_overlap_factor_width", None))
+
+
 class FlexiActGenerator:
     """A loaded pipeline with FlexiAct attached; one generation at a time."""
 
     def __init__(self, pipe: CogVideoXImageToVideoPipeline, adapter: FlexiActAdapter, info: ModelInfo, device: torch.device,
-                 attention_backend: str = "padded") -> None:
+                 attention_backend: str = "padded", refadapter: str | None = None) -> None:
         if attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"unknown attention backend {attention_backend!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
         self.pipe = pipe
@@ -95,6 +132,7 @@ class FlexiActGenerator:
         self.info = info
         self.device = device
         self.attention_backend = attention_backend
+        self.refadapter = refadapter  # the loaded RefAdapter's file name; None: the LoRA is not loaded
         self.lock = threading.RLock()  # one generation or extraction at a time; an extraction may render previews
 
     @classmethod
@@ -113,7 +151,8 @@ class FlexiActGenerator:
 
         Whatever scheduler class the folder names, generation runs `CogVideoXDPMScheduler` from its config.
 
-        `memory_saving` offloads idle sub-models to the CPU and tiles the VAE (needs an accelerator). `compile`
+        `memory_saving` offloads idle sub-models to CPU memory as diffusers does (needs a CUDA GPU and accelerate;
+        refused otherwise). The VAE is sliced and tiled in every mode (`configure_vae`). `compile`
         compiles the transformer blocks and warms them up here (a biased and an unbiased step), so the first request
         pays no compile time. `attention_backend` picks how the biased attention is computed (all exact).
         """
@@ -121,24 +160,33 @@ class FlexiActGenerator:
         info = read_model_info(model_dir)
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        pipe = CogVideoXImageToVideoPipeline.from_pretrained(model_dir, dtype=dtype)
+        if memory_saving:
+            require_memory_saving(device)
+        require_tokenizer_packages(model_dir)
+        refadapter = find_refadapter(model_dir, refadapter)
+        try:
+            pipe = CogVideoXImageToVideoPipeline.from_pretrained(model_dir, dtype=dtype)
+        except (ImportError, ValueError) as e:  # transformers names tiktoken when it cannot convert spiece.model
+            if "tiktoken" in str(e) or "sentencepiece" in str(e).lower() or "protobuf" in str(e).lower():
+                raise MissingPackage(f"the tokenizer in {model_dir / 'tokenizer'} did not load ({e}). It needs "
+                                     f"{' and '.join(TOKENIZER_PACKAGES.values())}: pip install "
+                                     f"{' '.join(TOKENIZER_PACKAGES.values())}") from e
+            raise
         # The hub folder names CogVideoXDDIMScheduler; FlexiAct samples with the DPM scheduler built from the same
         # config (trailing spacing, v-prediction, zero-SNR rescale), as the authors' inference script does.
         pipe.scheduler = CogVideoXDPMScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
         for module in (pipe.transformer, pipe.vae, pipe.text_encoder):
             module.requires_grad_(False)  # frozen: extraction trains motion tokens only
-        pipe.vae.enable_slicing()  # a batch of takes decodes one video at a time, as one take would
+        configure_vae(pipe.vae)
         adapter = attach_flexiact(pipe.transformer, rank=info.rank, alpha=info.alpha, num_motion_tokens=info.num_motion_tokens)
         if memory_saving:
             pipe.enable_model_cpu_offload(device=device)
-            pipe.vae.enable_tiling()
         else:
             pipe.to(device)
-        refadapter = refadapter or next((model_dir / n for n in REFADAPTER_FILES if (model_dir / n).is_file()), None)
-        if refadapter is not None:
-            adapter.load_refadapter(refadapter)
         generator = cls(pipe, adapter, info, device, attention_backend)
+        if refadapter is not None:
+            generator.use_refadapter(refadapter)
         if compile:
             generator.compile_and_warm_up()
         return generator
@@ -148,6 +196,27 @@ class FlexiActGenerator:
         second none, so both graphs are built before the first request."""
         compile_blocks(self.pipe.transformer, dynamic=False)
         self.generate(Image.new("RGB", (self.info.width, self.info.height)), "", steps=2)
+
+    def use_refadapter(self, src: str | Path | Mapping[str, torch.Tensor] | None) -> None:
+        """Load a RefAdapter (published `.pt`, safetensors or a state dict), or with None run without one from now
+        on (weight 0); generations report which ran."""
+        with self.lock:
+            if src is None:
+                with torch.no_grad():
+                    for processor in self.adapter.processors:
+                        for name in LORA_NAMES:
+                            getattr(processor, name).up.weight.zero_()
+                self.refadapter = None
+                return
+            self.adapter.load_refadapter(src)
+            self.refadapter = Path(src).name if isinstance(src, (str, Path)) else "given state dict"
+
+    def check_refadapter(self, lora_weight: float) -> float:
+        """The RefAdapter weight that will run: refused above 0 on a real model without a RefAdapter (that would
+        be a different method, not a default); 0 whenever no RefAdapter is loaded (the tiny model)."""
+        if self.refadapter is None and lora_weight and not self.info.tiny:
+            raise RefAdapterMissing(refadapter_missing_message(self.info.id, lora_weight))
+        return float(lora_weight) if self.refadapter is not None else 0.0
 
     def scheduled_timesteps(self, steps: int) -> list[int]:
         """The timesteps the pipeline's scheduler will visit for `steps` steps, computed without touching it."""
@@ -212,6 +281,7 @@ class FlexiActGenerator:
         """
         if not seeds:
             raise ValueError("generate_takes needs at least one seed")
+        lora_weight = self.check_refadapter(lora_weight)
         if tempo not in TEMPOS:
             raise ValueError(f"tempo must be one of {TEMPOS}, got {tempo!r}")
         duration_s = self.info.duration_s
@@ -280,7 +350,7 @@ class FlexiActGenerator:
                 for s, video in zip(chunk, videos):
                     frames = (np.clip(video, 0.0, 1.0) * 255.0).round().astype(np.uint8)
                     settings = GenerationSettings(prompt, s, steps, guidance_scale, lora_weight, reweight_scale,
-                                                  transition, fit, tempo, step_cache)
+                                                  transition, fit, tempo, step_cache, self.refadapter)
                     results.append(GenerationResult(frames, self.info.fps, mapping, settings, duration_s, reweights,
                                                     seconds, cache.cached_steps if cache is not None else [],
                                                     len(chunk)))

@@ -61,3 +61,10 @@ def read_model_info(model_dir: str | Path) -> ModelInfo:
         num_layers=int(transformer["num_layers"]),
         inner_dim=int(transformer["num_attention_heads"]) * int(transformer["attention_head_dim"]),
     )
+
+
+def find_refadapter(model_dir: str | Path, refadapter: str | Path | None = None) -> Path | None:
+    """The RefAdapter to load: the one given, else one of REFADAPTER_FILES at the folder's root, else None."""
+    if refadapter is not None:
+        return Path(refadapter)
+    return next((Path(model_dir) / n for n in REFADAPTER_FILES if (Path(model_dir) / n).is_file()), None)

@@ -13,6 +13,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 PRESETS: dict[str, int] = {"quick": 1000, "standard": 3000}
+#: Seconds of one full-size extraction step on one H100 by `bench full --estimate` (FLOPs at 800 TFLOP/s).
+ESTIMATED_STEP_S = 1.58
+#: Jobs measured in this project took about this many times (time per step x steps): loading, caching the
+#: latents, checkpoints, previews and less than full utilisation. Estimates multiply by it.
+JOB_OVERHEAD = 2.6
+
+
+def estimated_job_s(steps: int, step_s: float = ESTIMATED_STEP_S) -> float:
+    """An estimate, not a measurement: time per step x steps x JOB_OVERHEAD."""
+    return steps * step_s * JOB_OVERHEAD
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKLCogVideoX, CogVideoXDPMScheduler, CogVideoXImageToVideoPipeline, CogVideoXTransformer3DModel
-from transformers import T5Config, T5EncoderModel, T5Tokenizer
+from transformers import PreTrainedTokenizerBase, T5Config, T5EncoderModel, T5Tokenizer
 
 from .model_info import ADAPTER_CONFIG_NAME
 
@@ -34,11 +34,12 @@ def make_tokenizer() -> T5Tokenizer:
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=TEXT_LEN)
 
 
-def build_tiny_pipeline(seed: int = 0, heads: int = 2) -> CogVideoXImageToVideoPipeline:
+def build_tiny_pipeline(seed: int = 0, heads: int = 2,
+                        tokenizer: PreTrainedTokenizerBase | None = None) -> CogVideoXImageToVideoPipeline:
     """The tiny pipeline in memory, weights drawn from `seed`; `heads` of 16 channels each (Ulysses over N ranks
-    needs N to divide the head count)."""
+    needs N to divide the head count); the text encoder's vocabulary fits `tokenizer`."""
     torch.manual_seed(seed)
-    tokenizer = make_tokenizer()
+    tokenizer = tokenizer or make_tokenizer()
     text_encoder = T5EncoderModel(
         T5Config(vocab_size=len(tokenizer), d_model=_TEXT_DIM, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
                  relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
@@ -47,8 +48,9 @@ def build_tiny_pipeline(seed: int = 0, heads: int = 2) -> CogVideoXImageToVideoP
         in_channels=3, out_channels=3,
         down_block_types=("CogVideoXDownBlock3D",) * 4, up_block_types=("CogVideoXUpBlock3D",) * 4,
         block_out_channels=(8, 8, 8, 8), latent_channels=_LATENT_CHANNELS, layers_per_block=1, norm_num_groups=2,
-        temporal_compression_ratio=4, sample_height=TINY_HEIGHT, sample_width=TINY_WIDTH, scaling_factor=0.7,
-    )
+        temporal_compression_ratio=4, sample_height=2 * TINY_HEIGHT, sample_width=2 * TINY_WIDTH, scaling_factor=0.7,
+    )  # tiles are half the sample size (the hub's 480x720 gives 240x360): here they cover the frame, so tiling is
+    # on as for the real model but one tile, which keeps tests quick; test_first_contact sets the hub's ratio
     transformer = CogVideoXTransformer3DModel(
         num_attention_heads=heads, attention_head_dim=16, in_channels=2 * _LATENT_CHANNELS, out_channels=_LATENT_CHANNELS,
         time_embed_dim=16, text_embed_dim=_TEXT_DIM, num_layers=2, sample_width=TINY_WIDTH // 8,

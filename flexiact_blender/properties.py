@@ -184,9 +184,10 @@ class FlexiActSettings(bpy.types.PropertyGroup):
     reweight_scale: FloatProperty(name="Motion Strength", min=0.0, max=20.0,
                                   default=GENERATION_DEFAULTS["reweight_scale"],
                                   description="How strongly the action's motion is weighted in the early steps")
-    transition: FloatProperty(name="Motion Window", min=0.01, max=1.0, default=GENERATION_DEFAULTS["high_timesteps"],
+    transition: FloatProperty(name="Motion Window", min=0.7, max=1.0, default=GENERATION_DEFAULTS["high_timesteps"],
                               description="The noise level (a fraction of the schedule) above which steps shape the motion: "
-                                          "0.8 makes the first fifth of the steps the motion steps; lower: more")
+                                          "0.8 makes the first fifth of the steps the motion steps; from 0.7 to 1 "
+                                          "(the extra motion weight fades out by 0.7)")
     step_cache: BoolProperty(name="Faster Detail Steps", default=False,
                              description="Faster: reuse transformer work at steps after the motion window "
                                          "(the steps that carry the motion always compute in full)")

@@ -10,11 +10,18 @@ from PIL import Image
 
 from flexiact_backend.generation import FlexiActGenerator
 from flexiact_backend.tiny import make_tiny_model
+from flexiact_backend.tiny_hub import HubFolder, make_hub_folder
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def hub_folder(tmp_path_factory: pytest.TempPathFactory) -> HubFolder:
+    """The tiny model as the hub's CogVideoX-5b-I2V folder, RefAdapter .pt at its root, a published action beside."""
+    return make_hub_folder(tmp_path_factory.mktemp("hub"))
 
 
 @pytest.fixture(scope="session")

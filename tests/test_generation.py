@@ -15,26 +15,37 @@ from flexiact_backend.errors import Cancelled
 from flexiact_backend.generation import FlexiActGenerator
 from flexiact_backend.media import probe_video
 from flexiact_backend.model import reweight_schedule
+from flexiact_backend.model.schedule import BadTransition
 
 
 def rule(t: float, timesteps: list[int], scale: float, h: float) -> float | None:
-    """The paper's rule (S above t*, a half cosine down to t=700, off below), independent of the code."""
+    """FLEXIACT.md's rule (S above t*, a half cosine down to t=700, off at and below 700), independent of the code."""
     t_star = next(x for x in timesteps if x < 1000 * h)
+    if t <= 700:
+        return None
     if t > t_star:
         return scale
-    if 700 < t <= t_star:
-        return 0.5 * math.cos(math.pi * (t - 1000 * h) / (700 - 1000 * h)) + 0.5
-    return None
+    return 0.5 * math.cos(math.pi * (t - 1000 * h) / (700 - 1000 * h)) + 0.5
 
 
 @pytest.mark.parametrize("steps", [50, 30, 10])
-@pytest.mark.parametrize("scale, transition", [(1.0, 0.8), (2.5, 0.8), (1.0, 0.9)])
+@pytest.mark.parametrize("scale, transition", [(1.0, 0.7), (1.0, 0.8), (2.5, 0.8), (1.0, 0.9), (1.0, 0.95), (1.0, 1.0)])
 def test_schedule_in_force_at_each_step(tiny_generator: FlexiActGenerator, steps: int, scale: float, transition: float) -> None:
     timesteps = tiny_generator.scheduled_timesteps(steps)
     assert len(timesteps) == steps and timesteps == sorted(timesteps, reverse=True)
     expected = [rule(t, timesteps, scale, transition) for t in timesteps]
     assert reweight_schedule(timesteps, scale, transition) == pytest.approx(expected)
-    assert expected[0] == scale and expected[-1] is None
+    assert expected[0] == pytest.approx(scale, rel=1e-4) and expected[-1] is None  # h=1: t*=999, cos(~0)
+    assert all(r is None for t, r in zip(timesteps, expected) if t <= 700)
+
+
+@pytest.mark.parametrize("transition", [0.5, 0.69, 1.01])
+def test_undefined_transitions_are_refused(tiny_generator: FlexiActGenerator, target_image, transition: float) -> None:
+    """Below 0.7 the formula's two rules overlap (full bias above 1000h, none at or below 700); above 1 nothing is high."""
+    with pytest.raises(BadTransition, match=r"outside 0.7-1: .* Give a value from 0.7 to 1 \(default 0.8\)"):
+        reweight_schedule(tiny_generator.scheduled_timesteps(50), 1.0, transition)
+    with pytest.raises(BadTransition, match="outside 0.7-1"):
+        tiny_generator.generate(target_image, "a dog runs", steps=2, transition=transition)
 
 
 def no_hooks_left(generator: FlexiActGenerator) -> bool:
@@ -82,17 +93,19 @@ def test_action_tokens_change_the_video(tiny_generator: FlexiActGenerator, targe
 
 
 def test_weights_restored_after_generation(tiny_generator: FlexiActGenerator, target_image) -> None:
-    with torch.no_grad():
-        for p in tiny_generator.adapter.processors:
-            p.lora_q.up.weight.normal_()
-    before = {k: v.clone() for k, v in tiny_generator.pipe.transformer.state_dict().items()}
-    tiny_generator.generate(target_image, "a dog runs", steps=3, lora_weight=0.7)
-    after = tiny_generator.pipe.transformer.state_dict()
-    assert all(torch.equal(after[k], v) for k, v in before.items())
-    assert not tiny_generator.adapter.lora_fused
-    with torch.no_grad():
-        for p in tiny_generator.adapter.processors:
-            p.lora_q.up.weight.zero_()
+    g = torch.Generator().manual_seed(5)
+    tiny_generator.use_refadapter({k: torch.randn(v.shape, generator=g) for k, v in
+                                   tiny_generator.adapter.refadapter_state_dict().items()})
+    tiny_generator.adapter.reset_action()  # what a generation without an action leaves
+    try:
+        before = {k: v.clone() for k, v in tiny_generator.pipe.transformer.state_dict().items()}
+        result = tiny_generator.generate(target_image, "a dog runs", steps=3, lora_weight=0.7)
+        assert result.settings.lora_weight == 0.7 and result.settings.refadapter == "given state dict"  # it was folded
+        after = tiny_generator.pipe.transformer.state_dict()
+        assert [k for k, v in before.items() if not torch.equal(after[k], v)] == []
+        assert not tiny_generator.adapter.lora_fused
+    finally:
+        tiny_generator.use_refadapter(None)
 
 
 def test_progress_once_per_step(tiny_generator: FlexiActGenerator, target_image) -> None:

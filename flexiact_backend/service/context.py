@@ -20,6 +20,9 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.responses import FileResponse
 
+from ..generation import refadapter_missing_message
+from ..model_info import find_refadapter
+from ..model.schedule import BadTransition, check_transition
 from ..model_info import read_model_info
 from ..tiny import ensure_tiny_model
 from .admission import UploadSlots
@@ -70,6 +73,7 @@ class Service:
         self.db.recover(config.max_job_restarts)
         self.store = FileStore(data_dir)
         self.info = read_model_info(model_dir)
+        self.refadapter = find_refadapter(model_dir, refadapter)
         self.pool = WorkerPool(config, self.db, self.store, model_dir, self.info,
                                memory_saving=memory_saving, refadapter=refadapter)
         self._stop_gc = threading.Event()
@@ -220,10 +224,17 @@ class Service:
         return action, job
 
     def queue_generation(self, body: GenerationCreate, owner: str) -> dict:
+        """Queue a generation; refused (422) when its reweighting transition or RefAdapter weight cannot run."""
         self.require_gpus(body.gpus)
-        self.require_free()
         params = body.model_dump()
         params["transition"] = transition_fraction(body.high_timesteps)
+        try:
+            check_transition(params["transition"])
+        except BadTransition as e:
+            raise APIError(422, e.code, str(e)) from None
+        if body.lora_weight and self.refadapter is None and not self.info.tiny:
+            raise APIError(422, "refadapter_missing", refadapter_missing_message(self.info.id, body.lora_weight))
+        self.require_free()
         params["seeds"] = body.take_seeds()
         with self._queue_lock:
             self._admit_job(owner)

@@ -120,7 +120,8 @@ class JobRunner:
             result.write_mp4(take_path(out, i), fps=fps)
         first = results[0]
         return {"requested_fps": fps, "model_fps": first.fps, "model_frames": int(first.frames.shape[0]),
-                "tempo": first.settings.tempo, "fit": first.fit.to_dict(), "seconds": sum(r.seconds for r in results),
+                "tempo": first.settings.tempo, "lora_weight": first.settings.lora_weight,
+                "refadapter": first.settings.refadapter, "fit": first.fit.to_dict(), "seconds": sum(r.seconds for r in results),
                 "takes": [{"seed": r.settings.seed, "seconds": r.seconds, "batch": r.batch} for r in results]}
 
     def extract(self, p: dict, video_path: Path, work_dir: Path, out: Path, hooks: Hooks, *,

@@ -215,7 +215,8 @@ class GenerationCreate(_Request):
                                          "released inference script runs")
     high_timesteps: float = Field(
         GENERATION_DEFAULTS.transition, gt=0, le=1000,
-        description="where the high-noise (motion) timesteps end: a fraction of 1000 (0.8) or a timestep (800)")
+        description="where the high-noise (motion) timesteps end: a fraction of 1000 (0.8) or a timestep (800); "
+        "the reweighting formula defines 0.7-1 (700-1000), other values are a 422")
     fit: Literal["crop", "pad"] = "crop"
     fps: float | None = Field(None, ge=1, le=240, description="frame rate of the returned video (its duration "
                               "does not depend on it); null: the model's own fps")

@@ -24,7 +24,7 @@ from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..model import ATTENTION_BACKENDS, biased_attention, rotary_embeddings
-from .bench_commands import FULL_MODES
+from ..requirements import missing
 from .bench_parallel import bench_parallel, bench_windows
 from .model_args import load_generator
 
@@ -236,9 +236,13 @@ def _peak(fn: Callable[[], object], device: torch.device) -> dict:
     return {"cpu_new_tensors_peak_bytes": live.peak}
 
 
-def _unsupported(mode: str, device: torch.device) -> str | None:
-    if mode == "memory_saving" and device.type != "cuda":
-        return "needs a CUDA device (idle models are offloaded to CPU memory)"
+def unsupported_reason(mode: str, device: torch.device) -> str | None:
+    """Why `mode` cannot run on `device`, or None."""
+    if mode == "memory_saving":
+        if device.type != "cuda":
+            return "needs a CUDA device (idle models are offloaded to CPU memory)"
+        if missing({"accelerate": "accelerate"}):
+            return "needs accelerate installed (pip install accelerate)"
     if mode == "fp8":
         if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
             return "needs a CUDA GPU with fp8 support (compute capability 8.9 or newer)"
@@ -257,23 +261,27 @@ def _quantize_fp8(transformer: torch.nn.Module) -> None:
               filter_fn=lambda m, name: isinstance(m, torch.nn.Linear) and name.startswith("transformer_blocks"))
 
 
-def _full_phases(generator, size, steps: int, repeats: int, step_cache: bool, lora_weight: float, memory_saving: bool) -> dict:
-    """Each phase of one mode: text encoding, biased and unbiased steps, VAE decode, request->mp4, extraction step."""
+def _full_phases(generator, steps: int, repeats: int, step_cache: bool, lora_weight: float, memory_saving: bool) -> dict:
+    """Each phase of one mode: text encoding, biased and unbiased steps, VAE decode, request->mp4, extraction step.
+
+    Shapes come from the generator's model (the full-size one, or the tiny one of `bench gpu-check --dry-run`)."""
     from ..extraction import ExtractionConfig, FAETrainer, TrainingData, moved
     from ..model.recompute import selective_checkpointing
 
-    pipe, device, adapter = generator.pipe, generator.device, generator.adapter
+    pipe, device, adapter, info = generator.pipe, generator.device, generator.adapter, generator.info
     t, dtype = pipe.transformer, pipe.transformer.dtype
     g = torch.Generator().manual_seed(0)
-    h, w, frames = size.height // 8, size.width // 8, size.latent_frames
+    spatial = pipe.vae_scale_factor_spatial
+    h, w, frames = info.height // spatial, info.width // spatial, (info.frames - 1) // pipe.vae_scale_factor_temporal + 1
+    channels, text = t.config.out_channels, (info.text_length, t.config.text_embed_dim)
     step_inputs = dict(
-        hidden_states=torch.randn(2, frames, 32, h, w, generator=g).to(device, dtype),
-        encoder_hidden_states=torch.randn(2, 226, 4096, generator=g).to(device, dtype),
+        hidden_states=torch.randn(2, frames, t.config.in_channels, h, w, generator=g).to(device, dtype),
+        encoder_hidden_states=torch.randn(2, *text, generator=g).to(device, dtype),
         timestep=torch.tensor([900, 900], device=device),
-        image_rotary_emb=rotary_embeddings(t, size.height, size.width, frames, 8, device), return_dict=False,
+        image_rotary_emb=rotary_embeddings(t, info.height, info.width, frames, spatial, device), return_dict=False,
     )
     bias = torch.tensor(1.0, device=device)
-    latents = torch.randn(1, frames, 16, h, w, generator=g).to(device, dtype)
+    latents = torch.randn(1, frames, channels, h, w, generator=g).to(device, dtype)
     phases: dict[str, dict] = {}
 
     def measure(name: str, fn: Callable[[], object], times: int = repeats) -> None:
@@ -282,7 +290,7 @@ def _full_phases(generator, size, steps: int, repeats: int, step_cache: bool, lo
 
     with torch.inference_mode():
         measure("text_encoding", lambda: pipe.encode_prompt("a person dances", "", do_classifier_free_guidance=True,
-                                                            max_sequence_length=226, device=device))
+                                                            max_sequence_length=info.text_length, device=device))
         with adapter.lora_fused_for_inference(lora_weight):
             measure("transformer_step_unbiased", lambda: t(**step_inputs))
             measure("transformer_step_biased", lambda: t(**step_inputs, attention_kwargs={"reweight": bias}))
@@ -290,7 +298,7 @@ def _full_phases(generator, size, steps: int, repeats: int, step_cache: bool, lo
     phases["transformer_step_biased"]["time_vs_unbiased"] = (
         phases["transformer_step_biased"]["median_s"] / phases["transformer_step_unbiased"]["median_s"])
 
-    image = Image.new("RGB", (size.width, size.height), (90, 120, 150))
+    image = Image.new("RGB", (info.width, info.height), (90, 120, 150))
     with tempfile.TemporaryDirectory() as tmp:
         def request() -> None:
             result = generator.generate(image, "a person dances", steps=steps, step_cache=step_cache, lora_weight=lora_weight)
@@ -301,8 +309,9 @@ def _full_phases(generator, size, steps: int, repeats: int, step_cache: bool, lo
         phases["request_to_mp4"] = {"steps": steps}
         phases["request_to_mp4"].update({**_timed(request, device, 1), **_peak(request, device)})
 
-    data = TrainingData(torch.randn(2, 1, frames, 16, h, w, generator=g), torch.randn(2, 1, 1, 16, h, w, generator=g),
-                        torch.randn(1, 226, 4096, generator=g), torch.randn(1, 226, 4096, generator=g))
+    data = TrainingData(torch.randn(2, 1, frames, channels, h, w, generator=g),
+                        torch.randn(2, 1, 1, channels, h, w, generator=g), torch.randn(1, *text, generator=g),
+                        torch.randn(1, *text, generator=g))
     trainer = FAETrainer(generator, data, ExtractionConfig())
     for p in trainer.params:
         p.requires_grad_(True)
@@ -324,7 +333,7 @@ def _full_phases(generator, size, steps: int, repeats: int, step_cache: bool, lo
 
 def bench_full(args: argparse.Namespace) -> dict:
     """CogVideoX-5B-I2V at its published configs with random weights, FlexiAct attached, per mode and phase."""
-    from .full_size import FullSize, build_full_generator
+    from .full_size import FullSize
 
     size = FullSize(args.layers, args.frames, args.height, args.width)
     if args.estimate:
@@ -338,26 +347,36 @@ def bench_full(args: argparse.Namespace) -> dict:
               "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__},
               "date": time.strftime("%Y-%m-%d"), "results": {}}
     for mode in args.modes:
-        reason = _unsupported(mode, device)
+        reason = unsupported_reason(mode, device)
         if reason:
             report["results"][mode] = {"unsupported": reason}
             continue
-        print(f"bench full: building the {mode} pipeline", file=sys.stderr, flush=True)
-        generator = build_full_generator(size, device, dtype, memory_saving=mode == "memory_saving",
-                                         compile=mode.startswith("compiled"))
-        lora_weight = 0.7
-        if mode == "fp8":
-            _quantize_fp8(generator.pipe.transformer)
-            lora_weight = 0.0  # fp8 weights cannot take the folded RefAdapter: measured without it
-        phases = _full_phases(generator, size, args.steps, args.repeats, mode == "compiled_step_cache", lora_weight,
-                              mode == "memory_saving")
-        for phase, r in phases.items():
+        for phase, r in run_mode(mode, size, device, dtype, steps=args.steps, repeats=args.repeats).items():
             report["results"][f"{mode}/{phase}"] = r
+    return report
+
+
+def run_mode(mode: str, size, device: torch.device, dtype: torch.dtype, *, steps: int, repeats: int,
+             tiny: bool = False) -> dict:
+    """Build the random-weight model at `size` (the tiny model instead with `tiny`) for one of bench_commands.FULL_MODES (or
+    "step_cache": eager with the cache), measure its phases (`_full_phases`), and free it."""
+    from .full_size import build_full_generator, build_tiny_generator
+
+    print(f"bench full: building the {mode} pipeline", file=sys.stderr, flush=True)
+    options = dict(memory_saving=mode == "memory_saving", compile=mode.startswith("compiled"))
+    generator = (build_tiny_generator(device, dtype, **options) if tiny
+                 else build_full_generator(size, device, dtype, **options))
+    lora_weight = 0.7
+    if mode == "fp8":
+        _quantize_fp8(generator.pipe.transformer)
+        lora_weight = 0.0  # fp8 weights cannot take the folded RefAdapter: measured without it
+    try:
+        return _full_phases(generator, steps, repeats, mode.endswith("step_cache"), lora_weight, mode == "memory_saving")
+    finally:
         del generator
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return report
 
 
 def bench_takes(args: argparse.Namespace) -> dict:

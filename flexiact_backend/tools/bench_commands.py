@@ -12,6 +12,29 @@ from .model_args import add_model_args
 FULL_MODES = ("eager", "compiled", "compiled_step_cache", "memory_saving", "fp8")
 
 
+#: The GPU check's time budget: phases that would pass it are skipped (one lent GPU session, 8 minutes in all).
+GPU_CHECK_BUDGET_S = 420.0
+
+
+def run_gpu_check(args: argparse.Namespace) -> int:
+    from .gpu_check import run_gpu_check as run
+
+    return run(args)
+
+
+def add_gpu_check_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("gpu-check", help="every CUDA-only path at reduced size, then full-size steps (make gpu-check)",
+                       description="Every CUDA-only path at a reduced size, then generation and extraction steps at "
+                                   "the full size with random weights; each phase ran or skipped with the reason. "
+                                   "JSON and a table go to --out-dir.")
+    p.add_argument("--device", help="default: cuda if available, else cpu")
+    p.add_argument("--dry-run", action="store_true", help="every phase on the tiny model (tests the check on a CPU)")
+    p.add_argument("--budget-s", type=float, default=GPU_CHECK_BUDGET_S, help="skip phases that would pass this")
+    p.add_argument("--phases", nargs="+", metavar="PHASE", help="only these phases (an unknown name lists them)")
+    p.add_argument("--out-dir", type=Path, default=Path("docs/benchmarks"), help="where the JSON and table go")
+    p.set_defaults(func=run_gpu_check)
+
+
 def run_benchmarks(args: argparse.Namespace) -> int:
     from .bench import run_benchmarks as run
 

@@ -22,7 +22,7 @@ from PIL import Image
 
 from ..parallel.launch import available_gpus, run_ranks
 from ..parallel.util import ParallelConfig, build_mesh
-from .model_args import add_model_args, load_generator
+from .model_args import load_generator
 
 
 def _time(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
@@ -192,6 +192,7 @@ def multi_gpu_phases(model: Path | None = None, repeats: int = 3) -> dict:
     for n in (2, 4, 8):
         if n <= gpus:
             args = argparse.Namespace(model=model, tiny=model is None, device=None, refadapter=None, compile=False,
-                                      attention_backend="padded", gpus=n, denoise_steps=50, repeats=repeats)
+                                      memory_saving=False, attention_backend="padded", gpus=n, denoise_steps=50,
+                                      repeats=repeats)
             runs[f"{n} GPUs"] = bench_parallel(args)
     return {"phase": "multi_gpu", "gpus": gpus, "gpu": torch.cuda.get_device_name(0), "runs": runs}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .bench_commands import add_bench_commands
+from .bench_commands import add_bench_commands, add_gpu_check_command
 from .doctor import add_doctor_command
 from ..errors import FlexiActError
 from ..presets import GENERATION_DEFAULTS, PRESETS
@@ -33,6 +33,16 @@ def _check_paths(args: argparse.Namespace) -> None:
         raise FlexiActError(f"--action {action}: no such file; check the path.")
     if not Path(args.out).parent.is_dir():
         raise FlexiActError(f"--out {args.out}: the folder {Path(args.out).parent} does not exist; create it first.")
+
+
+def _transition(text: str) -> float:
+    """--transition as the schedule defines it (0.7-1), refused by argparse before anything loads."""
+    from ..model.schedule import BadTransition, check_transition
+
+    try:
+        return check_transition(float(text))
+    except (ValueError, BadTransition) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _on_gpus(args: argparse.Namespace, rank_fn) -> int:
@@ -82,15 +92,17 @@ def _generate(generator, args: argparse.Namespace, leader: bool = True) -> int:
     with tqdm(total=args.steps, desc="generate", unit="step", file=sys.stderr, disable=not leader) as bar:
         result = generator.generate(
             image, args.prompt, action=args.action, seed=args.seed, steps=args.steps, guidance_scale=args.guidance,
-            lora_weight=args.lora_weight, reweight_scale=None if args.no_reweight else args.reweight_scale,
+            lora_weight=0.0 if args.no_refadapter else args.lora_weight, reweight_scale=None if args.no_reweight else args.reweight_scale,
             transition=args.transition, fit=args.fit, tempo=args.tempo, step_cache=args.step_cache,
             progress=lambda step, total, elapsed: bar.update(step - bar.n),
         )
     if not leader:
         return 0
     path = result.write_mp4(args.out, fps=args.fps)
+    ran = result.settings
+    refadapter = f"RefAdapter {ran.refadapter} at {ran.lora_weight:g}" if ran.refadapter else "no RefAdapter"
     print(f"wrote {path} ({len(result.frames)} frames made at {result.fps:g} fps, playing {result.duration_s:.3f} s at "
-          f"{args.fps or result.fps:g} fps) in {result.seconds:.1f}s")
+          f"{args.fps or result.fps:g} fps) in {result.seconds:.1f}s; {refadapter}")
     return 0
 
 
@@ -215,12 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=GENERATION_DEFAULTS.guidance_scale)
     p.add_argument("--lora-weight", type=float, default=GENERATION_DEFAULTS.lora_weight,
                    help="RefAdapter weight")
+    p.add_argument("--no-refadapter", action="store_true",
+                   help="generate without the RefAdapter on purpose (weight 0); a real model without one refuses otherwise")
     p.add_argument("--reweight-scale", type=float, default=GENERATION_DEFAULTS.reweight_scale,
                    help="motion strength: bias on motion tokens at high timesteps (the paper's reweighting)")
     p.add_argument("--no-reweight", action="store_true",
                    help="no frequency-aware reweighting, as the authors' released inference script runs")
-    p.add_argument("--transition", type=float, default=GENERATION_DEFAULTS.transition,
-                   help="fraction of 1000 where the bias starts to decay")
+    p.add_argument("--transition", type=_transition, default=GENERATION_DEFAULTS.transition,
+                   help="fraction of 1000 where the bias starts to decay, from 0.7 to 1 (default %(default)s)")
     p.add_argument("--fit", choices=("crop", "pad"), default="crop")
     p.add_argument("--fps", type=float, help="frame rate of the mp4 (its duration does not depend on it)")
     p.add_argument("--tempo", choices=TEMPOS, default="reference",
@@ -275,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_commands(bench_sub)
     add_bench_serve(bench_sub)
     add_bench_hostile(bench_sub)
+    add_gpu_check_command(bench_sub)
     return parser
 
 

@@ -190,34 +190,45 @@ def estimate_full(size: FullSize = FullSize(), dtype: torch.dtype = torch.bfloat
             phases[name] = {"model": model, "activation_peak_bytes": m.peak_bytes, "flops": m.flops,
                             "estimated_s": m.flops / (tflops * 1e12), "seconds_to_trace": round(m.seconds_to_trace, 1)}
 
+    report = summarise({"benchmark": "full_estimate", "note": NOTE, "size": size.to_dict(), "dtype": str(dtype),
+                        "tflops_assumed": tflops, "models": sizes,
+                        "motion_tokens": {"params": sum(p.numel() for p in motion), "bytes": motion_bytes},
+                        "results": phases})
+    shape = TransformerShape(layers=size.layers, video_tokens=size.latent_frames * (size.height // 16) * (size.width // 16))
+    report["multi_gpu"] = multi_gpu_estimate(report, shape, tflops)
+    report["multi_gpu_note"] = MULTI_GPU_NOTE
+    return report
+
+
+def summarise(report: dict) -> dict:
+    """Peak bytes per mode and the 50-step request from the traced phases (`results`' activation peaks and FLOPs).
+
+    Every mode decodes tiled (`generation.configure_vae`), so the untiled decode is listed for comparison only.
+    Why a function of the report: the tracing takes many minutes, the accounting is re-applied to a saved report.
+    """
+    phases, sizes = report["results"], report["models"]
     all_bytes = sum(s["bytes"] for s in sizes.values())
     for name, p in phases.items():
         model_bytes = sizes[p["model"]]["bytes"]
-        if name == "extraction_step":  # the VAE and text encoder leave the device while the tokens train
-            resident = model_bytes
-        else:
-            resident = all_bytes
-        # Activations of the extraction step already count the optimizer's state and the gradients.
+        # The VAE and text encoder leave the device while the tokens train; activations of the extraction step
+        # already count the optimizer's state and the gradients.
+        resident = model_bytes if name == "extraction_step" else all_bytes
         p["peak_bytes"] = {"default": resident + p["activation_peak_bytes"],
                            "memory_saving": model_bytes + p["activation_peak_bytes"]}
-    phases["vae_decode"]["peak_bytes"]["memory_saving"] = None  # memory saving always decodes tiled
-    phases["vae_decode_tiled"]["peak_bytes"]["default"] = None  # the default decodes untiled
+    phases["vae_decode"]["peak_bytes"] = {"default": None, "memory_saving": None}  # no mode decodes untiled
     unbiased, biased = phases["transformer_step_unbiased"], phases["transformer_step_biased"]
     scheduler = make_scheduler()
     scheduler.set_timesteps(50)
     biased_steps = sum(r is not None for r in reweight_schedule([int(t) for t in scheduler.timesteps]))
     request_flops = (phases["text_encoding"]["flops"] + biased_steps * biased["flops"] + (50 - biased_steps) * unbiased["flops"]
-                     + phases["vae_decode"]["flops"])
-    report = {
-        "benchmark": "full_estimate", "note": NOTE, "size": size.to_dict(), "dtype": str(dtype), "tflops_assumed": tflops,
-        "models": sizes, "motion_tokens": {"params": sum(p.numel() for p in motion), "bytes": motion_bytes},
+                     + phases["vae_decode_tiled"]["flops"])
+    in_request = [p for name, p in phases.items() if name not in ("extraction_step", "vae_decode")]
+    return {
+        **{k: v for k, v in report.items() if k != "results"},
         "biased_step_flops_ratio": biased["flops"] / unbiased["flops"],
-        "request_50_steps": {"biased_steps": biased_steps, "flops": request_flops, "estimated_s": request_flops / (tflops * 1e12),
-                             "peak_bytes": {m: max(p["peak_bytes"][m] or 0 for name, p in phases.items() if name != "extraction_step")
+        "request_50_steps": {"biased_steps": biased_steps, "flops": request_flops,
+                             "estimated_s": request_flops / (report["tflops_assumed"] * 1e12),
+                             "peak_bytes": {m: max(p["peak_bytes"][m] for p in in_request)
                                             for m in ("default", "memory_saving")}},
         "results": phases,
     }
-    shape = TransformerShape(layers=size.layers, video_tokens=size.latent_frames * (size.height // 16) * (size.width // 16))
-    report["multi_gpu"] = multi_gpu_estimate(report, shape, tflops)
-    report["multi_gpu_note"] = MULTI_GPU_NOTE
-    return report

@@ -13,10 +13,12 @@ import torch
 from diffusers import AutoencoderKLCogVideoX, CogVideoXImageToVideoPipeline, CogVideoXTransformer3DModel
 from transformers import T5Config, T5EncoderModel
 
-from ..generation import FlexiActGenerator
+from ..generation import FlexiActGenerator, configure_vae
 from ..model import attach_flexiact
 from ..model_info import ModelInfo
-from ..tiny import make_scheduler, make_tokenizer
+from ..requirements import require_memory_saving
+from ..tiny import (TINY_FRAMES, TINY_HEIGHT, TINY_MODEL_ID, TINY_WIDTH, build_tiny_pipeline, make_scheduler,
+                    make_tokenizer)
 
 FULL_LAYERS, FULL_TEXT_LAYERS = 42, 24
 FULL_FRAMES, FULL_HEIGHT, FULL_WIDTH = 49, 480, 720
@@ -79,18 +81,43 @@ def build_modules(size: FullSize, dtype: torch.dtype) -> tuple[T5EncoderModel, A
 
 def build_full_generator(size: FullSize, device: torch.device, dtype: torch.dtype, *, memory_saving: bool = False,
                          compile: bool = False) -> FlexiActGenerator:
-    """A `FlexiActGenerator` over the random-weight model, FlexiAct attached (rank 64, alpha 32, 226 tokens)."""
+    """A `FlexiActGenerator` over the random-weight model, FlexiAct attached (rank 64, alpha 32, 226 tokens); its
+    RefAdapter is the LoRA's random initialisation (it folds and costs as the published one does)."""
+    if memory_saving:
+        require_memory_saving(device)
     with torch.device("cpu" if memory_saving else device):  # memory saving keeps idle models in CPU memory
         text_encoder, vae, transformer = build_modules(size, dtype)
     pipe = CogVideoXImageToVideoPipeline(tokenizer=make_tokenizer(), text_encoder=text_encoder, vae=vae,
                                          transformer=transformer, scheduler=make_scheduler())
+    info = ModelInfo(id="random-cogvideox-5b-i2v", tiny=False, width=size.width, height=size.height, frames=size.frames, fps=8.0)
+    return random_generator(pipe, info, device, memory_saving=memory_saving, compile=compile)
+
+
+def build_tiny_generator(device: torch.device, dtype: torch.dtype, *, memory_saving: bool = False,
+                         compile: bool = False) -> FlexiActGenerator:
+    """The tiny model wrapped as `build_full_generator` wraps the full one: the same code paths in seconds."""
+    if memory_saving:
+        require_memory_saving(device)
+    pipe = build_tiny_pipeline().to(dtype=dtype)
+    info = ModelInfo(id=TINY_MODEL_ID, tiny=True, width=TINY_WIDTH, height=TINY_HEIGHT, frames=TINY_FRAMES, fps=8.0,
+                     rank=8, alpha=4, num_layers=pipe.transformer.config.num_layers,
+                     inner_dim=pipe.transformer.config.num_attention_heads * pipe.transformer.config.attention_head_dim)
+    return random_generator(pipe, info, device, memory_saving=memory_saving, compile=compile)
+
+
+def random_generator(pipe: CogVideoXImageToVideoPipeline, info: ModelInfo, device: torch.device, *,
+                     memory_saving: bool, compile: bool) -> FlexiActGenerator:
+    """FlexiAct attached to `pipe` as `FlexiActGenerator.from_pretrained` does, placed on `device`."""
+    for module in (pipe.transformer, pipe.vae, pipe.text_encoder):
+        module.requires_grad_(False).eval()
     pipe.set_progress_bar_config(disable=True)
-    adapter = attach_flexiact(transformer)
+    configure_vae(pipe.vae)
+    adapter = attach_flexiact(pipe.transformer, rank=info.rank, alpha=info.alpha, num_motion_tokens=info.num_motion_tokens)
     if memory_saving:
         pipe.enable_model_cpu_offload(device=device)
-        vae.enable_tiling()
-    info = ModelInfo(id="random-cogvideox-5b-i2v", tiny=False, width=size.width, height=size.height, frames=size.frames, fps=8.0)
-    generator = FlexiActGenerator(pipe, adapter, info, device)
+    else:
+        pipe.to(device)
+    generator = FlexiActGenerator(pipe, adapter, info, device, refadapter="random initialisation")
     if compile:
         generator.compile_and_warm_up()
     return generator

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import os
 from pathlib import Path
 
+from ..requirements import require_cluster
 from ..service.config import DEFAULT_DATA_DIR
 from ..service.retention import RetentionPolicy
 
@@ -80,6 +80,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
     check_bind(args.host, args.token)  # before the slow imports: a refusal should be instant
     check_ray_args(args)
+    if args.ray is None:
+        check_serve_args(args)
     import uvicorn
 
     from ..service.app import create_app
@@ -179,12 +181,26 @@ def check_ray_args(args: argparse.Namespace) -> None:
         raise SystemExit("--device chooses local devices; with --ray every GPU of the cluster gets a worker")
     if args.ray_workers is not None and args.ray_workers < 1:
         raise SystemExit(f"--ray-workers must be at least 1, not {args.ray_workers}")
-    if importlib.util.find_spec("ray") is None:
-        raise SystemExit("--ray needs Ray, which is not installed: pip install -e '.[cluster]' in the FlexiAct clone")
+    require_cluster()
     from ..service.cluster import OPEN_CLUSTER_MESSAGE, cluster_auth
 
     if not args.ray_allow_no_auth and cluster_auth(args.ray) == "open":  # unreachable now: checked on connecting
         raise SystemExit(f"refusing to start: {OPEN_CLUSTER_MESSAGE.format(address=args.ray)}")
+
+
+def check_serve_args(args: argparse.Namespace) -> None:
+    """Refuse, before the service starts, what loading the model would trip on: the tokenizer's packages, and
+    memory saving without a CUDA GPU or accelerate."""
+    import torch
+
+    from ..requirements import require_memory_saving, require_tokenizer_packages
+    from ..service.runner import resolve_devices
+
+    if args.model is not None:
+        require_tokenizer_packages(args.model)
+    if args.memory_saving:
+        for device in resolve_devices(tuple(args.device)):
+            require_memory_saving(torch.device(device))
 
 
 def add_bench_serve(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -213,8 +229,7 @@ def run_bench_serve(args: argparse.Namespace) -> int:
     from .serve_bench import bench_cluster, bench_serve, format_cluster_table, format_table
 
     if args.ray is not None:
-        if importlib.util.find_spec("ray") is None:
-            raise SystemExit("--ray needs Ray, which is not installed: pip install -e '.[cluster]' in the FlexiAct clone")
+        require_cluster()
         report = bench_cluster(address=None if args.ray == "local" else args.ray, workers=args.ray_workers,
                                jobs=args.jobs, steps=args.steps)
         _print_report(report, format_cluster_table(report), args.json)

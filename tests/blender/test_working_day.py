@@ -151,7 +151,7 @@ def test_takes_and_previews_made_before_the_first_save_survive_save_and_reopen(
     assert Path(extraction.preview_path).parent == unsaved
     listed = {a.action_id: a for a in s.actions}  # the library was listed again when the action was made
     assert extraction.action_id in listed and listed[extraction.action_id].name == "a square slides"
-    assert f"Generate with: a square slides" in draw_all().kinds("label")
+    assert "Generate with: a square slides" in draw_all().kinds("label")
     s.capture_engine = "WORKBENCH"
     assert bpy.ops.flexiact.capture_target() == {"FINISHED"}
     s.action_id, s.prompt, s.steps, s.takes, s.import_mode = action_id, "a cube slides", 2, 2, "BOTH"
@@ -194,7 +194,7 @@ def test_a_trim_past_the_end_is_refused_as_the_backend_refuses_it(backend: Any, 
     clip = make_video(tmp_path / "two_seconds.mp4", "24", 48)
     s.reference_source, s.reference_path, s.caption = "FILE", str(clip), "a wave"
     s.clip_start, s.clip_end = 0.5, 3.0
-    with pytest.raises(RuntimeError, match="past the end of the clip") as refused:
+    with pytest.raises(RuntimeError, match="past the end of the clip"):
         bpy.ops.flexiact.extract_action()
     assert "Trim end 3 s is past the end of the clip (2.000 s long)" in s.last_error
     client = _client(addon)
