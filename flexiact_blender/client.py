@@ -123,6 +123,10 @@ class BackendClient:
                 message = str(err.get("message", message))
         except ValueError:
             pass
+        if status == 401 and not self.token:
+            return BackendError(
+                "The backend needs a token (401 Unauthorized): set the token it was started with "
+                "in Preferences › Add-ons › FlexiAct.", "token_missing", status)
         if status == 401:
             return BackendError(
                 "The backend refused the token (401 Unauthorized): set the token it was started with "

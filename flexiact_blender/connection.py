@@ -15,6 +15,8 @@ HEALTH_TIMEOUT_S = 5.0
 #: HEARTBEAT_TIMEOUT_S.
 HEARTBEAT_S = 2.0
 HEARTBEAT_TIMEOUT_S = 3.0
+#: BackendClient's error codes for a backend that answered but refused (or was not sent) the token
+TOKEN_CODES = ("unauthorized", "token_missing")
 
 
 class Connection:
@@ -23,15 +25,19 @@ class Connection:
     def __init__(self) -> None:
         self.health: dict[str, Any] | None = None
         self.error = ""
+        #: the failed call's error code ("unauthorized", "token_missing": the backend answered but not to us)
+        self.error_code = ""
         #: time.monotonic() of the backend's last answer to any call (None: not since it was last changed)
         self.answered_at: float | None = None
 
     def update(self, health: dict[str, Any] | None, error: BackendError | None = None) -> None:
         """A health call's outcome. A failure keeps the last health (its model size, presets, step times)."""
         if error is not None:
-            self.error = error.message
+            self.error, self.error_code = error.message, error.code
+            if error.status == 401:  # it answered: only the token keeps it from telling more
+                self.answered_at = time.monotonic()
             return
-        self.health, self.error = health, ""
+        self.health, self.error, self.error_code = health, "", ""
         if health is not None:
             self.answered_at = time.monotonic()
 
@@ -39,18 +45,26 @@ class Connection:
         """Any call was answered (a job poll, a download): the backend is alive (callable from any thread)."""
         self.answered_at = time.monotonic()
         if self.health is not None:
-            self.error = ""
+            self.error, self.error_code = "", ""
 
     def forget(self) -> None:
         """The backend changed (URL, token, started or stopped): ask again next time."""
-        self.health, self.error, self.answered_at = None, "", None
+        self.health, self.error, self.error_code, self.answered_at = None, "", "", None
 
     @property
     def state(self) -> str:
-        """CONNECTED (the last call was answered), DOWN (it was not) or UNKNOWN (not asked yet)."""
+        """CONNECTED (the last call was answered), DEGRADED (answered, but its studio pool is lost: jobs wait),
+        TOKEN (answered, but refused the token), DOWN (not answered) or UNKNOWN (not asked yet)."""
         if self.error:
-            return "DOWN"
-        return "CONNECTED" if self.health is not None else "UNKNOWN"
+            return "TOKEN" if self.error_code in TOKEN_CODES else "DOWN"
+        if self.health is None:
+            return "UNKNOWN"
+        return "DEGRADED" if self.health.get("status") == "degraded" else "CONNECTED"
+
+    def degraded_reason(self) -> str:
+        """Why the backend's studio pool (its Ray cluster) is unreachable, in the backend's words."""
+        cluster = (self.health or {}).get("cluster") or {}
+        return str(cluster.get("reason") or "its studio pool is unreachable")
 
     def age(self) -> str:
         """How long ago the backend last answered, in words ("" when it never did)."""
@@ -67,6 +81,11 @@ class Connection:
             return (f"Connected · {model.get('id', '?')}{' (tiny)' if model.get('tiny') else ''} · "
                     f"{device.get('type', '?')} · queue {queue.get('running', 0)} running, "
                     f"{queue.get('queued', 0)} queued · answered {self.age()}")
+        if self.state == "DEGRADED":
+            return f"Backend degraded: {self.degraded_reason()}"
+        if self.state == "TOKEN":
+            what = "Token missing" if self.error_code == "token_missing" else "Token refused"
+            return f"{what}: set the token the backend was started with (Preferences › Token)"
         if self.state == "DOWN" and self.answered_at is not None:
             return f"Backend not answering (last answer {self.age()}): {self.error}"
         return f"Failed: {self.error}" if self.error else ""

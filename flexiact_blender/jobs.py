@@ -234,6 +234,9 @@ def submit(scene: bpy.types.Scene, client: BackendClient, kind: str, request: Re
         if action_id:
             rec.action_id = action_id
         apply_job(scene_now, rec, answer["job"])
+        if answer.get("note") and rec.status == "QUEUED":  # accepted, but it waits: say why, where users look
+            rec.note = str(answer["note"])
+            announce(f"{rec.label}: {rec.note}", True)
         if not wait and rec.status not in ACTIVE_STATUSES:  # done before (the same extraction): ends now
             _announce_end(scene_now, rec)
         try:
@@ -275,6 +278,8 @@ def apply_job(scene: bpy.types.Scene, record: Any, job: dict[str, Any], videos: 
     record.eta_s = float(eta) if eta is not None else -1.0
     record.queue_position = int(job.get("queue_position") or 0)
     record.worker = str(job.get("worker") or "")
+    if record.status != "QUEUED":  # the note says why a queued job waits; once it runs or ends, it is past
+        record.note = ""
     err = job.get("error")
     record.error = str(err.get("message", err)) if isinstance(err, dict) else (str(err) if err else "")
     if record.status == "FAILED":

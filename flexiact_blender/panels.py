@@ -23,6 +23,13 @@ def draw_backend(layout: Any, context: bpy.types.Context) -> None:
     state = CONNECTION.state
     if state == "CONNECTED":
         row.label(text=CONNECTION.summary, icon="LINKED")
+    elif state == "DEGRADED":  # it answers and takes jobs; they wait in its queue until the pool is back
+        row.alert = True
+        row.label(text=CONNECTION.summary, icon="ERROR")
+        layout.label(text="New jobs wait in the queue until the studio pool is back")
+    elif state == "TOKEN":
+        row.alert = True
+        row.label(text=CONNECTION.summary, icon="LOCKED")
     elif state == "DOWN":
         row.alert = True
         age = CONNECTION.age()
@@ -249,6 +256,8 @@ def draw_jobs(layout: Any, context: bpy.types.Context) -> None:
             row.operator("flexiact.delete_job", text="", icon="TRASH").key = record.key
         if record.status in ACTIVE_STATUSES:
             box.progress(factor=record.progress, type="BAR", text=_status(record))
+            if record.note:  # accepted, but it cannot start soon: the backend says why
+                box.label(text=record.note, icon="TIME")
             if record.error:  # a poll that failed: the job goes on on the backend, the panel says why it waits
                 box.label(text=record.error, icon="ERROR")
             if record.kind == "EXTRACT" and record.job_id:

@@ -43,6 +43,8 @@ class FlexiActJob(bpy.types.PropertyGroup):
                                                                    "queued")
     worker: StringProperty(name="Worker", description="The backend worker that runs the job (one per GPU)")
     error: StringProperty(name="Error", description="Why the job failed, in the backend's words")
+    note: StringProperty(name="Note", description="Why the queued job cannot start soon, in the backend's "
+                                                   "words (e.g. its studio pool is unreachable)")
     action_id: StringProperty(name="Action", description="The action an extraction makes")
     label: StringProperty(name="Label", description="How the job list names the job")
     params_json: StringProperty(description="The request, stored on the imported result")

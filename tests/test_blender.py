@@ -6,6 +6,7 @@ Each version runs tests/blender in its own Python (Blender brings its own), with
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -80,6 +81,19 @@ def test_addon_in_blender(version: str, extension_zip: Path, backend: ServerProc
     sys.stdout.write(f"bpy {version}: {summary}\n")
     assert done.returncode == 0, output[-20000:]
     assert "passed" in summary and "skipped" not in summary and "error" not in summary, output[-5000:]
+
+
+def test_studio_answers_in_the_blender_tests_are_the_backends_schema() -> None:
+    """tests/blender/studio_degraded.json stands in for a studio backend whose Ray head is lost: it must be what
+    the backend answers, field for field (its Health and JobAccepted schemas, nothing they do not have)."""
+    from flexiact_backend.service.schemas import ClusterHealth, Health, JobAccepted
+
+    answers = json.loads((ROOT / "tests" / "blender" / "studio_degraded.json").read_text())
+    health, accepted = Health.model_validate(answers["health"]), JobAccepted.model_validate(answers["accepted"])
+    assert health.status == "degraded" and health.cluster.status == "degraded" and health.cluster.reason
+    assert set(answers["health"]) <= set(Health.model_fields)
+    assert set(answers["health"]["cluster"]) == set(ClusterHealth.model_fields)
+    assert accepted.job.status == "queued" and accepted.note
 
 
 _RENDER_SEQUENCES = """
