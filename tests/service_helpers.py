@@ -13,6 +13,8 @@ from pathlib import Path
 import imageio_ffmpeg
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from flexiact_backend.media import write_mp4
 from flexiact_backend.tools.serve_bench import Client, png_bytes
@@ -21,9 +23,12 @@ from flexiact_backend.service.process import ServerProcess
 TERMINAL = ("succeeded", "failed", "cancelled")
 #: A safety net so a broken server fails the test instead of hanging it; never a performance bound.
 WAIT_S = 240.0
+#: A safety net for worker states to change; never a performance bound.
+STATE_WAIT_S = 180.0
 
-__all__ = ["Client", "ServerProcess", "png_bytes", "TERMINAL", "assert_monotonic", "clip_bytes", "decode_mp4",
-           "upload", "wait_job", "read_only", "small_disk"]
+__all__ = ["Client", "ServerProcess", "png_bytes", "TERMINAL", "action_tensors", "assert_monotonic", "clip_bytes",
+           "decode_mp4", "extraction", "frames", "upload", "wait_job", "wait_until", "wait_workers", "workers",
+           "read_only", "small_disk"]
 
 
 def clip_bytes(path: Path, seconds: float = 2.0, fps: float = 24.0, size: tuple[int, int] = (96, 64)) -> bytes:
@@ -59,6 +64,51 @@ def wait_job(client: Client, job_id: str, until: tuple[str, ...] = TERMINAL, *, 
             raise AssertionError(f"job ended {job['status']} while waiting for {until}: {job}")  # type: ignore[index]
         time.sleep(0.05)
     raise TimeoutError(f"job {job_id} not {until} after {WAIT_S} s")
+
+
+def extraction(client: Client, clip: dict, **fields) -> tuple[int, dict]:
+    """POST a short extraction of `clip` (4 steps, no previews; `fields` override)."""
+    body = {"name": "slide", "caption": "a square slides right", "video": clip["id"], "start_s": 0.0, "end_s": 2.0,
+            "steps": 4, "preview_every": 0, **fields}
+    return client.request("POST", "/v1/actions", json_body=body)  # type: ignore[return-value]
+
+
+def action_tensors(client: Client, action_id: str, path: Path) -> dict[str, torch.Tensor]:
+    """An action's tensors, downloaded to `path`."""
+    status, data = client.request("GET", f"/v1/actions/{action_id}/file")
+    assert status == 200, data
+    path.write_bytes(data)  # type: ignore[arg-type]
+    return load_file(path)
+
+
+def frames(client: Client, url: str, path: Path) -> np.ndarray:
+    """A job's video, downloaded to `path` and decoded to (frames, height, width, 3) uint8."""
+    status, data = client.request("GET", url)
+    assert status == 200, data
+    path.write_bytes(data)  # type: ignore[arg-type]
+    reader = imageio_ffmpeg.read_frames(str(path))
+    w, h = next(reader)["size"]
+    return np.stack([np.frombuffer(f, np.uint8).reshape(h, w, 3) for f in reader])
+
+
+def wait_until(get, ok, what: str, limit_s: float = STATE_WAIT_S):
+    """Call `get()` until `ok(value)` holds; returns that value."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        value = get()
+        if ok(value):
+            return value
+        time.sleep(0.2)
+    raise TimeoutError(f"never {what} within {limit_s} s: {get()}")
+
+
+def workers(client: Client) -> list[dict]:
+    return client.request("GET", "/v1/health")[1]["workers"]  # type: ignore[index]
+
+
+def wait_workers(client: Client, ok, what: str) -> list[dict]:
+    """Poll /v1/health until `ok(workers)` holds."""
+    return wait_until(lambda: workers(client), ok, f"workers {what}")
 
 
 def assert_monotonic(history: list[dict]) -> None:

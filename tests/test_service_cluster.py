@@ -19,15 +19,14 @@ import pytest
 
 from flexiact_backend.service.actor import SCRATCH_PREFIX
 from flexiact_backend.service.process import LocalRayCluster
-from service_helpers import Client, ServerProcess, assert_monotonic, clip_bytes, png_bytes, upload, wait_job
+from service_helpers import (Client, ServerProcess, assert_monotonic, clip_bytes, png_bytes, upload, wait_job,
+                             STATE_WAIT_S, wait_until, wait_workers, workers)
 
 pytestmark = pytest.mark.cluster
 
 CHECKPOINT_EVERY = 5
 EXTRACT_STEPS = 150
 PREVIEW_EVERY = 75
-#: A safety net for worker states to change; never a performance bound.
-STATE_WAIT_S = 180.0
 #: Ray's GCS reconnect timeout in these tests (its default is 60 s).
 GCS_TIMEOUT_S = 8
 RAY_ENV = {"RAY_gcs_rpc_server_reconnect_timeout_s": str(GCS_TIMEOUT_S)}
@@ -91,34 +90,15 @@ def test_studio_flags_that_cannot_work_are_refused_before_anything_starts(
     assert not (tmp_path / "state.sqlite3").exists()
 
 
-def test_several_gpus_per_job_are_refused_in_studio_mode_for_now(client: Client) -> None:
-    """The Ray pool runs each job on one GPU: `gpus` above 1 is a 422 that says where it runs instead."""
+def test_more_gpus_per_job_than_any_node_holds_are_refused(client: Client) -> None:
+    """A job's GPUs share one node; each node here holds one worker: `gpus: 2` is a 422 naming the limit."""
+    wait_workers(client, lambda ws: len(ws) == 2 and all(w["state"] == "idle" for w in ws), "both idle")
     image = upload(client, png_bytes(9, (80, 60)), "image/png", "target-gpus.png")
     status, body = client.request("POST", "/v1/generations",
                                   json_body={"image": image["id"], "prompt": "p", "gpus": 2})
     assert status == 422 and body["error"]["code"] == "too_many_gpus", body  # type: ignore[index]
-    assert "local mode only for now" in body["error"]["message"], body  # type: ignore[index]
+    assert "largest node of the Ray cluster has 1" in body["error"]["message"], body  # type: ignore[index]
     assert client.request("GET", "/v1/jobs")[1]["jobs"] == []  # type: ignore[index]  (nothing queued)
-
-
-def wait_until(get, ok, what: str, limit_s: float = STATE_WAIT_S):
-    """Call `get()` until `ok(value)` holds; returns that value."""
-    deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline:
-        value = get()
-        if ok(value):
-            return value
-        time.sleep(0.2)
-    raise TimeoutError(f"never {what} within {limit_s} s: {get()}")
-
-
-def workers(client: Client) -> list[dict]:
-    return client.request("GET", "/v1/health")[1]["workers"]
-
-
-def wait_workers(client: Client, ok, what: str) -> list[dict]:
-    """Poll /v1/health until `ok(workers)` holds."""
-    return wait_until(lambda: workers(client), ok, f"workers {what}")
 
 
 def test_two_actors_then_kill_minus_9_mid_extraction_resumes_from_checkpoint(

@@ -12,14 +12,13 @@ import signal
 import time
 from pathlib import Path
 
-import imageio_ffmpeg
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from flexiact_backend.parallel.launch import max_service_ranks
-from service_helpers import Client, ServerProcess, clip_bytes, png_bytes, upload, wait_job
+from service_helpers import (Client, ServerProcess, action_tensors, clip_bytes, extraction, frames, png_bytes, upload,
+                             wait_job)
 
 pytestmark = pytest.mark.slow
 two_ranks = pytest.mark.skipif(max_service_ranks() < 2, reason="this machine runs one rank per job")
@@ -41,33 +40,20 @@ def clip(client: Client, tmp_path_factory: pytest.TempPathFactory) -> dict:
     return upload(client, clip_bytes(tmp_path_factory.mktemp("clip") / "clip.mp4"), "video/mp4", "clip.mp4")
 
 
-def _extraction(client: Client, clip: dict, **fields) -> tuple[int, dict]:
-    body = {"name": "slide", "caption": "a square slides right", "video": clip["id"], "start_s": 0.0, "end_s": 2.0,
-            "steps": 4, "preview_every": 0, **fields}
-    return client.request("POST", "/v1/actions", json_body=body)  # type: ignore[return-value]
-
-
-def _action_tensors(client: Client, action_id: str, path: Path) -> dict[str, torch.Tensor]:
-    status, data = client.request("GET", f"/v1/actions/{action_id}/file")
-    assert status == 200, data
-    path.write_bytes(data)  # type: ignore[arg-type]
-    return load_file(path)
-
-
 @two_ranks
 def test_two_rank_extraction_trains_the_one_gpu_action(client: Client, clip: dict, tmp_path: Path) -> None:
-    status, one = _extraction(client, clip)
+    status, one = extraction(client, clip)
     assert status == 202, one
     job_one = wait_job(client, one["job"]["id"], ("succeeded",))
-    tokens_one = _action_tensors(client, one["action"]["id"], tmp_path / "one.safetensors")
+    tokens_one = action_tensors(client, one["action"]["id"], tmp_path / "one.safetensors")
     status, _ = client.request("DELETE", f"/v1/actions/{one['action']['id']}")  # else the same request dedups to it
     assert status == 204
 
-    status, two = _extraction(client, clip, gpus=2)
+    status, two = extraction(client, clip, gpus=2)
     assert status == 202, two
     assert two["job"]["params"]["gpus"] == 2
     job_two = wait_job(client, two["job"]["id"], ("succeeded",))
-    tokens_two = _action_tensors(client, two["action"]["id"], tmp_path / "two.safetensors")
+    tokens_two = action_tensors(client, two["action"]["id"], tmp_path / "two.safetensors")
 
     assert job_two["result"].keys() == job_one["result"].keys()
     assert job_two["result"]["steps_trained"] == job_one["result"]["steps_trained"] == 4
@@ -75,15 +61,6 @@ def test_two_rank_extraction_trains_the_one_gpu_action(client: Client, clip: dic
     for name, t in tokens_one.items():
         torch.testing.assert_close(tokens_two[name], t, atol=1e-5, rtol=0, msg=name)
     assert abs(job_two["result"]["final_loss"] - job_one["result"]["final_loss"]) <= 1e-5
-
-
-def _frames(client: Client, url: str, path: Path) -> np.ndarray:
-    status, data = client.request("GET", url)
-    assert status == 200, data
-    path.write_bytes(data)  # type: ignore[arg-type]
-    reader = imageio_ffmpeg.read_frames(str(path))
-    w, h = next(reader)["size"]
-    return np.stack([np.frombuffer(f, np.uint8).reshape(h, w, 3) for f in reader])
 
 
 @two_ranks
@@ -100,8 +77,8 @@ def test_two_rank_generation_makes_the_one_gpu_takes(client: Client, tmp_path: P
     one, two = jobs[1]["result"], jobs[2]["result"]
     assert one.keys() == two.keys() and [t["seed"] for t in one["takes"]] == [t["seed"] for t in two["takes"]]
     for i in range(2):
-        a = _frames(client, one["takes"][i]["url"], tmp_path / f"one{i}.mp4").astype(int)
-        b = _frames(client, two["takes"][i]["url"], tmp_path / f"two{i}.mp4").astype(int)
+        a = frames(client, one["takes"][i]["url"], tmp_path / f"one{i}.mp4").astype(int)
+        b = frames(client, two["takes"][i]["url"], tmp_path / f"two{i}.mp4").astype(int)
         assert a.shape == b.shape and a.std() > 0
         assert np.abs(a - b).max() <= 1, np.abs(a - b).max()
 
@@ -123,7 +100,7 @@ def _rank_pids(server_pid: int) -> list[int]:
 @two_ranks
 def test_a_killed_rank_loses_the_attempt_and_the_job_resumes(client: Client, server: ServerProcess,
                                                               clip: dict) -> None:
-    status, body = _extraction(client, clip, gpus=2, steps=16, seed=7)
+    status, body = extraction(client, clip, gpus=2, steps=16, seed=7)
     assert status == 202, body
     job_id = body["job"]["id"]
     wait_job(client, job_id, ("running",), min_step=3)  # past the checkpoint at step 2
@@ -137,7 +114,7 @@ def test_a_killed_rank_loses_the_attempt_and_the_job_resumes(client: Client, ser
 
 def test_more_gpus_than_the_machine_runs_is_refused_with_its_limit(client: Client, clip: dict) -> None:
     limit = max_service_ranks()
-    status, body = _extraction(client, clip, gpus=limit + 1, seed=3)
+    status, body = extraction(client, clip, gpus=limit + 1, seed=3)
     assert status == 422, body
     assert body["error"]["code"] == "too_many_gpus"  # type: ignore[index]
     assert f"at most {limit}" in body["error"]["message"], body  # type: ignore[index]
@@ -146,7 +123,7 @@ def test_more_gpus_than_the_machine_runs_is_refused_with_its_limit(client: Clien
         "image": image["id"], "prompt": "a figure waves", "gpus": limit + 1})
     assert status == 422 and body["error"]["code"] == "too_many_gpus", body  # type: ignore[index]
     for bad in (0, 65, "2"):
-        status, body = _extraction(client, clip, gpus=bad)
+        status, body = extraction(client, clip, gpus=bad)
         assert status == 422, (bad, body)
     status, jobs = client.request("GET", "/v1/jobs?kind=extract")
     assert all(j["params"].get("seed") != 3 for j in jobs["jobs"])  # type: ignore[index]  (nothing queued)
@@ -154,7 +131,7 @@ def test_more_gpus_than_the_machine_runs_is_refused_with_its_limit(client: Clien
 
 @two_ranks
 def test_a_waiting_generation_pauses_a_two_rank_extraction_which_then_resumes(client: Client, clip: dict) -> None:
-    status, body = _extraction(client, clip, gpus=2, steps=12, seed=11)
+    status, body = extraction(client, clip, gpus=2, steps=12, seed=11)
     assert status == 202, body
     job_id = body["job"]["id"]
     wait_job(client, job_id, ("running",), min_step=1)
@@ -171,7 +148,7 @@ def test_a_waiting_generation_pauses_a_two_rank_extraction_which_then_resumes(cl
 
 @two_ranks
 def test_cancel_stops_a_two_rank_extraction_and_its_ranks(client: Client, server: ServerProcess, clip: dict) -> None:
-    status, body = _extraction(client, clip, gpus=2, steps=200, seed=13)
+    status, body = extraction(client, clip, gpus=2, steps=200, seed=13)
     assert status == 202, body
     job_id = body["job"]["id"]
     wait_job(client, job_id, ("running",), min_step=1)
@@ -187,7 +164,7 @@ def test_cancel_stops_a_two_rank_extraction_and_its_ranks(client: Client, server
 
 @two_ranks
 def test_finish_early_on_two_ranks_makes_the_action_from_the_tokens_so_far(client: Client, clip: dict) -> None:
-    status, body = _extraction(client, clip, gpus=2, steps=200, seed=17)
+    status, body = extraction(client, clip, gpus=2, steps=200, seed=17)
     assert status == 202, body
     job_id = body["job"]["id"]
     wait_job(client, job_id, ("running",), min_step=1)

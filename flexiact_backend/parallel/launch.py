@@ -48,8 +48,9 @@ def _plain(value: Any) -> Any:
     return tree_map(lambda x: x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x, value)
 
 
-def _rank_main(rank: int, world_size: int, port: int, results: Any, fn: Callable[..., Any], args: tuple) -> None:
-    device = init_distributed(rank, world_size, port=port)
+def _rank_main(rank: int, devices: list[torch.device] | None, world_size: int, port: int, results: Any,
+               fn: Callable[..., Any], args: tuple) -> None:
+    device = init_distributed(rank, world_size, port=port, device=devices[rank] if devices else None)
     if device.type == "cpu":  # CPU ranks share the cores instead of each claiming all of them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     try:
@@ -58,17 +59,21 @@ def _rank_main(rank: int, world_size: int, port: int, results: Any, fn: Callable
         destroy_distributed()
 
 
-def run_ranks(fn: Callable[..., Any], world_size: int, args: tuple = (), *, timeout_s: float | None = None) -> list[Any]:
-    """Run `fn(device, *args)` on `world_size` ranks (one per GPU when there are that many, else CPU ranks over
-    gloo) and return every rank's result, in rank order. `fn` must be importable (a module-level function)."""
+def run_ranks(fn: Callable[..., Any], ranks: int | list[torch.device], args: tuple = (), *,
+              timeout_s: float | None = None) -> list[Any]:
+    """Run `fn(device, *args)` on `ranks` ranks (a count: cuda:0.. when there are that many GPUs, else CPU ranks
+    over gloo; a list: one rank per device named) and return every rank's result, in rank order. `fn` must be
+    importable (a module-level function)."""
+    devices = list(ranks) if isinstance(ranks, list) else None
+    world_size = len(devices) if devices is not None else int(ranks)  # type: ignore[arg-type]
     if world_size < 1:
         raise ValueError(f"a job needs at least one rank, got {world_size}")
     gpus = available_gpus()
-    if gpus and world_size > gpus:
+    if devices is None and gpus and world_size > gpus:
         raise RankFailed(f"{world_size} ranks asked for but this machine has {gpus} GPUs")
     results = multiprocessing.get_context("spawn").SimpleQueue()
-    context = tmp.start_processes(_rank_main, args=(world_size, free_port(), results, fn, args), nprocs=world_size,
-                                  join=False, start_method="spawn")
+    context = tmp.start_processes(_rank_main, args=(devices, world_size, free_port(), results, fn, args),
+                                  nprocs=world_size, join=False, start_method="spawn")
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     gathered: dict[int, Any] = {}
     try:

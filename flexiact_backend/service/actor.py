@@ -19,8 +19,10 @@ import ray
 import torch
 
 from ..errors import FlexiActError
+from ..parallel.util import destroy_distributed, free_port, init_distributed
 from ..tiny import ensure_tiny_model
-from .executor import CUDA_MESSAGE, WorkFiles, write_work
+from .executor import CUDA_MESSAGE, RankPlace, WorkFiles, write_work
+from .ranks import RankJob, run_share
 from .runner import OOM_MESSAGE, Hooks, JobRunner, is_cuda_failure, take_path
 
 log = logging.getLogger("flexiact.service")
@@ -76,7 +78,8 @@ class JobActor:
         gpus = ray.get_gpu_ids()
         if self.runner is None:
             model_dir = Path(self.model_dir) if self.model_dir else ensure_tiny_model(self.scratch)
-            self.runner = JobRunner.load(model_dir, "cuda:0" if gpus else "cpu", checkpoint_every=self.checkpoint_every,
+            self.device = "cuda:0" if gpus else "cpu"  # Ray shows the actor its own GPU alone
+            self.runner = JobRunner.load(model_dir, self.device, checkpoint_every=self.checkpoint_every,
                                          refadapter=Path(self.refadapter) if self.refadapter else None,
                                          memory_saving=self.memory_saving)
         name = torch.cuda.get_device_name(0) if gpus else "cpu"
@@ -87,8 +90,14 @@ class JobActor:
     def ping(self) -> bool:
         return True
 
-    def run(self, kind: str, params: dict, inputs: dict[str, tuple[str, bytes] | None], work: WorkFiles) -> dict:
-        """Run one job; returns {result, output} or {error}, plus the progress and work files not yet polled."""
+    def rendezvous_port(self) -> int:
+        """A free loopback port for the process group of a gang this actor leads (its ranks share its node)."""
+        return free_port()
+
+    def run(self, kind: str, params: dict, inputs: dict[str, tuple[str, bytes] | None], work: WorkFiles,
+            place: RankPlace | None = None) -> dict:
+        """Run one job, or with `place` this actor's rank of a gang's job; returns {result, output} (a rank other
+        than the leader: {result} alone) or {error}, plus the progress and work files not yet polled."""
         job_dir = self.scratch / "job"
         shutil.rmtree(job_dir, ignore_errors=True)
         paths: dict[str, Path | None] = {}
@@ -108,20 +117,37 @@ class JobActor:
         out = job_dir / f"output{OUTPUT_SUFFIX[kind]}"
         hooks = Hooks(progress=self._progress, cancel=lambda: self._cancel, pause=lambda: self._pause,
                       finish=lambda: self._finish)
+        job_work = work_dir if kind == "extract" else None
+        follower = place is not None and place.rank > 0  # the leader alone writes the output and the work files
         try:
             assert self.runner is not None, "run before load"
-            result = self.runner.run(kind, params, paths, work_dir if kind == "extract" else None, out, hooks)
-            takes = [take_path(out, i).read_bytes() for i in range(1, len(result.get("takes") or ()))]
-            answer = {"result": result, "output": out.read_bytes(), "takes": takes}
+            if place is None:
+                result = self.runner.run(kind, params, paths, job_work, out, hooks)
+            else:
+                result = self._run_rank(RankJob(kind, params, paths, job_work, out), hooks, place)
+            answer = {"result": result}
+            if not follower:
+                takes = [take_path(out, i).read_bytes() for i in range(1, len(result.get("takes") or ()))]
+                answer.update(output=out.read_bytes(), takes=takes)
         except Exception as exc:  # every failure is reported to the service, which decides what it means
             answer = {"error": _describe(exc)}
         try:
             with self._lock:
-                return {**answer, **self._drain()}
+                return {**answer, **({"events": [], "work": {}} if follower else self._drain())}
         finally:
             with self._lock:
                 self._work = None
             shutil.rmtree(job_dir, ignore_errors=True)
+
+    def _run_rank(self, job: RankJob, hooks: Hooks, place: RankPlace) -> dict:
+        """This actor's rank of a gang's job: join the gang's process group (on loopback: one node), run the
+        share, leave the group (the next gang forms its own)."""
+        assert self.runner is not None, "run before load"
+        init_distributed(place.rank, place.world_size, port=place.port, device=torch.device(self.device))
+        try:
+            return run_share(self.runner, job, hooks)
+        finally:
+            destroy_distributed()
 
     def poll(self, cancel: bool, pause: bool, finish: bool = False) -> dict:
         """Take the service's cancel, pause and finish wishes; give back progress events and new work files."""

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from typing import Any
 from ..atomic import write_atomically
 from ..errors import Cancelled, FlexiActError, Paused
 from .config import ServiceConfig
-from .executor import ClusterDown, WorkerLost, read_work, write_work
+from .executor import ClusterDown, Executor, RankPlace, WorkerLost, read_work, write_work
 from .runner import Hooks, take_path
 
 log = logging.getLogger("flexiact.service")
@@ -40,6 +41,10 @@ POLL_S = 0.2
 TICK_S = 0.01
 #: An actor that answers nothing for this long is taken for lost: it is recreated, its job requeued.
 LOST_AFTER_S = 20.0
+#: How long the other ranks of a job and its leader may end apart before the one not ended is taken for stuck.
+RANK_GRACE_S = 10.0
+#: The errors every rank of a job raises together (the leader's stop wish, agreed at one step).
+STOP_CODES = frozenset({"paused", "cancelled"})
 #: How long one look at a starting (or restarting) actor waits before the worker thread looks around again.
 LOAD_WAIT_S = 2.0
 #: How often the head is checked; it is taken for lost after HEAD_MISSES checks in a row fail.
@@ -149,6 +154,7 @@ class RayCluster:
         self.auth: str | None = None
         self.reconnects = 0
         self._warned = False
+        self._largest: int | None = None  # actors the largest node holds, as last seen (None: not seen yet)
 
     # ---- supervision ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -334,11 +340,21 @@ class RayCluster:
         except WorkerLost:  # the cluster is gone: so is the actor
             pass
 
+    def largest_node(self) -> tuple[int | None, str]:
+        """How many GPUs (CPU workers) the cluster's largest node holds, as last seen, and which of the two;
+        None before the cluster was first seen."""
+        if self.cpu_workers is None:
+            return self._largest, "GPUs"
+        largest = None if self._largest is None else min(self._largest, self.cpu_workers)
+        return largest, "CPUs for CPU workers"
+
     def new_executors(self, have: int) -> list[RayExecutor]:
         """Actors for the GPUs (or CPU workers) the cluster has beyond the `have` already started."""
         if not self.connected:
             return []
-        want = self.cpu_workers if self.cpu_workers is not None else int(self.request("resources_total").get("GPU", 0))
+        capacity = self.request("capacity")
+        self._largest = capacity["largest"]
+        want = self.cpu_workers if self.cpu_workers is not None else capacity["total"]
         if want == 0 and not self._warned:
             log.warning("the Ray cluster has no GPUs yet; workers start when GPU nodes join (or pass "
                         "--ray-workers N for N CPU workers)")
@@ -395,13 +411,55 @@ class RayExecutor:
             return False
         return time.monotonic() - sent < LOST_AFTER_S
 
+    def most_gpus(self, partners: int) -> int:
+        return partners + 1
+
     def run(self, kind: str, params: dict, inputs: dict[str, Path | None], work_dir: Path | None, out: Path,
-            hooks: Hooks) -> dict:
+            hooks: Hooks, partners: Sequence[Executor] = ()) -> dict:
+        """Run the job on this actor, or with `partners` on the gang of this actor (the leader, rank 0) and
+        theirs, all on one node, forming one process group. A rank that is lost or fails alone leaves the others
+        waiting in a collective: the whole gang is restarted, and the job goes back to the queue (WorkerLost)
+        or fails with that rank's error."""
         sent = {name: (path.name, path.read_bytes()) if path else None for name, path in inputs.items()}
-        call = self._submit("run", kind, params, sent, read_work(work_dir))
+        work = read_work(work_dir)
+        gang: list[RayExecutor] = [self, *partners]  # type: ignore[list-item]
+        try:
+            places = self._places(len(gang))
+            calls = [member._submit("run", kind, params, sent, work, place) for member, place in zip(gang, places)]
+            answer = self._follow(calls[0], kind, work_dir, hooks, list(zip(gang[1:], calls[1:])))
+        except BaseException:
+            if partners:
+                for member in gang:
+                    member._restart()
+            raise
+        if "error" in answer:
+            raise self._error(answer["error"])
+        write_atomically(out, lambda tmp: Path(tmp).write_bytes(answer["output"]))
+        for i, data in enumerate(answer.get("takes") or (), start=1):  # a generation's other takes
+            write_atomically(take_path(out, i), lambda tmp, data=data: Path(tmp).write_bytes(data))
+        return answer["result"]
+
+    def _places(self, size: int) -> list[RankPlace | None]:
+        """Each gang member's rank and the leader's rendezvous port ([None]: a job on this actor alone)."""
+        if size == 1:
+            return [None]
+        port = self._ask("rendezvous_port")
+        return [RankPlace(rank, size, port) for rank in range(size)]
+
+    def _follow(self, call: Call, kind: str, work_dir: Path | None, hooks: Hooks,
+                followers: list[tuple[RayExecutor, Call]]) -> dict:
+        """Wait for the leader's answer, passing on progress, work files and stop wishes, while watching the other
+        ranks: one lost, or failed alone (its leader not answering within RANK_GRACE_S), fails the attempt."""
         poll: Call | None = None
         heard = time.monotonic()
+        pending = list(followers)
         while not self._wait(call, POLL_S):
+            for member, rank_call in list(pending):
+                if member._wait(rank_call, 0):  # the others end first anyway: the leader writes the video
+                    pending.remove((member, rank_call))
+                    error = member._get(rank_call).get("error")  # WorkerLost when the rank died
+                    if error and error["code"] not in STOP_CODES and not self._wait(call, RANK_GRACE_S):
+                        raise self._error(error)  # failed alone: its leader waits in a collective for it
             if poll is not None and self._wait(poll, 0):
                 self._apply(self._get(poll), work_dir, hooks)
                 poll, heard = None, time.monotonic()
@@ -415,12 +473,26 @@ class RayExecutor:
             self._apply(self._get(poll), work_dir, hooks)  # already counts as sent (a last preview): store them
         answer = self._get(call)
         self._apply(answer, work_dir, hooks)
-        if "error" in answer:
-            raise self._error(answer["error"])
-        write_atomically(out, lambda tmp: Path(tmp).write_bytes(answer["output"]))
-        for i, data in enumerate(answer.get("takes") or (), start=1):  # a generation's other takes
-            write_atomically(take_path(out, i), lambda tmp, data=data: Path(tmp).write_bytes(data))
-        return answer["result"]
+        lost = None
+        for member, rank_call in pending:  # the leader has answered: a rank that does not end now is stuck
+            try:
+                if member._wait(rank_call, RANK_GRACE_S):
+                    member._get(rank_call)
+                    continue
+            except WorkerLost as exc:
+                lost = exc
+            member._restart()
+        if lost is not None and answer.get("error", {}).get("code") not in (None, *STOP_CODES):
+            raise WorkerLost(f"a rank of the job was lost ({lost}); its leader failed with it")
+        return answer
+
+    def _ask(self, method: str, *args: object) -> Any:
+        """One short call on the actor, waited for."""
+        call = self._submit(method, *args)
+        if not self._wait(call, LOST_AFTER_S):
+            self._restart()
+            raise WorkerLost(f"the actor did not answer {method} within {LOST_AFTER_S:.0f} s")
+        return self._get(call)
 
     def _submit(self, method: str, *args: object) -> Call:
         return self._lose_on_failure(lambda: self.cluster.submit(self.key, method, *args, epoch=self._epoch))

@@ -312,10 +312,14 @@ class Database:
     def generation_queued(self) -> bool:
         return self._one("SELECT 1 FROM jobs WHERE status='queued' AND kind='generate' LIMIT 1") is not None
 
-    def claim_next(self, worker: str) -> dict | None:
-        """Atomically take the next queued job for `worker`: generations first, then the oldest extraction."""
+    def claim_next(self, worker: str, max_gpus: int | None = None) -> dict | None:
+        """Atomically take the next queued job for `worker`: generations first, then the oldest extraction;
+        with `max_gpus`, only among the jobs asking for at most that many GPUs (the others wait for a node with
+        that many free)."""
+        fits = "" if max_gpus is None else " AND COALESCE(json_extract(params, '$.gpus'), 1) <= ?"
         with self._lock:
-            row = self._one(f"SELECT id FROM jobs WHERE status='queued' ORDER BY {_QUEUE_KEY.format(t='')} LIMIT 1")
+            row = self._one(f"SELECT id FROM jobs WHERE status='queued'{fits} ORDER BY {_QUEUE_KEY.format(t='')} "
+                            "LIMIT 1", () if max_gpus is None else (max_gpus,))
             if row is None:
                 return None
             self._tx([("UPDATE jobs SET status='running', phase='starting', worker=?, "

@@ -6,6 +6,8 @@ same names; both import them from here, so neither imports the other's module at
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -28,8 +30,21 @@ class ClusterDown(WorkerLost):
     counted (the job did nothing wrong), and resumes once the service has reconnected."""
 
 
+@dataclass(frozen=True)
+class RankPlace:
+    """One rank's place in a job run by a gang of workers on one node: its rank, the gang's size, and the
+    loopback port of the gang's rendezvous (the leader's, rank 0)."""
+
+    rank: int
+    world_size: int
+    port: int
+
+
 class Executor(Protocol):
-    """Where a worker runs its jobs: in this process (worker.LocalExecutor) or in a Ray actor (cluster.RayExecutor)."""
+    """Where a worker runs its jobs: in this process (worker.LocalExecutor) or in a Ray actor (cluster.RayExecutor).
+
+    A job on several GPUs is run by a gang: the worker that claimed it leads, and `partners`, idle workers on the
+    same node, lend it their devices for the job's length."""
 
     def load(self) -> dict | None:
         """Load the pipeline (once); returns {node, device, device_name, pid}, or None: not yet, ask again."""
@@ -39,10 +54,16 @@ class Executor(Protocol):
         """False once the worker is known to be gone; cheap, never blocks."""
         ...
 
+    def most_gpus(self, partners: int) -> int | None:
+        """The most GPUs a job may ask of this worker while `partners` other workers of its node are idle; None:
+        no bound from the pool (CPU ranks, which take no worker's device)."""
+        ...
+
     def run(self, kind: str, params: dict, inputs: dict[str, Path | None], work_dir: Path | None, out: Path,
-            hooks: Hooks) -> dict:
+            hooks: Hooks, partners: Sequence[Executor] = ()) -> dict:
         """JobRunner.run wherever the worker lives; the output lands in `out` (take i of a generation in
-        `take_path(out, i)`), work files (an extraction's previews too) in `work_dir`."""
+        `take_path(out, i)`), work files (an extraction's previews too) in `work_dir`. `partners`: the gang's
+        other workers, for a job on `params["gpus"]` GPUs."""
         ...
 
 

@@ -41,8 +41,6 @@ class RankJob:
     inputs: dict[str, Path | None]
     work_dir: Path | None
     out: Path
-    model_dir: Path
-    options: dict
 
 
 @dataclass(frozen=True)
@@ -67,9 +65,8 @@ class RankChannel:
         except queue.Empty:
             return None
 
-    def hooks(self, leader: bool) -> Hooks:
-        report = (lambda **kw: self.progress.put(kw)) if leader else (lambda **kw: None)
-        return Hooks(progress=report, cancel=self.cancel.is_set, pause=self.pause.is_set, finish=self.finish.is_set)
+    def hooks(self) -> Hooks:
+        return Hooks(progress=lambda **kw: self.progress.put(kw), cancel=self.cancel.is_set, pause=self.pause.is_set, finish=self.finish.is_set)
 
     def relay(self, hooks: Hooks) -> None:
         """Pass the leader's progress on and bring the stop wishes up to date (cancel and finish stay set)."""
@@ -86,34 +83,44 @@ class RankChannel:
                 event.clear()
 
 
-def job_on_rank(device: torch.device, job: RankJob, channel: RankChannel) -> dict:
+def run_share(runner: JobRunner, job: RankJob, hooks: Hooks) -> dict:
+    """This rank's share of `job` on the initialised process group: the leader (rank 0) reports and writes the
+    output and returns the result; the others return what their runner returns (nothing written).
+
+    Every rank acts on the leader's stop wishes at the same step, so `hooks` need to be right on the leader only."""
+    leader = dist.get_rank() == 0
+    gpus = dist.get_world_size()
+    if not leader:
+        hooks = Hooks(progress=lambda **kw: None, cancel=hooks.cancel, pause=hooks.pause, finish=hooks.finish)
+    if job.kind == "generate":
+        asked = hooks.cancel  # each rank checks at the same step; all of them act on the leader's answer
+        hooks = Hooks(progress=hooks.progress, cancel=lambda: leader_flag(asked()), pause=hooks.pause)
+        with parallel_generation(runner.generator.pipe.transformer, gpus, job.params["guidance_scale"]):
+            return runner.generate(job.params, job.inputs["image"], job.inputs.get("action"),  # type: ignore[arg-type]
+                                   job.out, hooks, leader=leader)
+    assert job.work_dir is not None, "an extraction needs a work folder"
+    return runner.extract(job.params, job.inputs["video"], job.work_dir, job.out, hooks,  # type: ignore[arg-type]
+                          preview_image=job.inputs.get("preview_image"),
+                          ranks=extraction_ranks_for(gpus, EXTRACTION_MODE))
+
+
+def job_on_rank(device: torch.device, job: RankJob, model_dir: Path, options: dict, channel: RankChannel) -> dict:
     """One rank of the job: load the model on this rank's device, run its share; the leader returns the result.
 
     A FlexiActError (a pause or cancel too) or a GPU out of memory is sent to the service, which raises it as a
     one-GPU job would; the rank raises it too, so that the launcher stops the other ranks at once."""
-    leader = dist.get_rank() == 0
-    runner = JobRunner.load(job.model_dir, str(device), **job.options)
-    hooks = channel.hooks(leader)
-    gpus = dist.get_world_size()
+    runner = JobRunner.load(model_dir, str(device), **options)
     try:
-        if job.kind == "generate":
-            # each rank checks for a cancel at the same step; all of them act on the leader's answer
-            hooks = Hooks(progress=hooks.progress, cancel=lambda: leader_flag(channel.cancel.is_set()),
-                          pause=hooks.pause)
-            with parallel_generation(runner.generator.pipe.transformer, gpus, job.params["guidance_scale"]):
-                return runner.generate(job.params, job.inputs["image"], job.inputs.get("action"),  # type: ignore[arg-type]
-                                       job.out, hooks, leader=leader)
-        assert job.work_dir is not None, "an extraction needs a work folder"
-        return runner.extract(job.params, job.inputs["video"], job.work_dir, job.out, hooks,  # type: ignore[arg-type]
-                              preview_image=job.inputs.get("preview_image"),
-                              ranks=extraction_ranks_for(gpus, EXTRACTION_MODE))
+        return run_share(runner, job, channel.hooks())
     except (FlexiActError, torch.cuda.OutOfMemoryError) as exc:
         channel.errors.put(exc)
         raise
 
 
-def run_job_on_ranks(gpus: int, job: RankJob, hooks: Hooks) -> dict:
-    """Run `job` on `gpus` ranks of this machine; its result is the leader's, as a one-rank run returns it."""
+def run_job_on_ranks(job: RankJob, devices: list[torch.device] | int, model_dir: Path, options: dict,
+                     hooks: Hooks) -> dict:
+    """Run `job` on these devices of this machine (an int: that many CPU ranks), each rank loading the model from
+    `model_dir` with `options`; its result is the leader's, as a one-rank run returns it."""
     channel = RankChannel.create()
     done = threading.Event()
 
@@ -124,7 +131,7 @@ def run_job_on_ranks(gpus: int, job: RankJob, hooks: Hooks) -> dict:
     relay_thread = threading.Thread(target=relay, name="flexiact-rank-relay", daemon=True)
     relay_thread.start()
     try:
-        result = run_ranks(job_on_rank, gpus, (job, channel))[0]
+        result = run_ranks(job_on_rank, devices, (job, model_dir, options, channel))[0]
     except RankLost as exc:
         raise WorkerLost(str(exc)) from exc
     except RankFailed as exc:

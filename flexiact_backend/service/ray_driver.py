@@ -31,7 +31,7 @@ from .actor import JobActor
 OPEN = "open"
 TOKEN = "token"
 #: What the service may ask (Driver's methods of those names); "close" ends the child.
-REQUESTS = frozenset({"resources_total", "submit", "ready", "get", "kill"})
+REQUESTS = frozenset({"capacity", "submit", "ready", "get", "kill"})
 #: How long a graceful end of the actors may take when the service stops.
 CLOSE_WAIT_S = 5.0
 
@@ -47,8 +47,13 @@ class Driver:
         self.calls: dict[int, tuple[ray.ObjectRef, int, str]] = {}
         self._next = 0
 
-    def resources_total(self) -> dict[str, float]:
-        return ray.cluster_resources()
+    def capacity(self) -> dict[str, int]:
+        """How many actors of ours the cluster holds: in all, and on its largest alive node (a job's gang of
+        actors shares one node, so that bounds the GPUs one job may ask for)."""
+        need = self._need()
+        per_node = [int(n["Resources"].get(need, 0) // self.resources[need]) for n in ray.nodes() if n["Alive"]]
+        return {"total": int(ray.cluster_resources().get(need, 0) // self.resources[need]),
+                "largest": max(per_node, default=0)}
 
     def submit(self, key: int, method: str, args: tuple, fresh: bool = False) -> int:
         """Call `method` on worker `key`'s actor, created (or recreated, `fresh`) first; returns a call id."""
@@ -108,12 +113,15 @@ class Driver:
         return self.actor_class.options(max_restarts=0, max_task_retries=0, max_concurrency=4,
                                         scheduling_strategy=strategy, **self._options()).remote(*self.actor_args)
 
+    def _need(self) -> str:
+        return "GPU" if "GPU" in self.resources else "CPU"
+
     def _options(self) -> dict[str, float]:
         return {"num_gpus": self.resources["GPU"]} if "GPU" in self.resources else {"num_cpus": self.resources["CPU"]}
 
     def _emptiest_node(self) -> str | None:
         """The alive node able to hold an actor with the fewest of our actors on it (ties: the first)."""
-        need = "GPU" if "GPU" in self.resources else "CPU"
+        need = self._need()
         nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get(need, 0) >= self.resources[need]]
         if not nodes:
             return None

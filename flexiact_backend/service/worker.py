@@ -18,8 +18,8 @@ import sqlite3
 import threading
 import time
 import traceback
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -28,7 +28,7 @@ import torch
 from .. import media
 from ..errors import Cancelled, FlexiActError, Paused
 from ..model_info import ModelInfo
-from ..parallel.launch import available_gpus, max_service_ranks
+from ..parallel.launch import max_service_ranks
 from .cluster import RayCluster
 from .config import ServiceConfig
 from .db import Database
@@ -97,13 +97,19 @@ class LocalExecutor:
     def alive(self) -> bool:
         return True
 
+    def most_gpus(self, partners: int) -> int | None:
+        return None if torch.device(self.device).type == "cpu" else partners + 1
+
     def run(self, kind: str, params: dict, inputs: dict[str, Path | None], work_dir: Path | None, out: Path,
-            hooks: Hooks) -> dict:
+            hooks: Hooks, partners: Sequence[Executor] = ()) -> dict:
         assert self.runner is not None, "run before load"
         gpus = params.get("gpus", 1)
         if gpus > 1:  # its own ranks, each loading the model for this job; this worker's model waits warm
-            job = RankJob(kind, params, inputs, work_dir, out, self.model_dir, self.options)
-            return run_job_on_ranks(gpus, job, hooks)
+            ranks: list[torch.device] | int = gpus
+            if torch.device(self.device).type != "cpu":  # the gang's devices, this worker's first
+                ranks = [torch.device(e.device) for e in (self, *partners)]  # type: ignore[attr-defined]
+            return run_job_on_ranks(RankJob(kind, params, inputs, work_dir, out), ranks, self.model_dir,
+                                    self.options, hooks)
         return self.runner.run(kind, params, inputs, work_dir, out, hooks)
 
 
@@ -114,6 +120,7 @@ class Worker:
     id: str
     executor: Executor
     node: str | None = None
+    place: str | None = None  # the node, as Ray (or this machine) names it: a job's gang shares one
     device: str | None = None
     device_name: str | None = None
     pid: int | None = None
@@ -220,17 +227,22 @@ class WorkerPool:
         return self._cluster.health() if self._cluster is not None else None
 
     def gpus_refusal(self, gpus: int) -> str | None:
-        """Why a job on `gpus` GPUs cannot run here (the limit and what to do), else None."""
+        """Why a job on `gpus` GPUs cannot run here (the limit and what to do), else None. A job's GPUs share
+        one node: the Ray pool's limit is its largest node (unknown while the cluster is unreachable: the job
+        waits); one machine's is its GPU workers, or without GPUs one CPU rank per core."""
         if gpus == 1:
             return None
         if self._cluster is not None:
-            return (f"gpus: {gpus}: several GPUs per job runs in local mode only for now (a server started without "
-                    "--ray); the Ray pool runs each job on one GPU. Ask for gpus: 1 here, or submit the job to a "
-                    f"local-mode server on a machine with {gpus} GPUs.")
-        limit = max_service_ranks()
+            limit, unit = self._cluster.largest_node()
+            if limit is None or gpus <= limit:
+                return None
+            return (f"gpus: {gpus}: a job's GPUs must all be on one node, and the largest node of the Ray cluster "
+                    f"has {limit} {unit}; ask for at most {limit}, or add a node with {gpus} GPUs to the cluster.")
+        gpu_workers = [d for d in resolve_devices(self.config.devices) if torch.device(d).type == "cuda"]
+        limit = len(gpu_workers) or max_service_ranks()
         if gpus <= limit:
             return None
-        has = f"{limit} GPUs" if available_gpus() else f"no GPU, so it runs at most {limit} CPU ranks (one per core)"
+        has = f"{limit} GPUs" if gpu_workers else f"no GPU, so it runs at most {limit} CPU ranks (one per core)"
         return (f"gpus: {gpus}: this server's machine has {has}; ask for at most {limit}, or submit the job to a "
                 f"server on a machine with {gpus} GPUs.")
 
@@ -260,9 +272,9 @@ class WorkerPool:
                 worker.state = "dead"
                 continue
             try:
-                job = self._next_job(worker)
-                if job is not None:
-                    self._run_job(worker, job)
+                claimed = self._next_job(worker)
+                if claimed is not None:
+                    self._run_job(worker, *claimed)
             except Exception:  # the database could not be written (e.g. a full disk): the worker lives on
                 log.exception("%s could not record a job's state; trying again in a second", worker.id)
                 self._stop.wait(1.0)
@@ -279,27 +291,39 @@ class WorkerPool:
         if where is None:  # still starting, or restarting after a loss: look again
             return True
         worker.node, worker.device, worker.pid = where["node"], where["device"], where["pid"]
+        worker.place = where.get("node_id", where["node"])
+        worker.job = None  # a partner lost with its gang's job is free of it
         worker.device_name = where["device_name"]
         worker.state = "idle"
         self.loaded.set()
         log.info("%s ready on %s (%s, pid %s)", worker.id, worker.node, worker.device, worker.pid)
         return True
 
-    def _next_job(self, worker: Worker) -> dict | None:
+    def _next_job(self, worker: Worker) -> tuple[dict, list[Worker]] | None:
+        """The next job that fits `worker` and the idle workers of its node, and the partners it takes along
+        (a job on N GPUs takes N-1 of them, reserved here, under the same lock as every claim)."""
         with self._wake:
-            job = self.db.claim_next(worker.id)
+            job = None
+            if worker.state == "idle":  # not while lent to another worker's job
+                idle = [w for w in self.workers if w is not worker and w.state == "idle" and w.place == worker.place]
+                job = self.db.claim_next(worker.id, max_gpus=worker.executor.most_gpus(len(idle)))
             if job is None:
                 self._wake.wait(timeout=1.0)
-            return job
+                return None
+            worker.state, worker.job = "busy", job["id"]
+            lends_devices = worker.executor.most_gpus(0) is not None  # CPU ranks take no other worker along
+            partners = idle[: job["params"].get("gpus", 1) - 1] if lends_devices else []
+            for partner in partners:
+                partner.state, partner.job = "busy", job["id"]
+            return job, partners
 
-    def _run_job(self, worker: Worker, job: dict) -> None:
+    def _run_job(self, worker: Worker, job: dict, partners: list[Worker]) -> None:
         job_id = job["id"]
-        worker.state, worker.job = "busy", job_id
         try:
             if job["kind"] == "generate":
-                self._generate(worker, job)
+                self._generate(worker, job, partners)
             else:
-                self._extract(worker, job)
+                self._extract(worker, job, partners)
         except WorkerLost as exc:
             worker.state = "dead"
             if isinstance(exc, ClusterDown) or (self._cluster is not None and self._cluster.head_lost()):
@@ -330,9 +354,12 @@ class WorkerPool:
             else:
                 self.db.fail_job(job_id, "failed", "internal_error", f"{type(exc).__name__}: {exc}")
         finally:
-            worker.job = None
-            if worker.state == "busy":
-                worker.state = "idle"
+            for member in (worker, *partners):
+                if member.job == job_id:  # a partner lost meanwhile may be back, busy with a job of its own
+                    member.job = None
+                    if member.state == "busy":
+                        member.state = "idle"
+            self.wake()  # the partners are free again
             if job["kind"] == "extract" and job["action"] and self.db.get_action(job["action"]) is None:
                 shutil.rmtree(work_dir(self.config.data_dir, job["action"]), ignore_errors=True)
 
@@ -373,7 +400,7 @@ class WorkerPool:
             sha, _meta = self._store_video(path, f"{job_id}-step{step}.mp4")
             self.db.add_preview(job_id, step, sha)
 
-    def _generate(self, worker: Worker, job: dict) -> None:
+    def _generate(self, worker: Worker, job: dict, partners: list[Worker]) -> None:
         job_id, p = job["id"], job["params"]
         image_file = self.db.get_file(p["image"])
         if image_file is None:
@@ -389,7 +416,8 @@ class WorkerPool:
         try:
             extra = worker.executor.run("generate", p, {"image": self.store.path(image_file["path"]),
                                                         "action": action_path},
-                                        None, out, self._hooks(job_id, pause=lambda: False))
+                                        None, out, self._hooks(job_id, pause=lambda: False),
+                                        [p.executor for p in partners])
             takes = []
             for i, take in enumerate(extra.pop("takes", None) or [{"seed": seeds[0]}]):
                 sha, meta = self._store_video(take_path(out, i), f"{job_id}-take{i}.mp4")
@@ -401,7 +429,7 @@ class WorkerPool:
         self.db.finish_job(job_id, {  # the first take's fields at the top, as before takes existed
             **first, "url": f"/v1/jobs/{job_id}/video", **extra, "takes": takes})
 
-    def _extract(self, worker: Worker, job: dict) -> None:
+    def _extract(self, worker: Worker, job: dict, partners: list[Worker]) -> None:
         job_id, p = job["id"], job["params"]
         video_file = self.db.get_file(p["video"])
         if video_file is None:
@@ -419,7 +447,8 @@ class WorkerPool:
         previews = wd / "train" / PREVIEWS_DIR
         try:
             done = worker.executor.run("extract", p, inputs, wd / "train", out,
-                                       self._hooks(job_id, pause=self.should_pause_extraction, previews=previews))
+                                       self._hooks(job_id, pause=self.should_pause_extraction, previews=previews),
+                                       [p.executor for p in partners])
             sha, _rel, _size = self.store.adopt(out)
         finally:
             out.unlink(missing_ok=True)
