@@ -411,8 +411,8 @@ class RayExecutor:
             return False
         return time.monotonic() - sent < LOST_AFTER_S
 
-    def most_gpus(self, partners: int) -> int:
-        return partners + 1
+    def lends_device(self) -> bool:
+        return True
 
     def run(self, kind: str, params: dict, inputs: dict[str, Path | None], work_dir: Path | None, out: Path,
             hooks: Hooks, partners: Sequence[Executor] = ()) -> dict:

@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,14 @@ _REFERENCES = """SELECT ref FROM (
 def new_id() -> str:
     return uuid.uuid4().hex
 
+
+
+@dataclass(frozen=True)
+class GpuRoom:
+    """A claiming worker's node: how many GPUs (workers) it has alive, and how many of them are idle now."""
+
+    node: int
+    idle: int
 
 class Database:
     """One connection guarded by a lock: SQLite serialises writers anyway and every call is short."""
@@ -309,18 +318,25 @@ class Database:
             return self._one("SELECT COUNT(*) FROM jobs WHERE status='queued'")[0]  # type: ignore[index]
         return self._one("SELECT COUNT(*) FROM jobs WHERE status='queued' AND owner=?", (owner,))[0]  # type: ignore[index]
 
-    def generation_queued(self) -> bool:
-        return self._one("SELECT 1 FROM jobs WHERE status='queued' AND kind='generate' LIMIT 1") is not None
+    def queued_generation_gpus(self) -> int | None:
+        """The GPUs the next queued generation asks for; None when no generation waits."""
+        row = self._one("SELECT COALESCE(json_extract(params, '$.gpus'), 1) FROM jobs WHERE status='queued' AND "
+                        f"kind='generate' ORDER BY {_QUEUE_KEY.format(t='')} LIMIT 1")
+        return None if row is None else int(row[0])
 
-    def claim_next(self, worker: str, max_gpus: int | None = None) -> dict | None:
-        """Atomically take the next queued job for `worker`: generations first, then the oldest extraction;
-        with `max_gpus`, only among the jobs asking for at most that many GPUs (the others wait for a node with
-        that many free)."""
-        fits = "" if max_gpus is None else " AND COALESCE(json_extract(params, '$.gpus'), 1) <= ?"
+    def claim_next(self, worker: str, gpus: GpuRoom | None = None) -> dict | None:
+        """Atomically take the next queued job for `worker`: generations first, then the oldest extraction.
+
+        With `gpus` (a worker that lends its device to a job's gang): the first job in that order that its node
+        can ever hold; None while that job needs more of the node's GPUs than are idle, so that later, smaller
+        jobs do not keep overtaking it (the node's workers are held for it as they come free)."""
+        fits, args = "", ()
+        if gpus is not None:
+            fits, args = " AND COALESCE(json_extract(params, '$.gpus'), 1) <= ?", (gpus.node,)
         with self._lock:
-            row = self._one(f"SELECT id FROM jobs WHERE status='queued'{fits} ORDER BY {_QUEUE_KEY.format(t='')} "
-                            "LIMIT 1", () if max_gpus is None else (max_gpus,))
-            if row is None:
+            row = self._one(f"SELECT id, COALESCE(json_extract(params, '$.gpus'), 1) FROM jobs WHERE status='queued'"
+                            f"{fits} ORDER BY {_QUEUE_KEY.format(t='')} LIMIT 1", args)
+            if row is None or (gpus is not None and row[1] > gpus.idle):
                 return None
             self._tx([("UPDATE jobs SET status='running', phase='starting', worker=?, "
                        "started_at=COALESCE(started_at, ?), version=version+1 WHERE id=?", (worker, time.time(), row[0]))])

@@ -54,9 +54,8 @@ class Executor(Protocol):
         """False once the worker is known to be gone; cheap, never blocks."""
         ...
 
-    def most_gpus(self, partners: int) -> int | None:
-        """The most GPUs a job may ask of this worker while `partners` other workers of its node are idle; None:
-        no bound from the pool (CPU ranks, which take no worker's device)."""
+    def lends_device(self) -> bool:
+        """Whether this worker's device joins other workers' gangs (a GPU does; CPU ranks take no worker along)."""
         ...
 
     def run(self, kind: str, params: dict, inputs: dict[str, Path | None], work_dir: Path | None, out: Path,

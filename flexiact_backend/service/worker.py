@@ -3,8 +3,10 @@
 One machine: one thread per compute device, each running its jobs in this process (LocalExecutor). Studio
 (`serve --ray`): the same threads, each driving one Ray actor somewhere in the cluster (cluster.RayExecutor).
 Either way the scheduling is decided here: generations go ahead of extractions; a running extraction is asked
-to pause at its next checkpoint when a generation waits and no worker is idle, and is re-queued; it resumes
-from that checkpoint. A worker that dies mid-job puts the job back in the queue (WorkerLost).
+to pause at its next checkpoint when a generation waits that no idle workers can start, and is re-queued; it
+resumes from that checkpoint. A job on N GPUs runs on a gang: its worker and N-1 idle workers of the same node,
+reserved when it is claimed; the node's workers are held for it as they come free, so smaller jobs do not keep
+overtaking it. A worker that dies mid-job puts the job back in the queue (WorkerLost).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import sqlite3
 import threading
 import time
 import traceback
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +34,7 @@ from ..model_info import ModelInfo
 from ..parallel.launch import max_service_ranks
 from .cluster import RayCluster
 from .config import ServiceConfig
-from .db import Database
+from .db import Database, GpuRoom
 from .executor import CUDA_MESSAGE, ClusterDown, Executor, WorkerLost, work_dir
 from .ranks import RankJob, run_job_on_ranks
 from .runner import (OOM_MESSAGE, PREVIEWS_DIR, Hooks, JobRunner, is_cuda_failure, resolve_devices,
@@ -97,8 +100,8 @@ class LocalExecutor:
     def alive(self) -> bool:
         return True
 
-    def most_gpus(self, partners: int) -> int | None:
-        return None if torch.device(self.device).type == "cpu" else partners + 1
+    def lends_device(self) -> bool:
+        return torch.device(self.device).type != "cpu"
 
     def run(self, kind: str, params: dict, inputs: dict[str, Path | None], work_dir: Path | None, out: Path,
             hooks: Hooks, partners: Sequence[Executor] = ()) -> dict:
@@ -218,9 +221,17 @@ class WorkerPool:
         with self._wake:
             self._wake.notify_all()
 
-    def should_pause_extraction(self) -> bool:
-        """True when a generation waits and no worker is idle: the extraction yields at this checkpoint."""
-        return not any(w.state == "idle" for w in self.workers) and self.db.generation_queued()
+    def should_pause_extraction(self, worker: Worker, gang: int) -> bool:
+        """True when a generation waits that no node's idle workers can start now, and the extraction running on
+        `worker` (with `gang` workers in all) frees enough of its node for it: it yields at this checkpoint."""
+        gpus = self.db.queued_generation_gpus()
+        if gpus is None:
+            return False
+        need = gpus if worker.executor.lends_device() else 1
+        idle = Counter(w.place for w in self.workers if w.state == "idle")
+        if any(count >= need for count in idle.values()):
+            return False
+        return idle[worker.place] + gang >= need
 
     def cluster_health(self) -> dict | None:
         """Studio mode: the Ray cluster's connection as /v1/health's `cluster`; None on one machine."""
@@ -303,16 +314,19 @@ class WorkerPool:
         """The next job that fits `worker` and the idle workers of its node, and the partners it takes along
         (a job on N GPUs takes N-1 of them, reserved here, under the same lock as every claim)."""
         with self._wake:
-            job = None
+            job, idle = None, []
             if worker.state == "idle":  # not while lent to another worker's job
-                idle = [w for w in self.workers if w is not worker and w.state == "idle" and w.place == worker.place]
-                job = self.db.claim_next(worker.id, max_gpus=worker.executor.most_gpus(len(idle)))
+                room = None
+                if worker.executor.lends_device():
+                    node = [w for w in self.workers if w.place == worker.place and w.state in ("idle", "busy")]
+                    idle = [w for w in node if w is not worker and w.state == "idle"]
+                    room = GpuRoom(node=len(node), idle=len(idle) + 1)
+                job = self.db.claim_next(worker.id, room)
             if job is None:
                 self._wake.wait(timeout=1.0)
                 return None
             worker.state, worker.job = "busy", job["id"]
-            lends_devices = worker.executor.most_gpus(0) is not None  # CPU ranks take no other worker along
-            partners = idle[: job["params"].get("gpus", 1) - 1] if lends_devices else []
+            partners = idle[: job["params"].get("gpus", 1) - 1]
             for partner in partners:
                 partner.state, partner.job = "busy", job["id"]
             return job, partners
@@ -417,7 +431,7 @@ class WorkerPool:
             extra = worker.executor.run("generate", p, {"image": self.store.path(image_file["path"]),
                                                         "action": action_path},
                                         None, out, self._hooks(job_id, pause=lambda: False),
-                                        [p.executor for p in partners])
+                                        [w.executor for w in partners])
             takes = []
             for i, take in enumerate(extra.pop("takes", None) or [{"seed": seeds[0]}]):
                 sha, meta = self._store_video(take_path(out, i), f"{job_id}-take{i}.mp4")
@@ -447,8 +461,9 @@ class WorkerPool:
         previews = wd / "train" / PREVIEWS_DIR
         try:
             done = worker.executor.run("extract", p, inputs, wd / "train", out,
-                                       self._hooks(job_id, pause=self.should_pause_extraction, previews=previews),
-                                       [p.executor for p in partners])
+                                       self._hooks(job_id, previews=previews, pause=lambda: self.should_pause_extraction(
+                                           worker, 1 + len(partners))),
+                                       [w.executor for w in partners])
             sha, _rel, _size = self.store.adopt(out)
         finally:
             out.unlink(missing_ok=True)
