@@ -77,3 +77,16 @@ def test_an_extraction_yields_only_when_that_lets_the_waiting_generation_start(p
     a1.state = "idle"
     assert pool.should_pause_extraction(a0, 1)  # a1 idle alone cannot start it; a1 + a0 can
     assert not pool.should_pause_extraction(b0, 1)  # yielding b0 would not help: node-b has one GPU
+
+
+@pytest.mark.parametrize("gpu_id, visible, index", [
+    ("3", None, 3),  # the node shows every GPU: Ray's id is torch's index
+    ("3", "", 3),
+    ("6", "4,5,6,7", 2),  # a node started with CUDA_VISIBLE_DEVICES=4,5,6,7: the id's place in that list
+    (5, "4, 5", 1),
+])
+def test_an_actor_that_sees_its_whole_node_finds_its_own_gpu(gpu_id, visible: str | None, index: int) -> None:
+    pytest.importorskip("ray", reason="studio mode needs the [cluster] extra (make setup installs it)")
+    from flexiact_backend.service.actor import cuda_index
+
+    assert cuda_index(gpu_id, visible) == index

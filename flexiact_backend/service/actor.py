@@ -28,6 +28,9 @@ from .runner import OOM_MESSAGE, Hooks, JobRunner, is_cuda_failure, take_path
 log = logging.getLogger("flexiact.service")
 
 OUTPUT_SUFFIX = {"generate": ".mp4", "extract": ".safetensors"}
+#: Every actor sees all the GPUs of its node, not only its own (Ray's default would hide the others): the ranks of a
+#: gang then reach each other over NVLink/PCIe peer-to-peer, where NCCL would otherwise copy through host memory.
+ACTOR_ENV = {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}
 #: An actor's scratch folder, `flexiact-actor-PID-*` in the machine's temp dir: named after its process, so the
 #: next actor on the machine can tell (and remove) the folder of one that was killed before it could clean up.
 SCRATCH_PREFIX = "flexiact-actor-"
@@ -41,6 +44,14 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:  # another user's process
         return True
     return True
+
+
+def cuda_index(gpu_id: str | int, visible: str | None) -> int:
+    """Torch's index of the GPU Ray gave this actor: its place among the devices the process sees (the node's
+    CUDA_VISIBLE_DEVICES, when it was started with one), else Ray's id itself."""
+    if visible:
+        return [v.strip() for v in visible.split(",")].index(str(gpu_id))
+    return int(gpu_id)
 
 
 def remove_dead_scratch(temp_dir: Path) -> None:
@@ -76,16 +87,18 @@ class JobActor:
     def load(self) -> dict:
         """Load the pipeline on this actor's GPU (or the CPU); the tiny model is built locally, no files shared."""
         gpus = ray.get_gpu_ids()
+        if gpus:
+            index = cuda_index(gpus[0], os.environ.get("CUDA_VISIBLE_DEVICES"))
+            torch.cuda.set_device(index)  # "cuda" alone means this actor's GPU, not the node's first
+            self.device = f"cuda:{index}"
         if self.runner is None:
             model_dir = Path(self.model_dir) if self.model_dir else ensure_tiny_model(self.scratch)
-            self.device = "cuda:0" if gpus else "cpu"  # Ray shows the actor its own GPU alone
             self.runner = JobRunner.load(model_dir, self.device, checkpoint_every=self.checkpoint_every,
                                          refadapter=Path(self.refadapter) if self.refadapter else None,
                                          memory_saving=self.memory_saving)
-        name = torch.cuda.get_device_name(0) if gpus else "cpu"
+        name = torch.cuda.get_device_name(self.device) if gpus else "cpu"
         return {"node": ray.util.get_node_ip_address(), "node_id": ray.get_runtime_context().get_node_id(),
-                "device": f"cuda:{gpus[0]}" if gpus else "cpu",
-                "device_name": name, "pid": os.getpid()}
+                "device": self.device, "device_name": name, "pid": os.getpid()}
 
     def ping(self) -> bool:
         return True

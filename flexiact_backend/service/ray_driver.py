@@ -25,7 +25,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from .actor import JobActor
+from .actor import ACTOR_ENV, JobActor
 
 #: What `probe_auth` prints for a cluster that answers a client without a token.
 OPEN = "open"
@@ -111,7 +111,8 @@ class Driver:
             self.nodes[key] = node  # counted at once, so the next actor created goes elsewhere
         strategy = NodeAffinitySchedulingStrategy(node, soft=True) if node else "SPREAD"
         return self.actor_class.options(max_restarts=0, max_task_retries=0, max_concurrency=4,
-                                        scheduling_strategy=strategy, **self._options()).remote(*self.actor_args)
+                                        scheduling_strategy=strategy, runtime_env={"env_vars": ACTOR_ENV},
+                                        **self._options()).remote(*self.actor_args)
 
     def _need(self) -> str:
         return "GPU" if "GPU" in self.resources else "CPU"
