@@ -89,6 +89,8 @@ def test_a_two_gpu_extraction_on_a_gang_trains_the_one_gpu_action(client: Client
     for name, t in tokens_one.items():
         torch.testing.assert_close(tokens_two[name], t, atol=1e-5, rtol=0, msg=name)
     assert abs(job_two["result"]["final_loss"] - job_one["result"]["final_loss"]) <= 1e-5
+    assert len(job_two["result"]["workers"]) == 2 and job_one["result"]["workers"] == [job_one["worker"]]
+    assert job_two["result"]["workers"][0] == job_two["worker"]  # the leader first
     assert all(w["state"] == "idle" and w["job"] is None for w in workers(client))  # the partner is free again
 
 

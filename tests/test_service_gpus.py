@@ -7,6 +7,7 @@ runs one job on is refused with the limit named.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -61,6 +62,35 @@ def test_two_rank_extraction_trains_the_one_gpu_action(client: Client, clip: dic
     for name, t in tokens_one.items():
         torch.testing.assert_close(tokens_two[name], t, atol=1e-5, rtol=0, msg=name)
     assert abs(job_two["result"]["final_loss"] - job_one["result"]["final_loss"]) <= 1e-5
+
+
+@two_ranks
+def test_a_data_parallel_extraction_is_the_one_gpu_action_on_as_many_windows(client: Client, clip: dict,
+                                                                            tmp_path: Path) -> None:
+    """`parallel: data` on 2 GPUs (a window per GPU per step, gradients averaged) trains what one GPU trains with
+    `windows_per_step: 2`; that is its own action, not the one-window action of the same request."""
+    status, single = extraction(client, clip, seed=9)
+    assert status == 202 and single["action"]["windows_per_step"] == 1, single
+    status, one = extraction(client, clip, seed=9, windows_per_step=2)
+    assert status == 202 and one["action"]["id"] != single["action"]["id"], one  # another action
+    assert one["action"]["windows_per_step"] == 2
+    wait_job(client, one["job"]["id"], ("succeeded",))
+    tokens_one = action_tensors(client, one["action"]["id"], tmp_path / "one.safetensors")
+    status, same = extraction(client, clip, seed=9, gpus=2, parallel="data")  # 2 windows: the same action
+    assert status == 202 and same["action"]["id"] == one["action"]["id"], same
+    assert client.request("DELETE", f"/v1/actions/{one['action']['id']}")[0] == 204
+
+    status, two = extraction(client, clip, seed=9, gpus=2, parallel="data")
+    assert status == 202, two
+    assert two["job"]["params"]["parallel"] == "data" and two["job"]["params"]["windows_per_step"] == 2
+    wait_job(client, two["job"]["id"], ("succeeded",))
+    tokens_two = action_tensors(client, two["action"]["id"], tmp_path / "two.safetensors")
+    assert tokens_two.keys() == tokens_one.keys() and tokens_one
+    for name, t in tokens_one.items():
+        torch.testing.assert_close(tokens_two[name], t, atol=1e-5, rtol=0, msg=name)
+
+    status, body = extraction(client, clip, gpus=2, parallel="data", windows_per_step=1)
+    assert status == 422 and "windows_per_step must be at least 2" in json.dumps(body), body
 
 
 @two_ranks

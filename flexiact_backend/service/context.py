@@ -183,10 +183,13 @@ class Service:
             raise APIError(422, "too_many_gpus", refusal)
 
     def extraction_key(self, body: ActionCreate | dict) -> str:
-        """The same name, video, trim, steps, seed and caption on the same model is the same action (a resent
-        request); under another name it is an action of its own. `body` may be a stored action."""
+        """The same name, video, trim, steps, seed, windows per step and caption on the same model is the same
+        action (a resent request, on any number of GPUs); under another name it is an action of its own. `body`
+        may be a stored action."""
         d = body if isinstance(body, dict) else body.model_dump()
         fields = [self.info.id, d["video"], d["start_s"], d["end_s"], d["steps"], d["seed"], d["caption"], d["name"]]
+        if (d.get("windows_per_step") or 1) != 1:  # one window, the only kind before: the keys stored stay valid
+            fields.append(d["windows_per_step"])
         return hashlib.sha256(json.dumps(fields).encode()).hexdigest()
 
     def rename_action(self, action_id: str, name: str) -> dict:

@@ -30,7 +30,7 @@ CREATE TABLE IF NOT EXISTS actions(
     id TEXT PRIMARY KEY, name TEXT NOT NULL, caption TEXT NOT NULL, status TEXT NOT NULL,
     source TEXT NOT NULL, request_key TEXT UNIQUE, video TEXT, start_s REAL, end_s REAL,
     steps INTEGER, seed INTEGER, base_model TEXT NOT NULL, file TEXT, meta TEXT NOT NULL,
-    job TEXT, error TEXT, created_at REAL NOT NULL);
+    job TEXT, error TEXT, created_at REAL NOT NULL, windows_per_step INTEGER);
 CREATE TABLE IF NOT EXISTS jobs(
     id TEXT PRIMARY KEY, kind TEXT NOT NULL, status TEXT NOT NULL, phase TEXT NOT NULL,
     progress REAL NOT NULL DEFAULT 0, step INTEGER NOT NULL DEFAULT 0, total_steps INTEGER NOT NULL,
@@ -45,7 +45,7 @@ CREATE TABLE IF NOT EXISTS previews(
 """
 #: Columns added after a release: (table, column, declaration), added to databases that predate them.
 _ADDED_COLUMNS = (("jobs", "worker", "TEXT"), ("jobs", "finish_requested", "INTEGER NOT NULL DEFAULT 0"),
-                  ("jobs", "owner", "TEXT"), ("jobs", "step_s", "REAL"))
+                  ("jobs", "owner", "TEXT"), ("jobs", "step_s", "REAL"), ("actions", "windows_per_step", "INTEGER"))
 #: The order jobs leave the queue in: generations first, then the oldest.
 _QUEUE_KEY = "CASE {t}kind WHEN 'generate' THEN 0 ELSE 1 END, {t}created_at, {t}rowid"
 
@@ -223,9 +223,9 @@ class Database:
             else:
                 stmts.append((
                     "INSERT INTO actions(id,name,caption,status,source,request_key,video,start_s,end_s,steps,seed,"
-                    "base_model,meta,job,created_at) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    "windows_per_step,base_model,meta,job,created_at) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (action_id, name, caption, "pending", "extract", key, video, start_s, end_s, steps, seed,
-                     base_model, "{}", job_id, now)))
+                     params.get("windows_per_step", 1), base_model, "{}", job_id, now)))
             self._tx(stmts)
             return self.get_action(action_id), self.get_job(job_id), True  # type: ignore[return-value]
 

@@ -28,8 +28,6 @@ from .runner import Hooks, JobRunner
 
 #: How often the stop wishes are read from the hooks and the leader's progress passed on (seconds).
 RELAY_S = 0.1
-#: The service's extractions on several ranks keep the one-GPU math (the same action, shorter steps).
-EXTRACTION_MODE = "sequence"
 
 
 @dataclass(frozen=True)
@@ -101,7 +99,7 @@ def run_share(runner: JobRunner, job: RankJob, hooks: Hooks) -> dict:
     assert job.work_dir is not None, "an extraction needs a work folder"
     return runner.extract(job.params, job.inputs["video"], job.work_dir, job.out, hooks,  # type: ignore[arg-type]
                           preview_image=job.inputs.get("preview_image"),
-                          ranks=extraction_ranks_for(gpus, EXTRACTION_MODE))
+                          ranks=extraction_ranks_for(gpus, job.params.get("parallel", "sequence")))
 
 
 def job_on_rank(device: torch.device, job: RankJob, model_dir: Path, options: dict, channel: RankChannel) -> dict:

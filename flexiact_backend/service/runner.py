@@ -157,7 +157,7 @@ class JobRunner:
             name=p["name"], out=out, work_dir=work_dir, steps=total, seed=p["seed"],
             checkpoint_every=self.checkpoint_every, progress=progress, cancel=hooks.cancel, pause=hooks.pause,
             finish=hooks.finish, preview=preview, preview_every=self.checkpoint_every if every is None else every,
-            preview_image=image, ranks=ranks)
+            preview_image=image, windows_per_step=p.get("windows_per_step", 1), ranks=ranks)
         meta.pop("losses", None)  # every step's loss: too long for the action's JSON
         # the first training report is step k+1 when the run resumed from a checkpoint at step k
         resumed_from = first_step[0] - 1 if first_step else total

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from fastapi import Path as PathParam
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, computed_field, model_validator
 
+from ..options import EXTRACTION_MODES
 from ..presets import GENERATION_DEFAULTS, PRESETS
 
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
@@ -23,9 +24,8 @@ Seed = Annotated[int, Field(ge=0, le=2**31 - 1)]
 MAX_GPUS = 64
 GPUS_FIELD = Field(1, ge=1, le=MAX_GPUS, description="GPUs one job runs on, all on one machine (default 1); more "
                    "than the server's largest machine has is refused with a 422 naming its count. A server without "
-                   "GPUs runs that many CPU ranks, at most one per core. Extractions split each step's tokens "
-                   "(the same action as on one GPU, shorter steps); generations split the guidance branches and "
-                   "the tokens (the same video)")
+                   "GPUs runs that many CPU ranks, at most one per core. Extractions split as `parallel` says; "
+                   "generations split the guidance branches and the tokens (the same video)")
 
 
 class _Request(BaseModel):
@@ -158,6 +158,22 @@ class ActionCreate(_Request):
     preview_image: str | None = Field(None, pattern=SHA256_PATTERN, description="id of an uploaded image the "
                                       "previews animate; null: the first frame of the trim")
     gpus: int = GPUS_FIELD
+    parallel: Literal[EXTRACTION_MODES] = Field(  # type: ignore[valid-type]
+        "sequence", description="how an extraction on several GPUs splits its work: 'sequence' shards each step's "
+        "tokens (the action one GPU trains, shorter steps); 'data' trains one window per GPU per step, gradients "
+        "averaged (the authors' multi-GPU training: a different action, see windows_per_step)")
+    windows_per_step: int | None = Field(
+        None, ge=1, le=MAX_GPUS, description="windows averaged per training step; null: one, or in 'data' mode one per "
+        "GPU. Part of what the action is: the same value gives the same action on any number of GPUs")
+
+    @model_validator(mode="after")
+    def _windows_for_every_gpu(self) -> ActionCreate:
+        if self.windows_per_step is None:
+            self.windows_per_step = self.gpus if self.parallel == "data" else 1
+        if self.parallel == "data" and self.windows_per_step < self.gpus:
+            raise ValueError(f"parallel 'data' on {self.gpus} GPUs trains at least one window per GPU: "
+                             f"windows_per_step must be at least {self.gpus}, not {self.windows_per_step}")
+        return self
 
 
 class ActionRename(_Request):
@@ -181,6 +197,7 @@ class Action(BaseModel):
     end_s: float | None
     steps: int | None
     seed: int | None
+    windows_per_step: int | None = Field(description="windows averaged per training step (extracted actions)")
     base_model: str
     file: str | None = Field(description="sha256 of the action safetensors once ready")
     meta: dict[str, Any]

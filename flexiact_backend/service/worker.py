@@ -157,6 +157,11 @@ def _disk_full(exc: BaseException, data_dir: Path) -> bool:
         return False
 
 
+def _ids(worker: Worker, partners: list[Worker]) -> list[str]:
+    """The workers a job ran on, its leader first (a job's `result.workers`)."""
+    return [worker.id, *(p.id for p in partners)]
+
+
 class WorkerPool:
     """Owns the workers, their threads, and what the HTTP side needs to know about them."""
 
@@ -441,7 +446,7 @@ class WorkerPool:
                 take_path(out, i).unlink(missing_ok=True)
         first = {k: v for k, v in takes[0].items() if k not in ("seconds", "batch")}
         self.db.finish_job(job_id, {  # the first take's fields at the top, as before takes existed
-            **first, "url": f"/v1/jobs/{job_id}/video", **extra, "takes": takes})
+            **first, "url": f"/v1/jobs/{job_id}/video", **extra, "takes": takes, "workers": _ids(worker, partners)})
 
     def _extract(self, worker: Worker, job: dict, partners: list[Worker]) -> None:
         job_id, p = job["id"], job["params"]
@@ -470,6 +475,7 @@ class WorkerPool:
             self._collect_previews(job_id, previews)  # the last ones, also of a paused or failed run
         meta = done["meta"]
         self.db.finish_job(job_id, {"action": job["action"], "file": sha, "final_loss": meta.get("final_loss"),
-                                    "resumed_from": done["resumed_from"], "steps_trained": meta["steps_trained"]},
+                                    "resumed_from": done["resumed_from"], "steps_trained": meta["steps_trained"],
+                                    "workers": _ids(worker, partners)},
                            action_update={"file": sha, "meta": meta}, step=meta["steps_trained"])
         shutil.rmtree(wd, ignore_errors=True)
