@@ -217,6 +217,7 @@ def draw_advanced(layout: Any, context: bpy.types.Context) -> None:
     for name in ("reweight_scale", "transition"):
         sub.prop(settings, name)
     layout.prop(settings, "step_cache")
+    layout.prop(settings, "gpus")
 
 
 def _eta(seconds: float) -> str:

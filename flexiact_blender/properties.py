@@ -190,6 +190,10 @@ class FlexiActSettings(bpy.types.PropertyGroup):
                               description="The noise level (a fraction of the schedule) above which steps shape the motion: "
                                           "0.8 makes the first fifth of the steps the motion steps; from 0.7 to 1 "
                                           "(the extra motion weight fades out by 0.7)")
+    gpus: IntProperty(name="GPUs per Job", min=1, max=64, default=1,
+                      description="How many GPUs of one backend machine each generation and extraction runs on "
+                                  "(faster on a multi-GPU machine or studio pool; the backend refuses more than its "
+                                  "largest machine has)")
     step_cache: BoolProperty(name="Faster Detail Steps", default=False,
                              description="Faster: reuse transformer work at steps after the motion window "
                                          "(the steps that carry the motion always compute in full)")

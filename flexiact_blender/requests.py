@@ -48,7 +48,7 @@ def extraction(settings: bpy.types.PropertyGroup, video_path: str, start_s: floa
     name = caption[:60]
     body = {"name": name, "caption": caption, "start_s": round(start_s, 4), "end_s": round(end_s, 4),
             "steps": settings.extract_steps, "seed": settings.extract_seed,
-            "preview_every": settings.preview_every}
+            "preview_every": settings.preview_every, **_gpus(settings)}
     return Request("/v1/actions", body, video_path, "video", f"Extract '{name}'", fps)
 
 
@@ -59,8 +59,13 @@ def generation(settings: bpy.types.PropertyGroup, image_path: str, fps: float) -
             "guidance_scale": settings.guidance, "lora_weight": settings.lora_weight,
             "reweight_scale": settings.reweight_scale if settings.reweighting else None,
             "high_timesteps": settings.transition, "fit": "crop", "step_cache": settings.step_cache,
-            "fps": round(fps, 6), "takes": settings.takes}
+            "fps": round(fps, 6), "takes": settings.takes, **_gpus(settings)}
     return Request("/v1/generations", body, image_path, "image", f"Generate '{prompt[:40]}'")
+
+
+def _gpus(settings: bpy.types.PropertyGroup) -> dict[str, int]:
+    """`gpus` when above one (a backend that predates it still takes one-GPU requests)."""
+    return {"gpus": settings.gpus} if settings.gpus > 1 else {}
 
 
 def apply_settings(settings: bpy.types.PropertyGroup, stored: dict[str, Any]) -> list[str]:

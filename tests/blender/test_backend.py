@@ -221,6 +221,23 @@ def test_background_failure_leaves_a_report(backend: Any, addon: Any, tmp_path: 
     assert record.error in s.last_error
 
 
+def test_more_gpus_than_the_backend_has_is_its_message_in_the_status_bar(
+        backend: Any, addon: Any, action_id: str, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """GPUs per Job past the backend's machine: refused at submission (a 422), said in the status bar and panel."""
+    scene = make_scene()
+    _target_id(addon, tmp_path)
+    s = scene.flexiact
+    s.action_id, s.prompt, s.gpus = action_id, "a cube slides", 64
+    request = addon.requests.generation(s, bpy.path.abspath(s.target_image.filepath), 24.0)
+    capfd.readouterr()
+    key = addon.jobs.submit(scene, _client(addon), "GENERATE", request, (96, 64), wait=False)
+    _drive_timer(addon.runner)
+    _scene, record = addon.jobs.find_record(scene.name, key)
+    assert record.status == "FAILED" and not record.job_id, record.status  # nothing was queued
+    assert "gpus: 64" in record.error and "ask for at most" in record.error, record.error
+    assert record.error in capfd.readouterr().out and record.error in s.last_error
+
+
 def test_failed_job_shows_backend_message(backend: Any, addon: Any, tmp_path: Path) -> None:
     """A generation whose action is deleted while it waits fails; the record carries the backend's words."""
     scene = make_scene(frames=30)
@@ -292,6 +309,10 @@ def test_request_defaults_are_the_apis(backend: Any, addon: Any) -> None:
     body = addon.requests.extraction(s, "/tmp/x.mp4", 0.0, 1.0).with_file("0" * 64)
     assert set(body) <= set(schemas["ActionCreate"]["properties"])
     assert set(schemas["ActionCreate"]["required"]) <= set(body)
+    assert "gpus" not in body  # one GPU: the API's default, not sent
+    s.gpus = 2
+    assert addon.requests.extraction(s, "/tmp/x.mp4", 0.0, 1.0).body["gpus"] == 2
+    assert addon.requests.generation(s, "/tmp/x.png", 24.0).body["gpus"] == 2
 
 
 def test_wrong_token_is_explained(backend: Any) -> None:
