@@ -7,12 +7,13 @@
 - on `embedding_dropout` (the patch embedding's output, `[text | video]`): the video tokens are sharded;
 - on `proj_out`: the shards are gathered back, so the transformer's output is whole on every rank.
 Everything between runs per token on its shard (norms, feed-forward, gates); the text stream is replicated.
+`parallel_generation` adds the VAE's decode, its tiles shared out over the ranks (`vae.py`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from .ulysses import gather, heads_to_sequence, own_slice, sequence_to_heads, shard_sizes
 from .util import Mesh, ParallelConfig, build_mesh
+from .vae import split_vae_decode
 
 TRANSFORMER_HOOK = "flexiact_parallel"
 SHARD_HOOK = "flexiact_parallel_shard"
@@ -150,8 +152,11 @@ def parallelize(transformer: CogVideoXTransformer3DModel, mesh: Mesh) -> Iterato
             HookRegistry.check_if_exists_or_initialize(module).remove_hook(name, recurse=False)
 
 
-def parallel_generation(transformer: CogVideoXTransformer3DModel, gpus: int,
-                        guidance_scale: float) -> AbstractContextManager[None]:
-    """`parallelize` over a generation's mesh of `gpus` ranks: both guidance branches apart where there are two
-    and `gpus` is even, Ulysses over the rest (every rank calls it, once the world is up)."""
-    return parallelize(transformer, build_mesh(ParallelConfig.for_generation(gpus, guidance=guidance_scale > 1)))
+@contextmanager
+def parallel_generation(pipe: Any, gpus: int, guidance_scale: float) -> Iterator[None]:
+    """`parallelize` `pipe`'s transformer over a generation's mesh of `gpus` ranks (both guidance branches apart
+    where there are two and `gpus` is even, Ulysses over the rest), and its VAE's decode tiles over all of them
+    (every rank calls it, once the world is up)."""
+    mesh = build_mesh(ParallelConfig.for_generation(gpus, guidance=guidance_scale > 1))
+    with parallelize(pipe.transformer, mesh), split_vae_decode(pipe.vae):
+        yield

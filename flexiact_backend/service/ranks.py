@@ -93,7 +93,7 @@ def run_share(runner: JobRunner, job: RankJob, hooks: Hooks) -> dict:
     if job.kind == "generate":
         asked = hooks.cancel  # each rank checks at the same step; all of them act on the leader's answer
         hooks = Hooks(progress=hooks.progress, cancel=lambda: leader_flag(asked()), pause=hooks.pause)
-        with parallel_generation(runner.generator.pipe.transformer, gpus, job.params["guidance_scale"]):
+        with parallel_generation(runner.generator.pipe, gpus, job.params["guidance_scale"]):
             return runner.generate(job.params, job.inputs["image"], job.inputs.get("action"),  # type: ignore[arg-type]
                                    job.out, hooks, leader=leader)
     assert job.work_dir is not None, "an extraction needs a work folder"

@@ -1,4 +1,4 @@
-"""`flexiact-backend bench parallel`: the same generation and extraction steps on 1 rank and on N, in one run.
+"""`flexiact-backend bench parallel`: the same generation, VAE decode and extraction steps on 1 rank and on N, in one run.
 
 Both runs go through the same launcher (one rank, then N ranks; CPU ranks share the cores between them), so the
 ratio is what N ranks buy on this machine. Without GPUs the N ranks are CPU processes over gloo: the numbers show
@@ -8,6 +8,7 @@ the overhead of the collectives, not what GPUs gain (`bench full --estimate` giv
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import tempfile
@@ -70,6 +71,8 @@ def bench_rank(device: torch.device, args: argparse.Namespace) -> dict:
             seconds = _time(lambda: generator.generate(image, "a figure waves", steps=args.denoise_steps), args.repeats, device)
         results[f"generate, {label}"] = {"work": "generation", "median_s": seconds, "s_per_step": seconds / args.denoise_steps}
 
+    results.update(_bench_decode(generator, world, args.repeats, device))
+
     frames = np.zeros((info.frames * 2, info.height, info.width, 3), np.uint8)
     for i in range(len(frames)):
         frames[i, info.height // 3 : 2 * info.height // 3, i * info.width // (2 * len(frames)) :][:, : info.width // 4] = 255
@@ -101,6 +104,36 @@ def bench_rank(device: torch.device, args: argparse.Namespace) -> dict:
     return results
 
 
+#: The VAE's tiling settings, put back after the decode's timing changed them for the tiny model.
+TILING = ("tile_sample_min_height", "tile_sample_min_width", "tile_latent_min_height", "tile_latent_min_width",
+          "tile_overlap_factor_height", "tile_overlap_factor_width")
+
+
+def _bench_decode(generator, world: int, repeats: int, device: torch.device) -> dict[str, dict]:
+    """The VAE's tiled decode of one clip's latents: on one rank, or its tiles split over the ranks. The tiny VAE
+    gets tiles of half its frame each way (a 3 x 3 grid, as the hub VAE's 720x480); the real one keeps its own."""
+    from ..parallel.vae import split_vae_decode, tile_origins
+
+    vae, info = generator.pipe.vae, generator.info
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    shape = (1, vae.config.latent_channels, (info.frames - 1) // 4 + 1, info.height // scale, info.width // scale)
+    z = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device, vae.dtype)
+    label = "1 rank" if world == 1 else f"tiles split over {world}"
+    saved = {name: getattr(vae, name) for name in TILING}
+    try:
+        if info.tiny:  # half the frame each way, overlapping by one latent
+            half = (shape[3] // 2, shape[4] // 2)
+            vae.enable_tiling(tile_sample_min_height=half[0] * scale, tile_sample_min_width=half[1] * scale,
+                              tile_overlap_factor_height=1 / half[0], tile_overlap_factor_width=1 / half[1])
+        tiles = sum(len(row) for row in tile_origins(vae, shape[3], shape[4]))
+        with torch.no_grad(), split_vae_decode(vae) if world > 1 else contextlib.nullcontext():
+            seconds = _time(lambda: vae.decode(z), repeats, device)
+    finally:
+        for name, value in saved.items():
+            setattr(vae, name, value)
+    return {f"vae decode, {label}": {"work": "vae decode", "median_s": seconds, "tiles": tiles}}
+
+
 def bench_parallel(args: argparse.Namespace) -> dict:
     """1 rank and `--gpus` ranks on the same generation and extraction steps; speed-ups against the 1-rank run."""
     gpus = available_gpus()
@@ -114,7 +147,7 @@ def bench_parallel(args: argparse.Namespace) -> dict:
         one = run_ranks(bench_rank, 1, (args,))[0]
         many = run_ranks(bench_rank, args.gpus, (args,))[0]
     results = {**one, **many}
-    for work in ("generation", "extraction"):
+    for work in ("generation", "vae decode", "extraction"):
         base = next(r["median_s"] for r in one.values() if r["work"] == work)
         for r in results.values():
             if r["work"] == work:

@@ -81,7 +81,7 @@ def generate_on_rank(device, args: argparse.Namespace) -> int:
     from ..parallel.sequence_parallel import parallel_generation
 
     generator = _rank_generator(device, args)
-    with parallel_generation(generator.pipe.transformer, args.gpus, args.guidance):
+    with parallel_generation(generator.pipe, args.gpus, args.guidance):
         return _generate(generator, args, leader=dist.get_rank() == 0)
 
 
