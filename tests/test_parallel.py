@@ -238,3 +238,28 @@ def test_cli_data_parallel_extraction_equals_one_process_with_as_many_windows(mo
     assert max(float((one[k] - two[k]).abs().max()) for k in one) <= 1e-5
     with pytest.raises(SystemExit):
         build_parser().parse_args([*common, "--gpus", "0", "--out", str(tmp_path / "x.safetensors")])
+
+
+def _compiled_on_rank(device: torch.device, model_dir: Path) -> dict:
+    """The blocks compiled (inductor) as `--compile` does, then a Ulysses-2 generation; dynamo's graph count."""
+    from torch._dynamo.utils import counters
+
+    from flexiact_backend.model.hooks import compile_blocks
+
+    generator = _load(model_dir, device)
+    compile_blocks(generator.pipe.transformer, dynamic=False)
+    with parallelize(generator.pipe.transformer, build_mesh(ParallelConfig(ulysses=2))):
+        steps, _frames, _cached = _latents(generator)
+    return {"steps": steps, "graphs": counters["stats"]["unique_graphs"]}
+
+
+@pytest.mark.slow
+def test_compiled_blocks_under_ulysses_equal_one_eager_process(single: dict, model_dir: Path) -> None:
+    """Compile keeps working on several ranks: the collectives stay outside the compiled graphs (a graph break)."""
+    results = run_ranks(_compiled_on_rank, 2, (model_dir,), timeout_s=3 * TIMEOUT_S)
+    for rank, result in enumerate(results):
+        assert result["graphs"] > 0, "nothing was compiled: the comparison would prove nothing"
+        for i, (a, b) in enumerate(zip(result["steps"], single["generation"][0], strict=True)):
+            error = np.abs(a - b).max()
+            print(f"compiled ulysses 2, rank {rank}, step {i}: max error {error:.3g}")
+            assert error <= 1e-5, f"rank {rank} step {i}: {error}"
