@@ -46,6 +46,8 @@ CREATE TABLE IF NOT EXISTS previews(
 #: Columns added after a release: (table, column, declaration), added to databases that predate them.
 _ADDED_COLUMNS = (("jobs", "worker", "TEXT"), ("jobs", "finish_requested", "INTEGER NOT NULL DEFAULT 0"),
                   ("jobs", "owner", "TEXT"), ("jobs", "step_s", "REAL"), ("actions", "windows_per_step", "INTEGER"))
+#: The GPUs a job asks for, as SQL on its params (jobs queued before `gpus` existed ask for one).
+_JOB_GPUS = "COALESCE(json_extract(params, '$.gpus'), 1)"
 #: The order jobs leave the queue in: generations first, then the oldest.
 _QUEUE_KEY = "CASE {t}kind WHEN 'generate' THEN 0 ELSE 1 END, {t}created_at, {t}rowid"
 
@@ -66,13 +68,13 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
-
 @dataclass(frozen=True)
 class GpuRoom:
     """A claiming worker's node: how many GPUs (workers) it has alive, and how many of them are idle now."""
 
     node: int
     idle: int
+
 
 class Database:
     """One connection guarded by a lock: SQLite serialises writers anyway and every call is short."""
@@ -320,8 +322,8 @@ class Database:
 
     def queued_generation_gpus(self) -> int | None:
         """The GPUs the next queued generation asks for; None when no generation waits."""
-        row = self._one("SELECT COALESCE(json_extract(params, '$.gpus'), 1) FROM jobs WHERE status='queued' AND "
-                        f"kind='generate' ORDER BY {_QUEUE_KEY.format(t='')} LIMIT 1")
+        row = self._one(f"SELECT {_JOB_GPUS} FROM jobs WHERE status='queued' AND kind='generate' "
+                        f"ORDER BY {_QUEUE_KEY.format(t='')} LIMIT 1")
         return None if row is None else int(row[0])
 
     def claim_next(self, worker: str, gpus: GpuRoom | None = None) -> dict | None:
@@ -332,10 +334,10 @@ class Database:
         jobs do not keep overtaking it (the node's workers are held for it as they come free)."""
         fits, args = "", ()
         if gpus is not None:
-            fits, args = " AND COALESCE(json_extract(params, '$.gpus'), 1) <= ?", (gpus.node,)
+            fits, args = f" AND {_JOB_GPUS} <= ?", (gpus.node,)
         with self._lock:
-            row = self._one(f"SELECT id, COALESCE(json_extract(params, '$.gpus'), 1) FROM jobs WHERE status='queued'"
-                            f"{fits} ORDER BY {_QUEUE_KEY.format(t='')} LIMIT 1", args)
+            row = self._one(f"SELECT id, {_JOB_GPUS} FROM jobs WHERE status='queued'{fits} "
+                            f"ORDER BY {_QUEUE_KEY.format(t='')} LIMIT 1", args)
             if row is None or (gpus is not None and row[1] > gpus.idle):
                 return None
             self._tx([("UPDATE jobs SET status='running', phase='starting', worker=?, "

@@ -64,7 +64,8 @@ class RankChannel:
             return None
 
     def hooks(self) -> Hooks:
-        return Hooks(progress=lambda **kw: self.progress.put(kw), cancel=self.cancel.is_set, pause=self.pause.is_set, finish=self.finish.is_set)
+        return Hooks(progress=lambda **kw: self.progress.put(kw), cancel=self.cancel.is_set,
+                     pause=self.pause.is_set, finish=self.finish.is_set)
 
     def relay(self, hooks: Hooks) -> None:
         """Pass the leader's progress on and bring the stop wishes up to date (cancel and finish stay set)."""

@@ -22,7 +22,7 @@ import time
 import traceback
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -109,7 +109,7 @@ class LocalExecutor:
         gpus = params.get("gpus", 1)
         if gpus > 1:  # its own ranks, each loading the model for this job; this worker's model waits warm
             ranks: list[torch.device] | int = gpus
-            if torch.device(self.device).type != "cpu":  # the gang's devices, this worker's first
+            if self.lends_device():  # the gang's devices, this worker's first
                 ranks = [torch.device(e.device) for e in (self, *partners)]  # type: ignore[attr-defined]
             return run_job_on_ranks(RankJob(kind, params, inputs, work_dir, out), ranks, self.model_dir,
                                     self.options, hooks)
@@ -466,8 +466,8 @@ class WorkerPool:
         previews = wd / "train" / PREVIEWS_DIR
         try:
             done = worker.executor.run("extract", p, inputs, wd / "train", out,
-                                       self._hooks(job_id, previews=previews, pause=lambda: self.should_pause_extraction(
-                                           worker, 1 + len(partners))),
+                                       self._hooks(job_id, previews=previews,
+                                                   pause=lambda: self.should_pause_extraction(worker, 1 + len(partners))),
                                        [w.executor for w in partners])
             sha, _rel, _size = self.store.adopt(out)
         finally:

@@ -101,7 +101,8 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def add_bench_parallel(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("parallel", help="1 rank against N ranks on the same generation, VAE decode and extraction steps")
+    p = sub.add_parser("parallel", help="1 rank against N ranks on the same generation, VAE decode and "
+                                        "extraction steps")
     add_model_args(p)
     p.add_argument("--gpus", type=int, default=2, help="ranks of the parallel run (CPU ranks over gloo without GPUs)")
     p.add_argument("--denoise-steps", type=int, default=4, help="denoising steps of the timed generation")

@@ -1,4 +1,5 @@
-"""`flexiact-backend bench parallel`: the same generation, VAE decode and extraction steps on 1 rank and on N, in one run.
+"""`flexiact-backend bench parallel`: the same generation, VAE decode and extraction steps on 1 rank and on N,
+in one run.
 
 Both runs go through the same launcher (one rank, then N ranks; CPU ranks share the cores between them), so the
 ratio is what N ranks buy on this machine. Without GPUs the N ranks are CPU processes over gloo: the numbers show
@@ -135,7 +136,8 @@ def _bench_decode(generator, world: int, repeats: int, device: torch.device) -> 
 
 
 def bench_parallel(args: argparse.Namespace) -> dict:
-    """1 rank and `--gpus` ranks on the same generation and extraction steps; speed-ups against the 1-rank run."""
+    """1 rank and `--gpus` ranks on the same generation, VAE decode and extraction steps; speed-ups against the
+    1-rank run."""
     gpus = available_gpus()
     with tempfile.TemporaryDirectory() as work_dir:
         args.work_dir = work_dir
